@@ -230,11 +230,14 @@ def load_checkpoint_into(model: nn.Module, checkpoint: Checkpoint, variant: str)
         WeightsError: naming the file, the expected variant and the first mismatched keys.
     """
     family = sys.modules[type(model).__module__]
+    expected = model.state_dict()
+    mismatch = (
+        f"does not fit {variant} ({architecture_of(expected)}); the checkpoint has {architecture_of(checkpoint.state)}"
+    )
     try:
         state = family.checkpoint_filter_fn(dict(checkpoint.state), model)
     except Exception as exc:  # noqa: BLE001 - timm raises assorted errors on foreign layouts
-        raise WeightsError(checkpoint.path, f"cannot convert to {variant} ({type(exc).__name__}: {exc})") from exc
-    expected = model.state_dict()
+        raise WeightsError(checkpoint.path, f"{mismatch} (conversion failed: {type(exc).__name__}: {exc})") from exc
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [
@@ -250,9 +253,5 @@ def load_checkpoint_into(model: nn.Module, checkpoint: Checkpoint, variant: str)
             parts.append("missing keys: " + ", ".join(missing[:5]))
         if unexpected:
             parts.append("unexpected keys: " + ", ".join(unexpected[:5]))
-        raise WeightsError(
-            checkpoint.path,
-            f"does not fit {variant} ({architecture_of(expected)}); the checkpoint has "
-            f"{architecture_of(checkpoint.state)}. " + ". ".join(parts),
-        )
+        raise WeightsError(checkpoint.path, f"{mismatch}. " + ". ".join(parts))
     model.load_state_dict(state, strict=True)
