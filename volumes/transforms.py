@@ -1,0 +1,530 @@
+"""Intensity presets and slice preparation: from a loaded volume to encoder input.
+
+A loaded volume is a MONAI ``MetaTensor`` ``[C, X, Y, Z]`` (usually ``C == 1``),
+oriented RAS, in Hounsfield units for CT. The networks take ``[B, 3, H, W, D]``:
+the last axis is the slicing axis, ``H`` and ``W`` are multiples of the encoder
+patch size (14 for DINOv2, 16 for DINOv3) and the 3 channels are
+ImageNet-normalised. This module gets there in two dictionary transforms,
+usable as ``_target_: volumes.transforms.X`` in bundle configs:
+
+1. :class:`IntensityPresetd` -- CT window(s) or MR normalisation to ``[0, 1]``.
+2. :class:`PrepareSlicesd` -- slicing axis last, in-plane resize / pad to the
+   patch grid, 3 channels, ImageNet normalisation. Its geometry is recorded in
+   the MetaTensor's ``applied_operations`` so ``monai.transforms.Invertd`` takes
+   a prediction on the prepared grid back to the loaded grid.
+
+:func:`preprocessing` chains them (plus optional ``Spacingd``) with the
+combination checked up front.
+
+CT window table (level/centre, width) in HU. Values follow the common
+radiology presets (e.g. Radiopaedia "Windowing (CT)"); institutions vary a little:
+
+==============  =======  =======  ==================
+name            level    width    range [lo, hi]
+==============  =======  =======  ==================
+soft_tissue       40      400     [-160, 240]
+abdomen           50      400     [-150, 250]
+liver             30      150     [-45, 105]
+mediastinum       50      350     [-125, 225]
+lung            -600     1500     [-1350, 150]
+bone             400     1800     [-500, 1300]
+brain             40       80     [0, 80]
+subdural          75      215     [-32.5, 182.5]
+==============  =======  =======  ==================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.data.meta_obj import get_track_meta
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    InvertibleTransform,
+    MapTransform,
+    Pad,
+    Resize,
+    Spacingd,
+)
+from monai.transforms.inverse import TraceableTransform
+from monai.utils import TraceKeys, convert_to_dst_type, convert_to_tensor
+
+from volumes.errors import ConfigError
+
+__all__ = [
+    "CT_WINDOWS",
+    "THREE_WINDOWS",
+    "INTENSITY_PRESETS",
+    "SLICE_AXES",
+    "CHANNEL_MODES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "window_ct",
+    "mr_normalize",
+    "preset_channels",
+    "IntensityPresetd",
+    "to_three_channels",
+    "imagenet_normalize",
+    "slice_geometry",
+    "PrepareSlicesd",
+    "preprocessing",
+]
+
+# ---------------------------------------------------------------------------
+# Intensity presets
+# ---------------------------------------------------------------------------
+
+#: (level, width) in HU for each named CT window; see the module docstring.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (40.0, 400.0),
+    "abdomen": (50.0, 400.0),
+    "liver": (30.0, 150.0),
+    "mediastinum": (50.0, 350.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+}
+
+#: Windows stacked as channels 0, 1, 2 by the "ct_three_windows" preset.
+THREE_WINDOWS: tuple[str, str, str] = ("soft_tissue", "lung", "bone")
+
+#: Every preset :class:`IntensityPresetd` accepts.
+INTENSITY_PRESETS: tuple[str, ...] = (*CT_WINDOWS, "ct_three_windows", "mr")
+
+# z-scores in [-MR_Z_RANGE, MR_Z_RANGE] map linearly onto [0, 1]
+MR_Z_RANGE = 3.0
+
+
+def window_ct(x: np.ndarray | torch.Tensor, level: float, width: float) -> np.ndarray | torch.Tensor:
+    """Clip HU values to ``[level - width/2, level + width/2]`` and scale to ``[0, 1]``.
+
+    Args:
+        x: any shape, numpy array or torch tensor (MetaTensor metadata is kept).
+        level: window centre in HU.
+        width: window width in HU, > 0.
+
+    Returns:
+        float32 array/tensor of the same shape and kind as ``x``.
+    """
+    if width <= 0:
+        raise ValueError(f"window width must be > 0, got {width}")
+    low = level - width / 2.0
+    if isinstance(x, torch.Tensor):
+        return ((x.float() - low) / width).clamp_(0.0, 1.0)
+    return np.clip((np.asarray(x, dtype=np.float32) - np.float32(low)) / np.float32(width), 0.0, 1.0)
+
+
+def mr_normalize(
+    x: np.ndarray | torch.Tensor, lower_pct: float = 0.5, upper_pct: float = 99.5
+) -> np.ndarray | torch.Tensor:
+    """Normalise one MR channel to roughly ``[0, 1]``.
+
+    Steps: percentiles over the foreground (non-zero voxels, because MR
+    background is 0 after skull stripping / masking and would swamp the
+    statistics), clip to them, z-score with the foreground mean and std, then
+    map z in ``[-3, 3]`` linearly onto ``[0, 1]`` (clipped) so MR and CT reach
+    the encoder in the same range. Foreground mean ends at about 0.5, std at
+    about 1/6. Background voxels stay 0 (black, like air on CT).
+
+    Args:
+        x: one channel of any shape (e.g. ``[X, Y, Z]``), numpy or torch.
+        lower_pct, upper_pct: clipping percentiles in ``[0, 100]``.
+
+    Returns:
+        float32 array/tensor of the same shape and kind as ``x``. All zeros if
+        ``x`` has no foreground.
+    """
+    if not 0.0 <= lower_pct < upper_pct <= 100.0:
+        raise ValueError(f"need 0 <= lower_pct < upper_pct <= 100, got {lower_pct}, {upper_pct}")
+    # numpy for the statistics: torch.quantile refuses inputs above 2**24 voxels
+    values = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    values = values.astype(np.float32, copy=False)
+    foreground = values != 0
+    out = np.zeros_like(values, dtype=np.float32)
+    if foreground.any():
+        fg = values[foreground]
+        low, high = np.percentile(fg, [lower_pct, upper_pct])
+        fg = np.clip(fg, low, high)
+        z = (fg - fg.mean()) / max(float(fg.std()), 1e-8)
+        out[foreground] = np.clip((z + MR_Z_RANGE) / (2 * MR_Z_RANGE), 0.0, 1.0)
+    if isinstance(x, torch.Tensor):
+        return convert_to_dst_type(out, x, dtype=torch.float32)[0]
+    return out
+
+
+def preset_channels(preset: str) -> int:
+    """Channels per input channel that ``preset`` produces (3 for "ct_three_windows", else 1)."""
+    _check_choice("preset", preset, INTENSITY_PRESETS)
+    return 3 if preset == "ct_three_windows" else 1
+
+
+class IntensityPresetd(MapTransform):
+    """Map raw intensities of ``keys`` to ``[0, 1]`` with a named preset.
+
+    - a CT window name (see :data:`CT_WINDOWS`): ``[C, ...]`` HU -> ``[C, ...]``.
+    - ``"ct_three_windows"``: ``[1, ...]`` HU -> ``[3, ...]``, one channel per
+      window of :data:`THREE_WINDOWS` (soft tissue, lung, bone), in that order.
+    - ``"mr"``: ``[C, ...]`` -> ``[C, ...]``, :func:`mr_normalize` per channel.
+
+    Not invertible (intensity only); MetaTensor metadata and the
+    ``applied_operations`` stack pass through unchanged.
+    """
+
+    def __init__(self, keys: KeysCollection, preset: str = "soft_tissue", allow_missing_keys: bool = False) -> None:
+        _check_choice("preset", preset, INTENSITY_PRESETS)
+        super().__init__(keys, allow_missing_keys)
+        self.preset = preset
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.apply(d[key])
+        return d
+
+    def apply(self, img: Any) -> torch.Tensor:
+        """``[C, X, Y, Z]`` raw -> ``[C or 3, X, Y, Z]`` float32 in ``[0, 1]``."""
+        img = convert_to_tensor(img, track_meta=get_track_meta())
+        if self.preset in CT_WINDOWS:
+            return window_ct(img, *CT_WINDOWS[self.preset])
+        if self.preset == "ct_three_windows":
+            if img.shape[0] != 1:
+                raise ValueError(f"preset 'ct_three_windows' needs a 1-channel CT volume, got shape {tuple(img.shape)}")
+            plain = img.as_tensor() if isinstance(img, MetaTensor) else img
+            stacked = torch.cat([window_ct(plain, *CT_WINDOWS[name]) for name in THREE_WINDOWS], dim=0)
+            return _with_meta_of(stacked, img)
+        plain = img.as_tensor() if isinstance(img, MetaTensor) else img
+        channels = [mr_normalize(channel) for channel in plain]
+        return _with_meta_of(torch.stack(channels, dim=0), img)
+
+
+# ---------------------------------------------------------------------------
+# Slice preparation
+# ---------------------------------------------------------------------------
+
+#: Spatial axis (of ``[X, Y, Z]``, RAS) normal to each slice orientation.
+SLICE_AXES: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+#: How a volume becomes the 3 channels the 2D encoder expects.
+CHANNEL_MODES: tuple[str, ...] = ("repeat", "2.5d", "windows")
+
+_NEAREST_MODES = ("nearest", "nearest-exact")
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def to_three_channels(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Make the 3 encoder channels of a channel-first volume ``[C, H, W, D]``.
+
+    - ``"repeat"``: ``C == 1``; the channel repeated 3 times.
+    - ``"2.5d"``: ``C == 1``; channels are slices ``k-1, k, k+1`` along the last
+      axis, the first and last slice replicated at the ends, so each 2D slice
+      sees its neighbours.
+    - ``"windows"``: ``C == 3`` already (the "ct_three_windows" preset); unchanged.
+
+    Returns ``[3, H, W, D]``; MetaTensor metadata is kept.
+    """
+    _check_choice("channel_mode", mode, CHANNEL_MODES)
+    channels = x.shape[0]
+    if mode == "windows":
+        if channels != 3:
+            raise ValueError(
+                f"channel_mode 'windows' needs 3 channels (preset 'ct_three_windows'), got shape {tuple(x.shape)}"
+            )
+        return x
+    if channels != 1:
+        raise ValueError(f"channel_mode {mode!r} needs a 1-channel volume [1, H, W, D], got shape {tuple(x.shape)}")
+    plain = x.as_tensor() if isinstance(x, MetaTensor) else x
+    if mode == "repeat":
+        out = plain.expand(3, *plain.shape[1:]).clone()
+    else:
+        depth = plain.shape[-1]
+        index = torch.arange(depth, device=plain.device)
+        previous = plain.index_select(-1, (index - 1).clamp(min=0))
+        following = plain.index_select(-1, (index + 1).clamp(max=depth - 1))
+        out = torch.cat([previous, plain, following], dim=0)
+    return _with_meta_of(out, x) if isinstance(x, MetaTensor) else out
+
+
+def imagenet_normalize(x: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
+    """``(x - mean) / std`` per channel with the ImageNet statistics.
+
+    Args:
+        x: values in ``[0, 1]`` with 3 channels at ``channel_dim`` (0 for
+            ``[3, H, W, D]``, 1 for ``[B, 3, H, W, D]`` or ``[N, 3, H, W]``).
+    """
+    if x.shape[channel_dim] != 3:
+        raise ValueError(f"ImageNet normalisation needs 3 channels at dim {channel_dim}, got shape {tuple(x.shape)}")
+    shape = [1] * x.ndim
+    shape[channel_dim] = 3
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).reshape(shape)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).reshape(shape)
+    return (x - mean) / std
+
+
+def slice_geometry(
+    in_plane_shape: Sequence[int], patch_size: int, size: int | None = None
+) -> tuple[tuple[int, int], tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]:
+    """In-plane geometry of :class:`PrepareSlicesd` for one slice shape ``(H, W)``.
+
+    With ``size`` the slice is resized, aspect ratio kept, so its longer side is
+    ``size``; with ``size=None`` it keeps its scale. Both sides are then padded
+    symmetrically (the extra voxel at the end) to the next multiple of ``patch_size``.
+
+    Returns:
+        ``(resized_shape, padded_shape, pad)`` with ``pad = ((before_H, after_H), (before_W, after_W))``.
+
+    Example: ``slice_geometry((100, 80), 14)`` -> ``((100, 80), (112, 84), ((6, 6), (2, 2)))``.
+    """
+    if len(in_plane_shape) != 2 or min(in_plane_shape) < 1:
+        raise ValueError(f"in_plane_shape must be two positive sizes (H, W), got {tuple(in_plane_shape)}")
+    _check_positive("patch_size", patch_size)
+    height, width = (int(s) for s in in_plane_shape)
+    if size is None:
+        resized = (height, width)
+    else:
+        _check_positive("size", size)
+        scale = size / max(height, width)
+        resized = (max(1, round(height * scale)), max(1, round(width * scale)))
+    padded = tuple(-(-s // patch_size) * patch_size for s in resized)
+    pad = tuple(((p - s) // 2, (p - s) - (p - s) // 2) for s, p in zip(resized, padded))
+    return resized, padded, pad  # type: ignore[return-value]
+
+
+class PrepareSlicesd(MapTransform, InvertibleTransform):
+    """Turn ``[C, X, Y, Z]`` volumes into encoder-ready ``[3, H, W, D]`` slice stacks.
+
+    Per key: (1) move the slicing axis last (the other two keep their order:
+    sagittal -> ``[C, Y, Z, X]``, coronal -> ``[C, X, Z, Y]``, axial unchanged)
+    with the affine updated; (2) if ``size`` is set, resize in-plane so the
+    longer side is ``size``, aspect ratio kept; (3) pad both in-plane sides
+    symmetrically to multiples of ``patch_size`` with the image's minimum (0 for
+    windowed input); see :func:`slice_geometry`. Image keys then get
+    (4) :func:`to_three_channels` with ``channel_mode`` and (5)
+    :func:`imagenet_normalize`. ``label_keys`` get (1)-(3) only, with
+    nearest-neighbour resizing and zero padding.
+
+    Steps (1)-(3) are recorded as one entry in ``applied_operations``, so
+    ``Invertd(keys="pred", orig_keys="image", transform=<this or a Compose
+    containing it>, nearest_interp=True)`` maps a prediction ``[K, H, W, D]``
+    back to ``[K, X, Y, Z]`` with the loaded affine. Not lazy-capable.
+
+    Args:
+        keys: image keys (values in ``[0, 1]`` from :class:`IntensityPresetd`).
+        axis: "sagittal", "coronal" or "axial" (see :data:`SLICE_AXES`; assumes RAS).
+        channel_mode: "repeat", "2.5d" or "windows" (see :func:`to_three_channels`).
+        patch_size: encoder patch size (14 DINOv2, 16 DINOv3).
+        size: target longer in-plane side, or None to keep the scale and only pad.
+        label_keys: keys resampled on the same grid without intensity changes.
+        image_mode: interpolation for image keys when resizing.
+        anti_aliasing: Gaussian pre-filter when shrinking image keys.
+        allow_missing_keys: skip keys that are absent.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        axis: str = "axial",
+        channel_mode: str = "repeat",
+        patch_size: int = 14,
+        size: int | None = None,
+        label_keys: KeysCollection = (),
+        image_mode: str = "trilinear",
+        anti_aliasing: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        _check_choice("axis", axis, tuple(SLICE_AXES))
+        _check_choice("channel_mode", channel_mode, CHANNEL_MODES)
+        _check_positive("patch_size", patch_size)
+        if size is not None:
+            _check_positive("size", size)
+        image_keys = tuple(keys) if isinstance(keys, (list, tuple)) else (keys,)
+        self.label_keys = tuple(label_keys) if isinstance(label_keys, (list, tuple)) else (label_keys,)
+        super().__init__((*image_keys, *self.label_keys), allow_missing_keys)
+        self.axis = axis
+        self.channel_mode = channel_mode
+        self.patch_size = int(patch_size)
+        self.size = None if size is None else int(size)
+        self.image_mode = image_mode
+        self.anti_aliasing = anti_aliasing
+        # one shared Pad instance so its own inverse() recognises the entries it recorded
+        self._pad = Pad()
+
+    @property
+    def permutation(self) -> tuple[int, int, int]:
+        """Spatial axes of the input in output order (the slicing axis last)."""
+        slicing = SLICE_AXES[self.axis]
+        return (*(a for a in range(3) if a != slicing), slicing)  # type: ignore[return-value]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            is_label = key in self.label_keys
+            img = self._geometry(d[key], is_label)
+            if not is_label:
+                img = imagenet_normalize(to_three_channels(img, self.channel_mode))
+            d[key] = img
+        return d
+
+    def _geometry(self, img: Any, is_label: bool) -> torch.Tensor:
+        """Steps (1)-(3) on ``[C, X, Y, Z]``; records one invertible entry."""
+        img = convert_to_tensor(img, track_meta=get_track_meta())
+        if img.ndim != 4:
+            raise ValueError(f"PrepareSlicesd needs channel-first 3D volumes [C, X, Y, Z], got shape {tuple(img.shape)}")
+        orig_size = tuple(int(s) for s in img.shape[1:])
+        out = _permute_spatial(img, self.permutation)
+        resized, _, pad = slice_geometry(out.shape[1:3], self.patch_size, self.size)
+        resize_info = None
+        if resized != tuple(out.shape[1:3]):
+            mode = "nearest-exact" if is_label else self.image_mode
+            resizer = Resize(spatial_size=(*resized, -1), mode=mode, anti_aliasing=self.anti_aliasing and not is_label)
+            # Resize computes in float32; labels keep their integer dtype
+            out = resizer(out).to(img.dtype) if is_label else resizer(out)
+            resize_info = self._pop_inner(out)
+        # pad value = image minimum, so the border looks like the darkest tissue (0 after windowing)
+        value = 0.0 if is_label or out.numel() == 0 else float(out.min())
+        out = self._pad(out, to_pad=((0, 0), *pad, (0, 0)), value=value)
+        pad_info = self._pop_inner(out)
+        if isinstance(out, MetaTensor) and get_track_meta():
+            # one entry for all steps (like MONAI's ResizeWithPadOrCrop), so a Compose sees one transform
+            extra = {"permutation": list(self.permutation), "resize": resize_info, "pad": pad_info}
+            self.push_transform(out, orig_size=orig_size, extra_info=extra)
+        return out
+
+    @staticmethod
+    def _pop_inner(img: torch.Tensor) -> dict | None:
+        if isinstance(img, MetaTensor) and get_track_meta() and img.applied_operations:
+            return img.applied_operations.pop()
+        return None
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Undo steps (1)-(3) for every present key: ``[K, H, W, D]`` -> ``[K, X, Y, Z]``."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            transform = self.pop_transform(img)
+            extra = transform[TraceKeys.EXTRA_INFO]
+            if extra["pad"] is not None:
+                img.applied_operations.append(extra["pad"])
+                img = self._pad.inverse(img)
+            if extra["resize"] is not None:
+                img = _undo_resize(img, extra["resize"])
+            d[key] = _permute_spatial(img, tuple(int(a) for a in np.argsort(extra["permutation"])))
+        return d
+
+
+def _undo_resize(img: torch.Tensor, resize_info: Mapping) -> torch.Tensor:
+    """Resize back to the recorded size without tracing.
+
+    Not ``Resize.inverse_transform``: that always anti-aliases when it shrinks,
+    even for nearest-neighbour (MONAI 1.4-1.6), which blurs label maps into
+    non-integer values. Nearest modes become "nearest-exact" (voxel centres
+    aligned, as the affine assumes; torch's "nearest" shifts by up to half a voxel).
+    """
+    mode = resize_info[TraceKeys.EXTRA_INFO]["mode"]
+    nearest = mode in _NEAREST_MODES
+    align_corners = resize_info[TraceKeys.EXTRA_INFO].get("align_corners")
+    resizer = Resize(
+        spatial_size=resize_info[TraceKeys.ORIG_SIZE],
+        mode="nearest-exact" if nearest else mode,
+        align_corners=None if nearest or align_corners == TraceKeys.NONE else align_corners,
+        anti_aliasing=not nearest,
+    )
+    with resizer.trace_transform(False):
+        out = resizer(img)
+    # Resize computes in float32; a nearest-mode label map keeps its dtype
+    return out.to(img.dtype) if nearest else out
+
+
+def _permute_spatial(img: torch.Tensor, permutation: Sequence[int]) -> torch.Tensor:
+    """``[C, *spatial]`` -> spatial axes reordered as ``permutation``; the affine follows.
+
+    MONAI's ``Transpose`` leaves the affine alone, hence this helper.
+    """
+    out = img.permute(0, *(a + 1 for a in permutation)).contiguous()
+    if not isinstance(img, MetaTensor):
+        return out
+    # output index i is input index permutation[i]: world = A_in @ P @ index_out
+    axes_map = torch.zeros(4, 4, dtype=torch.float64)
+    for out_axis, in_axis in enumerate(permutation):
+        axes_map[in_axis, out_axis] = 1.0
+    axes_map[3, 3] = 1.0
+    meta = TraceableTransform.track_transform_meta(img, affine=axes_map, transform_info=None)
+    return out.copy_meta_from(meta) if isinstance(out, MetaTensor) else MetaTensor(out).copy_meta_from(meta)
+
+
+# ---------------------------------------------------------------------------
+# Convenience factory
+# ---------------------------------------------------------------------------
+
+
+def preprocessing(
+    keys: KeysCollection = ("image",),
+    label_keys: KeysCollection = (),
+    *,
+    preset: str = "soft_tissue",
+    axis: str = "axial",
+    channel_mode: str = "repeat",
+    patch_size: int = 14,
+    size: int | None = None,
+    spacing: Sequence[float] | float | None = None,
+) -> Compose:
+    """Loaded volumes -> encoder input: ``[Spacingd] -> IntensityPresetd -> PrepareSlicesd -> EnsureTyped``.
+
+    Assumes the dict already holds loaded, RAS-oriented MetaTensors
+    ``[C, X, Y, Z]``. The result is invertible with ``Invertd`` (Spacingd and
+    PrepareSlicesd are undone; intensities are not).
+
+    Raises:
+        ConfigError: an unknown preset/axis/channel_mode, or a channel_mode that
+            does not fit the preset ("windows" needs "ct_three_windows";
+            "repeat"/"2.5d" need a 1-channel preset).
+    """
+    _check_choice("preset", preset, INTENSITY_PRESETS)
+    _check_choice("channel_mode", channel_mode, CHANNEL_MODES)
+    fitting = ["windows"] if preset_channels(preset) == 3 else ["repeat", "2.5d"]
+    if channel_mode not in fitting:
+        raise ConfigError("channel_mode", channel_mode, f"{fitting} with preset={preset!r}")
+    image_keys = tuple(keys) if isinstance(keys, (list, tuple)) else (keys,)
+    labels = tuple(label_keys) if isinstance(label_keys, (list, tuple)) else (label_keys,)
+    steps: list = []
+    if spacing is not None:
+        modes = ("bilinear",) * len(image_keys) + ("nearest",) * len(labels)
+        steps.append(Spacingd((*image_keys, *labels), pixdim=spacing, mode=modes))
+    steps += [
+        IntensityPresetd(image_keys, preset=preset),
+        PrepareSlicesd(
+            image_keys, axis=axis, channel_mode=channel_mode, patch_size=patch_size, size=size, label_keys=labels
+        ),
+        EnsureTyped((*image_keys, *labels), dtype=None),
+    ]
+    return Compose(steps)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _check_choice(key: str, value: object, allowed: Sequence[object]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, list(allowed))
+
+
+def _check_positive(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(key, value, "positive integers")
+
+
+def _with_meta_of(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values`` as the same kind as ``like``, carrying its metadata and applied operations."""
+    if isinstance(like, MetaTensor):
+        return MetaTensor(values).copy_meta_from(like)
+    return values
