@@ -1,1 +1,41 @@
-"""volumes."""
+"""volumes: DINOv2-class foundation features on CT and MR volumes, on MONAI.
+
+``import volumes`` is light on purpose (no torch, timm, itk, pydicom...): the public
+names below are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "SliceEncoder": "volumes.encoders",
+    "SliceFeatures": "volumes.encoders",
+    "encoder_names": "volumes.encoders",
+    "load_volume": "volumes.data.io",
+    "LoadVolumed": "volumes.data.io",
+    "discover_cases": "volumes.data.discovery",
+    "Case": "volumes.data.discovery",
+    "generate_phantom": "volumes.data.phantoms",
+    "write_cohort": "volumes.data.phantoms",
+    "preprocessing": "volumes.transforms",
+    "IntensityPresetd": "volumes.transforms",
+    "PrepareSlicesd": "volumes.transforms",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'volumes' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -81,6 +81,11 @@ class SliceEncoder(nn.Module):
             ``bicubic_antialias`` or ``bicubic`` (see :mod:`volumes.encoders.pos_embed`); default:
             what the checkpoint's reference implementation does (``bicubic`` for Hugging Face
             ``Dinov2Model``, ``bicubic_antialias`` otherwise, as timm does).
+        random_layer_scale: without weights, start every LayerScale at this value. timm
+            starts them at 1e-5 (DINOv2's training recipe), which makes an untrained ViT
+            nearly skip its blocks and give every slice the same class token; 1.0 (as
+            transformers initialises) makes the random encoder a real random-feature
+            baseline. ``None`` keeps timm's initialisation.
         model_kwargs: passed to ``timm.create_model`` (e.g. ``depth`` for small test models).
     """
 
@@ -97,6 +102,7 @@ class SliceEncoder(nn.Module):
         autocast: str = "auto",
         norm_intermediates: bool = True,
         pos_embed_interpolation: str | None = None,
+        random_layer_scale: float | None = 1.0,
         model_kwargs: dict | None = None,
     ):
         super().__init__()
@@ -130,6 +136,8 @@ class SliceEncoder(nn.Module):
         self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, dynamic_img_size=True, **kwargs)
         if checkpoint is not None:
             load_checkpoint_into(self.backbone, checkpoint, name)
+        elif not pretrained and random_layer_scale is not None:
+            _set_layer_scale(self.backbone, random_layer_scale)
         if pos_embed_interpolation is None:
             hf_plain = checkpoint is not None and checkpoint.hf_config.get("model_type") == "dinov2"
             pos_embed_interpolation = "bicubic" if hf_plain else "bicubic_antialias"
@@ -234,6 +242,14 @@ class SliceEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name}, mode={self.mode}, layers={self.layers}, chunk_size={self.chunk_size}, weights={self.weights_id[:20]}"
+
+
+def _set_layer_scale(backbone: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for name, param in backbone.named_parameters():
+            # timm ViT: blocks.N.ls1.gamma; timm EVA (DINOv3): blocks.N.gamma_1
+            if name.endswith((".ls1.gamma", ".ls2.gamma", ".gamma_1", ".gamma_2")):
+                param.fill_(value)
 
 
 def volume_to_slices(volume: torch.Tensor) -> torch.Tensor:
