@@ -1,0 +1,37 @@
+"""Aggregators: slice embeddings ``[B, D, E]`` (+ mask, positions, plane ids) -> logits ``[B, K]``.
+
+Names resolve on first use so that importing this package pulls in neither torch
+models nor torch_geometric until an aggregator is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> module that defines it
+_LAZY = {
+    "SliceTransformer": "volumes.aggregators.transformer",
+    "sinusoidal_encoding": "volumes.aggregators.transformer",
+    "centre_positions": "volumes.aggregators.transformer",
+    "SliceGNN": "volumes.aggregators.gnn",
+    "build_slice_graph": "volumes.aggregators.gnn",
+    "MeanPool": "volumes.aggregators.pooling",
+    "AttentionMIL": "volumes.aggregators.pooling",
+    "concat_planes": "volumes.aggregators.pooling",
+    "AGGREGATORS": "volumes.aggregators.factory",
+    "build_aggregator": "volumes.aggregators.factory",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'volumes.aggregators' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
