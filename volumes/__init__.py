@@ -26,6 +26,13 @@ _LAZY = {
     "PrepareSlicesd": "volumes.transforms",
 }
 
+# Submodules resolve as attributes too, so bundle configs can write `$import volumes`
+# and then `volumes.transforms.preprocessing(...)`.
+_SUBMODULES = (
+    "aggregators", "bundle", "cache", "classification", "cli", "data", "embedding", "encoders", "networks",
+    "transforms",
+)
+
 __all__ = ["__version__", *_LAZY]
 
 
@@ -34,6 +41,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"volumes.{name}")
     raise AttributeError(f"module 'volumes' has no attribute {name!r}")
 
 

@@ -178,6 +178,20 @@ class SliceEncoder(nn.Module):
         if mode == "frozen":
             self.backbone.eval()
 
+    def fingerprint(self) -> str:
+        """sha256 of the current parameters: identifies what this encoder computes.
+
+        Unlike ``weights_id`` it tells apart two random initialisations and an encoder
+        changed by fine-tuning, so it is what embedding caches key on.
+        """
+        import hashlib
+
+        digest = hashlib.sha256(self.name.encode())
+        for name, tensor in self.backbone.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     @property
     def frozen(self) -> bool:
         return self.mode == "frozen"
@@ -233,6 +247,11 @@ class SliceEncoder(nn.Module):
         """Yield the features of ``chunk_size`` slices at a time (for streaming consumers)."""
         self.check_input(slices)
         with self._grad_context():
+            if torch.jit.is_tracing():
+                # A traced loop is unrolled for the example's slice count; one pass keeps
+                # the exported graph valid for any count.
+                yield self._encode_chunk(slices, with_grids)
+                return
             for start in range(0, slices.shape[0], self.chunk_size):
                 yield self._encode_chunk(slices[start : start + self.chunk_size], with_grids)
 

@@ -1,0 +1,271 @@
+"""Training a volume classifier on cached slice embeddings.
+
+With a frozen encoder the slice embeddings of a case never change, so they are
+computed once (and kept in a persistent :class:`volumes.cache.EmbeddingCache`, keyed
+by the volume's content, the encoder's parameters and the preprocessing) and the
+aggregator trains on them: no encoder pass after the first epoch, or the first run.
+
+The pieces plug into MONAI's ignite engines (see the classification bundle):
+
+* :class:`SliceEmbedder` turns datalist items into ``{"embedding", "positions",
+  "plane_ids", "label", "case_id"}`` items;
+* :func:`collate_embeddings` pads a batch of them to the longest and adds a mask;
+* :class:`EmbeddingBatch` is the ``prepare_batch`` that hands mask, positions and
+  plane ids to the aggregator.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from volumes.networks import SliceClassifier
+
+logger = logging.getLogger(__name__)
+
+
+class SliceEmbedder:
+    """Computes (or fetches from the cache) the slice embeddings of datalist items.
+
+    Args:
+        network: the classifier whose ``embed`` defines the embeddings (encoder, features, planes).
+        transform: loads and prepares an item: ``{"image": path, ...}`` -> ``{"image": [3, H, W, D], ...}``
+            (e.g. ``LoadVolumed`` + :func:`volumes.transforms.preprocessing`).
+        preprocessing: the settings behind ``transform``, for the cache key.
+        cache_dir: a persistent cache folder, or None to keep embeddings in memory only.
+        label_key: the item key of the class label.
+        device: where the encoder runs.
+    """
+
+    def __init__(
+        self,
+        network: SliceClassifier,
+        transform: Callable[[dict], dict],
+        preprocessing: Mapping[str, Any],
+        cache_dir: str | Path | None = None,
+        label_key: str = "class_label",
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ):
+        if not network.encoder.frozen:
+            raise ValueError("cached slice embeddings need a frozen encoder (encoder mode 'frozen')")
+        self.network = network
+        self.transform = transform
+        self.preprocessing = {**dict(preprocessing), "features": network.features, "planes": list(network.planes)}
+        self.label_key = label_key
+        self.device = torch.device(device)
+        self.progress = progress
+        self.cache = None
+        if cache_dir is not None:
+            from volumes.cache import EmbeddingCache
+
+            self.cache = EmbeddingCache(cache_dir)
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.network.encoder.fingerprint()
+        return self._fingerprint
+
+    def _compute(self, image: torch.Tensor) -> dict[str, np.ndarray]:
+        self.network.encoder.to(self.device)
+        with torch.inference_mode():
+            volume = image.unsqueeze(0).to(self.device)
+            x, positions, plane_ids = self.network.embed(volume)
+        arrays = {"embedding": x[0].cpu().numpy(), "positions": positions[0].cpu().numpy()}
+        if plane_ids is not None:
+            arrays["plane_ids"] = plane_ids[0].cpu().numpy()
+        return arrays
+
+    def embed_item(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        """One datalist item -> an embedding item (see the module docstring)."""
+        from volumes.cache import cache_key, volume_hash
+
+        data = self.transform(dict(item))
+        image = data["image"]
+        if self.cache is None:
+            arrays = self._compute(image)
+        else:
+            affine = np.asarray(getattr(image, "affine", np.eye(4)))
+            key = cache_key(
+                volume_hash(image.detach().cpu().numpy(), affine), self.network.encoder.name, self.fingerprint,
+                self.preprocessing,
+            )
+            meta = {"case_id": item.get("case_id", str(item.get("image"))), "encoder": self.network.encoder.name,
+                    "weights_id": self.network.encoder.weights_id, "preprocessing": self.preprocessing}
+            arrays = self.cache.get_or_compute(key, lambda: self._compute(image), meta=meta)
+        out: dict[str, Any] = {
+            "embedding": torch.as_tensor(arrays["embedding"]),
+            "positions": torch.as_tensor(arrays["positions"]),
+            "case_id": item.get("case_id", str(item.get("image"))),
+        }
+        if "plane_ids" in arrays:
+            out["plane_ids"] = torch.as_tensor(arrays["plane_ids"]).long()
+        if self.label_key in item:
+            out["label"] = int(item[self.label_key])
+        return out
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Embed every item (with a progress bar); used as ``$@embedder(@train_items)`` in bundles."""
+        from tqdm.auto import tqdm
+
+        out = [self.embed_item(item) for item in tqdm(items, desc="slice embeddings", unit="case", disable=not self.progress)]
+        if self.cache is not None:
+            logger.info("embedding cache %s: %s", self.cache.root, self.cache.stats)
+        return out
+
+
+def collate_embeddings(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Pad embedding items of different slice counts into ``[B, S_max, E]`` plus a ``[B, S_max]`` mask."""
+    longest = max(item["embedding"].shape[0] for item in batch)
+    dim = batch[0]["embedding"].shape[1]
+    size = len(batch)
+    embedding = torch.zeros(size, longest, dim)
+    positions = torch.zeros(size, longest)
+    plane_ids = torch.zeros(size, longest, dtype=torch.long)
+    mask = torch.zeros(size, longest, dtype=torch.bool)
+    for i, item in enumerate(batch):
+        n = item["embedding"].shape[0]
+        embedding[i, :n] = item["embedding"]
+        positions[i, :n] = item["positions"]
+        mask[i, :n] = True
+        if "plane_ids" in item:
+            plane_ids[i, :n] = item["plane_ids"]
+    out: dict[str, Any] = {
+        "embedding": embedding, "positions": positions, "mask": mask, "plane_ids": plane_ids,
+        "case_id": [item["case_id"] for item in batch],
+    }
+    if all("label" in item for item in batch):
+        out["label"] = torch.tensor([item["label"] for item in batch], dtype=torch.long)
+    return out
+
+
+class EmbeddingBatch:
+    """``prepare_batch`` for MONAI engines: the aggregator gets mask, positions and plane ids."""
+
+    def __call__(self, batch: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs):
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking) if device is not None else t
+
+        inputs = move(batch["embedding"])
+        label = move(batch["label"]) if "label" in batch else None
+        return inputs, label, (move(batch["mask"]), move(batch["positions"]), move(batch["plane_ids"])), {}
+
+
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, K]`` -> probabilities ``[B, K]`` (softmax)."""
+    return torch.softmax(logits.float(), dim=-1)
+
+
+class ClassificationPostd:
+    """Per-item engine postprocessing: ``pred`` logits -> probabilities, ``label`` index -> one-hot.
+
+    What MONAI's ROCAUC handler expects (``[K]`` scores and a ``[K]`` one-hot per item).
+    """
+
+    def __init__(self, num_classes: int):
+        self.num_classes = int(num_classes)
+
+    def __call__(self, item: dict) -> dict:
+        item = dict(item)
+        item["pred"] = torch.softmax(item["pred"].float(), dim=-1)
+        if "label" in item and item["label"] is not None:
+            label = torch.as_tensor(item["label"]).long().reshape(())
+            item["label"] = torch.nn.functional.one_hot(label, self.num_classes).float()
+        return item
+
+
+def accuracy_output(output: Sequence[Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Engine output (decollated items) -> ``(probabilities [B, K], class indices [B])`` for ignite metrics."""
+    pred = torch.stack([item["pred"] for item in output])
+    label = torch.stack([item["label"] for item in output]).argmax(dim=-1)
+    return pred, label
+
+
+class ClassificationPredictor:
+    """Per-case class probabilities and the most important slices, written to CSV and JSONL.
+
+    Args:
+        network: a trained :class:`SliceClassifier`.
+        transform: loads and prepares an item (as in training).
+        output_dir: receives ``predictions.csv`` and ``predictions.jsonl`` (written atomically).
+        class_names: names of the ``K`` classes, in logit order.
+        top_k: how many slices to report, by importance.
+        device: where the network runs.
+    """
+
+    def __init__(
+        self,
+        network: SliceClassifier,
+        transform: Callable[[dict], dict],
+        output_dir: str | Path,
+        class_names: Sequence[str],
+        top_k: int = 5,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ):
+        self.network = network.eval()
+        self.transform = transform
+        self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.top_k = int(top_k)
+        self.device = torch.device(device)
+        self.progress = progress
+
+    def predict_item(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        """One datalist item -> a result row (probabilities, predicted class, top slices)."""
+        data = self.transform(dict(item))
+        volume = data["image"].unsqueeze(0).to(self.device)
+        with torch.inference_mode():
+            logits, importance = self.network.forward_with_importance(volume)
+        probs = torch.softmax(logits.float(), dim=-1)[0].cpu()
+        importance = importance[0].cpu()
+        top = torch.argsort(importance, descending=True)[: self.top_k]
+        predicted = int(probs.argmax())
+        return {
+            "case_id": item.get("case_id", Path(str(item["image"])).name),
+            "image": str(item["image"]),
+            "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probs)},
+            "predicted": self.class_names[predicted],
+            "predicted_index": predicted,
+            "top_slices": [{"slice": int(i), "importance": round(float(importance[i]), 6)} for i in top],
+        }
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Predict every item; a case that fails is reported with its error, the others go on."""
+        import csv
+        import io
+        import json
+
+        from tqdm.auto import tqdm
+
+        from volumes.embedding import atomic_write_bytes
+        from volumes.errors import VolumesError
+
+        self.network.to(self.device)
+        rows: list[dict[str, Any]] = []
+        for item in tqdm(items, desc="classifying", unit="case", disable=not self.progress):
+            try:
+                rows.append(self.predict_item(item))
+            except (VolumesError, ValueError) as exc:
+                rows.append({"case_id": item.get("case_id", str(item.get("image"))), "image": str(item.get("image")), "error": str(exc)})
+        jsonl = "".join(json.dumps(row) + "\n" for row in rows)
+        atomic_write_bytes(self.output_dir / "predictions.jsonl", lambda f: f.write(jsonl.encode()))
+        table = io.StringIO()
+        fields = ["case_id", "image", "predicted", *[f"p_{n}" for n in self.class_names], "top_slices", "error"]
+        writer = csv.DictWriter(table, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({
+                "case_id": row["case_id"], "image": row["image"], "predicted": row.get("predicted", ""),
+                **{f"p_{n}": row.get("probabilities", {}).get(n, "") for n in self.class_names},
+                "top_slices": " ".join(str(s["slice"]) for s in row.get("top_slices", [])),
+                "error": row.get("error", ""),
+            })
+        atomic_write_bytes(self.output_dir / "predictions.csv", lambda f: f.write(table.getvalue().encode()))
+        return rows

@@ -1,0 +1,137 @@
+"""Volume-level networks: an ordinary MONAI network from the outside.
+
+``SliceClassifier``: volume ``[B, 3, H, W, D]`` -> logits ``[B, K]``. The volume is
+prepared by :func:`volumes.transforms.preprocessing` (slicing axis last, ``H`` and ``W``
+multiples of the patch size, ImageNet-normalised channels).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from volumes.aggregators import build_aggregator, concat_planes
+from volumes.encoders import SliceEncoder
+from volumes.errors import ConfigError
+
+FEATURES = ("cls", "cls_patch_mean")
+PLANES = ("axial", "coronal", "sagittal")
+# Where each plane's slicing axis sits in the prepared volume [B, C, H, W, D] whose last
+# axis is the axial one (see PrepareSlicesd: axial keeps [X, Y, Z]).
+_PLANE_AXIS = {"axial": 4, "coronal": 3, "sagittal": 2}
+
+
+def slice_spacing_mm(volume: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-case spacing ``[B]`` in mm along spatial ``axis`` (2, 3 or 4) of ``[B, C, H, W, D]``.
+
+    Read from a MONAI MetaTensor's batched affine; 1 mm (i.e. slice index) for plain tensors.
+    """
+    affine = getattr(volume, "affine", None)
+    if affine is None or not isinstance(affine, torch.Tensor):
+        return torch.ones(volume.shape[0], device=volume.device)
+    affine = affine if affine.ndim == 3 else affine.unsqueeze(0).expand(volume.shape[0], -1, -1)
+    return torch.linalg.norm(affine[:, :3, axis - 2].float(), dim=1).to(volume.device)
+
+
+class SliceClassifier(nn.Module):
+    """SliceEncoder + aggregator: a volume classifier from slice embeddings.
+
+    Args:
+        num_classes: number of logits ``K``.
+        encoder: timm DINOv2/DINOv3 name, or a ready :class:`SliceEncoder`.
+        aggregator: ``transformer``, ``gnn``, ``mean`` or ``attention_mil``.
+        features: ``cls`` (class token, ``E``) or ``cls_patch_mean`` (class token and mean
+            patch token concatenated, ``2E``) per slice.
+        planes: which slice planes to embed; several planes form one token stream with a
+            plane id per slice (aggregators get ``planes=len(planes)``).
+        encoder_kwargs: passed to :class:`SliceEncoder` (``weights``, ``mode``, ``chunk_size``...).
+        aggregator_kwargs: passed to the aggregator class.
+
+    ``forward(volume [B, 3, H, W, D], mask [B, D] | None) -> logits [B, K]``. ``mask`` marks
+    real slices when volumes of different depth were padded into one batch. Slice
+    positions in mm come from the MetaTensor affine when there is one.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        encoder: str | SliceEncoder = "vit_small_patch14_dinov2",
+        aggregator: str = "transformer",
+        *,
+        features: str = "cls",
+        planes: Sequence[str] = ("axial",),
+        encoder_kwargs: dict | None = None,
+        aggregator_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        if features not in FEATURES:
+            raise ConfigError("features", features, list(FEATURES))
+        planes = tuple(planes)
+        if not planes or any(p not in PLANES for p in planes) or len(set(planes)) != len(planes):
+            raise ConfigError("planes", list(planes), f"distinct values from {list(PLANES)}")
+        self.encoder = encoder if isinstance(encoder, SliceEncoder) else SliceEncoder(encoder, **(encoder_kwargs or {}))
+        self.features = features
+        self.planes = planes
+        self.embed_dim = self.encoder.embed_dim * (2 if features == "cls_patch_mean" else 1)
+        kwargs = dict(aggregator_kwargs or {})
+        if len(planes) > 1:
+            kwargs.setdefault("planes", len(planes))
+        self.aggregator = build_aggregator(aggregator, self.embed_dim, num_classes, **kwargs)
+        self.aggregator_name = aggregator
+
+    # ------------------------------------------------------------------ embedding
+    def _plane_slices(self, volume: torch.Tensor, plane: str) -> torch.Tensor:
+        """``[B, 3, H, W, D]`` -> slices ``[B, n, 3, h, w]`` of one plane, sized to the patch grid."""
+        axis = _PLANE_AXIS[plane]
+        others = [a for a in (2, 3, 4) if a != axis]
+        slices = volume.permute(0, axis, 1, *others)  # [B, n, 3, h, w]
+        b, n, c, h, w = slices.shape
+        p = self.encoder.patch_size
+        target = (max(p, round(h / p) * p), max(p, round(w / p) * p))
+        if (h, w) != target:  # coronal/sagittal planes have the slice axis in-plane: fit it to the grid
+            slices = F.interpolate(slices.reshape(b * n, c, h, w), size=target, mode="bilinear", align_corners=False)
+            slices = slices.reshape(b, n, c, *target)
+        return slices
+
+    def embed(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``[B, 3, H, W, D]`` -> embeddings ``[B, S, E']``, positions in mm ``[B, S]``, plane ids ``[B, S]``.
+
+        ``S = D`` for the axial plane alone; several planes are concatenated.
+        """
+        xs, positions = [], []
+        raw = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
+        for plane in self.planes:
+            slices = self._plane_slices(raw, plane)
+            b, n = slices.shape[:2]
+            feats = self.encoder(slices.reshape(b * n, *slices.shape[2:]).float(), with_grids=False)
+            per_slice = feats.cls if self.features == "cls" else torch.cat([feats.cls, feats.patch_mean], dim=-1)
+            xs.append(per_slice.reshape(b, n, -1))
+            spacing = slice_spacing_mm(volume, _PLANE_AXIS[plane])
+            positions.append(torch.arange(n, device=raw.device, dtype=torch.float32)[None] * spacing[:, None])
+        if len(xs) == 1:
+            return xs[0], positions[0], None
+        x, _, pos, plane_ids = concat_planes(xs, None, positions)
+        return x, pos, plane_ids
+
+    def _mask_for(self, mask: torch.Tensor | None, plane_ids: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        if mask is None or plane_ids is None:
+            return mask
+        # The mask marks padded axial slices; other planes are never padded along their own axis.
+        full = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        full[:, : mask.shape[1]] = mask
+        return full
+
+    # -------------------------------------------------------------------- forward
+    def forward(self, volume: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, positions, plane_ids = self.embed(volume)
+        return self.aggregator(x, self._mask_for(mask, plane_ids, x), positions, plane_ids)
+
+    def forward_with_importance(
+        self, volume: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, K]`` and per-slice importance ``[B, S]`` (sums to 1 over real slices)."""
+        x, positions, plane_ids = self.embed(volume)
+        return self.aggregator.forward_with_importance(x, self._mask_for(mask, plane_ids, x), positions, plane_ids)
