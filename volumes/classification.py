@@ -244,7 +244,7 @@ class ClassificationPredictor:
 
         from tqdm.auto import tqdm
 
-        from volumes.embedding import atomic_write_bytes
+        from volumes.atomic import atomic_write_bytes
         from volumes.errors import VolumesError
 
         self.network.to(self.device)

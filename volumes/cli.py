@@ -3,6 +3,7 @@
     python -m volumes demo --out runs/demo          the main job on built-in phantom data
     python -m volumes phantoms --out DIR --n N      write a synthetic CT cohort
     python -m volumes embed --input SRC --out DIR   embed every slice of every case
+    python -m volumes cache info|prune              inspect or trim the embedding cache
 
 Each command imports its heavy modules only when it runs.
 """
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     sub.add_parser("phantoms", help="write a synthetic CT phantom cohort (see: phantoms --help)", add_help=False)
+    sub.add_parser("cache", help="inspect or prune the embedding cache (see: cache --help)", add_help=False)
 
     embed = sub.add_parser("embed", help="embed every slice of every case")
     embed.add_argument("--input", required=True, help="folder, datalist JSON or CSV of cases")
@@ -89,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         from volumes.data.phantoms import phantoms_main
 
         return phantoms_main(argv[1:])
+    if argv and argv[0] == "cache":
+        from volumes.cache import cache_main
+
+        return cache_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -10,8 +10,6 @@ an interrupted run never leaves a half-written embedding behind.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from volumes.atomic import atomic_write_bytes
 from volumes.data.discovery import Case
 from volumes.errors import VolumesError
 
@@ -44,19 +43,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file_handle)`` on a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class CaseEmbedder:
