@@ -88,7 +88,9 @@ class SliceClassifier(nn.Module):
         axis = _PLANE_AXIS[plane]
         others = [a for a in (2, 3, 4) if a != axis]
         slices = volume.permute(0, axis, 1, *others)  # [B, n, 3, h, w]
-        b, n, c, h, w = slices.shape
+        if plane == "axial":
+            return slices  # prepared by PrepareSlicesd: already on the patch grid
+        b, n, c, h, w = (int(v) for v in slices.shape)
         p = self.encoder.patch_size
         target = (max(p, round(h / p) * p), max(p, round(w / p) * p))
         if (h, w) != target:  # coronal/sagittal planes have the slice axis in-plane: fit it to the grid

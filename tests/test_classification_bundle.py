@@ -1,0 +1,159 @@
+"""The classification bundle, run the way users run it: monai.bundle's run, verify and export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+monai_bundle = pytest.importorskip("monai.bundle")
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "dinov2_slice_classification"
+CONFIGS = BUNDLE / "configs"
+# Small and quick: a 2-block encoder on 56-pixel slices, a 16-case phantom cohort.
+SMALL = {
+    "encoder_model_kwargs": {"depth": 2},
+    "preprocessing_config#size": 56,
+    "phantom_cases": 16,
+}
+
+
+def _run(config_files: list[str], root: Path, **override) -> None:
+    monai_bundle.run(
+        config_file=[str(CONFIGS / f) for f in config_files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        bundle_root=str(root),
+        **{**SMALL, **override},
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bundle")
+    _run(["train.json"], root, epochs=2)
+    return root
+
+
+def test_train_writes_a_checkpoint_and_fills_the_cache(trained):
+    state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    # The whole network is saved: a random-initialised encoder is part of what was trained on.
+    assert any(k.startswith("encoder.backbone.") for k in state) and any(k.startswith("aggregator.") for k in state)
+    entries = list((trained / "cache").rglob("*.npz"))
+    datalist = json.loads((trained / "data" / "phantoms" / "datalist.json").read_text())
+    assert len(entries) == len(datalist["training"]) + len(datalist["validation"])
+
+
+def test_second_training_run_reads_embeddings_from_the_cache(trained, monkeypatch):
+    from volumes.classification import SliceEmbedder
+
+    def no_encoder(self, image):
+        raise AssertionError("the encoder ran although every embedding was cached")
+
+    monkeypatch.setattr(SliceEmbedder, "_compute", no_encoder)
+    _run(["train.json"], trained, epochs=1)
+
+
+def test_evaluate_on_the_test_split(trained):
+    _run(["train.json", "evaluate.json"], trained)
+    metrics = (trained / "eval" / "metrics.csv").read_text()
+    assert "val_auc" in metrics and "val_accuracy" in metrics
+
+
+def test_inference_writes_probabilities_and_top_slices(trained):
+    _run(["inference.json"], trained, top_k=3)
+    rows = [json.loads(line) for line in (trained / "eval" / "predictions.jsonl").read_text().splitlines()]
+    datalist = json.loads((trained / "data" / "phantoms" / "datalist.json").read_text())
+    assert len(rows) == len(datalist["test"]) > 0
+    for row in rows:
+        assert abs(sum(row["probabilities"].values()) - 1.0) < 1e-4
+        assert len(row["top_slices"]) == 3
+        importances = [s["importance"] for s in row["top_slices"]]
+        assert importances == sorted(importances, reverse=True)
+    with open(trained / "eval" / "predictions.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["case_id"] for r in table] == [r["case_id"] for r in rows]
+
+
+def test_verify_metadata_against_the_monai_schema(tmp_path, shared_data):
+    schema = shared_data.parent / "monai" / "meta_schema_20240725.json"
+    if not schema.is_file():
+        pytest.skip(f"{schema} not found")
+    local = tmp_path / "schema.json"
+    shutil.copy(schema, local)
+    monai_bundle.verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(local))
+
+
+def test_verify_net_in_out():
+    monai_bundle.verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "inference.json"),
+        n=2,
+        any=5,
+        encoder_model_kwargs={"depth": 2},
+    )
+
+
+def test_torchscript_export_matches_eager(trained, tmp_path):
+    exported = tmp_path / "model.ts"
+    monai_bundle.ckpt_export(
+        net_id="network_def",
+        filepath=str(exported),
+        ckpt_file=str(trained / "models" / "model.pt"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "inference.json"),
+        use_trace=True,
+        input_shape=[1, 3, 56, 42, 9],
+        encoder_model_kwargs={"depth": 2},
+    )
+    parser = monai_bundle.ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser["encoder_model_kwargs"] = {"depth": 2}
+    parser["bundle_root"] = str(trained)
+    eager = parser.get_parsed_content("network").cpu().eval()
+    scripted = torch.jit.load(str(exported))
+    for depth in (9, 13):  # the traced graph is not tied to the example's slice count
+        volume = torch.randn(1, 3, 56, 42, depth, generator=torch.Generator().manual_seed(depth))
+        with torch.no_grad():
+            assert torch.allclose(scripted(volume), eager(volume), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [("aggregator", "lstm", "transformer"), ("encoder", "vit_tiny_nope", "vit_small_patch14_dinov2"), ("planes", ["axial", "oblique"], "coronal")],
+)
+def test_bad_config_value_names_the_key_and_choices(key, value, allowed):
+    parser = monai_bundle.ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser[key] = value
+    parser["encoder_model_kwargs"] = {"depth": 1}
+    with pytest.raises(Exception) as err:
+        parser.get_parsed_content("network_def")
+    chain, exc = [], err.value
+    while exc is not None:
+        chain.append(str(exc))
+        exc = exc.__cause__
+    message = "\n".join(chain)
+    assert f"{key}=" in message and allowed in message
+
+
+def test_torchrun_two_cpu_processes_write_exactly_one_checkpoint(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [
+        str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "monai.bundle", "run",
+        "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
+        "--meta_file", str(CONFIGS / "metadata.json"),
+        "--logging_file", str(CONFIGS / "logging.conf"),
+        "--bundle_root", str(tmp_path), "--epochs", "2", "--phantom_cases", "12",
+        "--preprocessing_config#size", "56", "--encoder_model_kwargs", '{"depth": 2}',
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt"]
