@@ -1,0 +1,630 @@
+#!/usr/bin/env python
+"""AdrenalMNIST3D results: slice aggregators on frozen DINOv2 slice embeddings vs a 3D CNN.
+
+On the official MedMNIST train/val/test split, for each aggregator (``transformer``,
+``gnn``, ``mean``, ``attention_mil``) and each seed:
+
+1. slice embeddings of every volume come from a frozen DINOv2 ViT (computed once, for
+   all aggregators and seeds, through :class:`volumes.classification.SliceEmbedder`
+   and kept in a :class:`volumes.cache.EmbeddingCache`);
+2. the aggregator trains with MONAI's ``SupervisedTrainer``; a ``SupervisedEvaluator``
+   with the ``ROCAUC`` handler scores the validation split after every epoch, and the
+   epoch with the best validation AUC is the model kept (as the classification bundle does);
+3. that model is scored on the test split (AUC and accuracy).
+
+Then a MONAI 3D ResNet-18 trains from scratch on the voxels with the same engines,
+split, epochs, batch size and optimiser. Results (mean ± std over seeds) are printed
+and written as a markdown table next to the published MedMNIST v2 baselines.
+
+Seeds change the aggregator's (or the ResNet's) initialisation and the training data
+order. The encoder is drawn once (``--encoder-seed``) and is the same for every seed:
+redrawing it would mean re-embedding every volume per seed.
+
+Run from the repository root::
+
+    .venv/bin/python scripts/adrenal_results.py            # full run (~11 min on 2 shared CPU cores)
+    .venv/bin/python scripts/adrenal_results.py --quick --output /tmp/quick.md   # smoke run, ~30 s
+    .venv/bin/python scripts/adrenal_results.py --weights dinov2_vits14.pth      # real weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a file from a checkout without installing
+
+DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "medmnist3d"
+DEFAULT_OUTPUT = REPO / "bundles" / "dinov2_slice_classification" / "docs" / "RESULTS_adrenalmnist3d.md"
+AGGREGATOR_LABELS = {
+    "transformer": "slice transformer",
+    "gnn": "slice GNN (SAGE, chain graph)",
+    "mean": "mean pooling + linear",
+    "attention_mil": "gated attention MIL",
+}
+# MedMNIST v2 (Yang et al., Scientific Data 2023), AdrenalMNIST3D test AUC / ACC.
+PUBLISHED = [
+    ("ResNet-18 (3D)", 0.827, 0.721),
+    ("ResNet-50 (3D)", 0.828, 0.745),
+    ("ResNet-18 (ACS)", 0.839, 0.754),
+    ("auto-sklearn", 0.828, 0.802),
+]
+QUICK_PER_CLASS = {"train": 16, "val": 8, "test": 8}
+
+
+# --------------------------------------------------------------------------- arguments
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="AdrenalMNIST3D: DINOv2 slice embeddings + aggregators vs a 3D ResNet-18 from scratch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data", type=Path, default=None,
+                        help=f"MedMNIST 3D .npz (default: {DEFAULT_DATA_DIR}/adrenalmnist3d[_64].npz by --size)")
+    parser.add_argument("--size", type=int, choices=(28, 64), default=28, help="volume size when --data is not given")
+    parser.add_argument("--slice-axis", type=int, choices=(0, 1, 2), default=0,
+                        help="stored axis that becomes the slicing axis (0 = MedMNIST's frame axis)")
+    parser.add_argument("--encoder", default="vit_small_patch14_dinov2", help="timm DINOv2/DINOv3 name")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", type=Path, default=None,
+                         help="local encoder weights (timm, Meta or Hugging Face format; see volumes.encoders.weights)")
+    weights.add_argument("--pretrained", action="store_true", help="timm hub weights (needs network access)")
+    parser.add_argument("--encoder-seed", type=int, default=0, help="seed of the random encoder (no weights given)")
+    parser.add_argument("--slice-size", type=int, default=None,
+                        help="in-plane slice size for the encoder (default: 2x the volume size, on the patch grid)")
+    parser.add_argument("--aggregators", nargs="+", default=list(AGGREGATOR_LABELS), choices=list(AGGREGATOR_LABELS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=8, help="epochs for every method (best epoch by val AUC)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (all methods)")
+    parser.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (all methods)")
+    parser.add_argument("--baseline", choices=("resnet18", "none"), default="resnet18",
+                        help="3D CNN trained from scratch on the voxels")
+    parser.add_argument("--baseline-width", type=float, default=0.5,
+                        help="widen_factor of MONAI's ResNet-18 (1.0 = 64..512 channels)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="embedding cache (default: $VOLUMES_CACHE_DIR or ~/.cache/volumes/embeddings)")
+    parser.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 is fastest on a shared 2-core machine (see the results doc)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"markdown file to write (default: {DEFAULT_OUTPUT}; none with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 32/16/16 cases, 2 epochs, 2 seeds, no persistent cache unless --cache-dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs = min(args.epochs, 2)
+        args.seeds = args.seeds[:2]
+        if args.cache_dir is None:
+            args.no_cache = True
+    elif args.output is None:
+        args.output = DEFAULT_OUTPUT
+    if args.data is None:
+        args.data = DEFAULT_DATA_DIR / ("adrenalmnist3d.npz" if args.size == 28 else f"adrenalmnist3d_{args.size}.npz")
+    if args.epochs < 1 or args.batch_size < 1 or args.threads < 1 or not args.seeds:
+        parser.error("--epochs, --batch-size and --threads must be >= 1, and --seeds not empty")
+    return args
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    parts = list(sys.argv[1:] if argv is None else argv)
+    return " ".join([".venv/bin/python scripts/adrenal_results.py", *parts]).strip()
+
+
+# --------------------------------------------------------------------------- data
+def quick_subset(items: list[dict], per_class: int) -> list[dict]:
+    """The first ``per_class`` items of each label, file order kept (both classes stay present)."""
+    counts: dict[int, int] = {}
+    out = []
+    for item in items:
+        label = item["class_label"]
+        if counts.get(label, 0) < per_class:
+            counts[label] = counts.get(label, 0) + 1
+            out.append(item)
+    return out
+
+
+def default_slice_size(volume_size: int, patch: int) -> int:
+    """Twice the volume size (at least 56 px) on the patch grid: 28 -> 56 for DINOv2's 14 px patches."""
+    return max(patch, round(max(2 * volume_size, 56) / patch) * patch)
+
+
+# --------------------------------------------------------------------------- embeddings
+def make_embedder_class():
+    import torch
+    from monai.data import MetaTensor
+
+    from volumes.classification import SliceEmbedder
+    from volumes.networks import slice_spacing_mm
+
+    class BlankSharingEmbedder(SliceEmbedder):
+        """A :class:`SliceEmbedder` that encodes each distinct blank slice once per run.
+
+        The encoder embeds every slice on its own, so a slice of constant value (the empty
+        background slices that make up ~60% of an AdrenalMNIST3D mask volume) always gets
+        the same embedding; it is computed once and reused. Other slices go through
+        ``network.embed`` as usual; positions are the slice index times the affine's spacing.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self._blank: dict[tuple[float, ...], torch.Tensor] = {}
+            self.encoded_slices = 0
+
+        def _embed(self, volume: torch.Tensor) -> torch.Tensor:
+            self.encoded_slices += int(volume.shape[-1])
+            x, _, _ = self.network.embed(volume.to(self.device))
+            return x[0].cpu()
+
+        def _compute(self, image: torch.Tensor) -> dict:
+            if tuple(self.network.planes) != ("axial",):
+                return super()._compute(image)
+            self.network.encoder.to(self.device)
+            plain = image.as_tensor() if isinstance(image, MetaTensor) else image
+            depth = plain.shape[-1]
+            per_slice = plain.reshape(plain.shape[0], -1, depth)
+            low, high = per_slice.amin(dim=1), per_slice.amax(dim=1)  # [C, D]
+            blank = (low == high).all(dim=0)
+            with torch.inference_mode():
+                rows: list[torch.Tensor | None] = [None] * depth
+                busy = (~blank).nonzero().flatten()
+                if busy.numel():
+                    for index, row in zip(busy.tolist(), self._embed(plain[None][..., busy])):
+                        rows[index] = row
+                for index in blank.nonzero().flatten().tolist():
+                    value = tuple(low[:, index].tolist())
+                    if value not in self._blank:
+                        self._blank[value] = self._embed(plain[None][..., index : index + 1])[0]
+                    rows[index] = self._blank[value]
+                spacing = slice_spacing_mm(image.unsqueeze(0), 4)[0].cpu()
+            positions = torch.arange(depth, dtype=torch.float32) * spacing
+            return {"embedding": torch.stack(rows).numpy(), "positions": positions.numpy()}
+
+    return BlankSharingEmbedder
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    params: int
+    val_auc: float
+    best_epoch: int
+    test_auc: float
+    test_acc: float
+    seconds: float
+
+
+@dataclass
+class MethodSummary:
+    method: str
+    label: str
+    params: int
+    runs: list[RunResult] = field(default_factory=list)
+
+    def stat(self, name: str) -> tuple[float, float]:
+        values = [getattr(r, name) for r in self.runs]
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.runs)
+
+
+def train_and_test(
+    network,
+    train_loader,
+    val_loader,
+    test_loader,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    prepare_batch,
+    on_epoch: Callable[[int, float], None],
+) -> tuple[float, int, float, float]:
+    """MONAI SupervisedTrainer + SupervisedEvaluator; the best-val-AUC epoch is scored on test.
+
+    Returns ``(best val AUC, best epoch, test AUC, test accuracy)``.
+    """
+    import ignite.metrics
+    import torch
+    from ignite.engine import Events
+    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+    from monai.handlers import ROCAUC, ValidationHandler, from_engine
+
+    from volumes.classification import ClassificationPostd, accuracy_output
+
+    device = torch.device("cpu")
+    postprocessing = ClassificationPostd(num_classes=2)
+
+    def evaluator(loader, prefix: str) -> SupervisedEvaluator:
+        return SupervisedEvaluator(
+            device=device,
+            val_data_loader=loader,
+            network=network,
+            prepare_batch=prepare_batch,
+            postprocessing=postprocessing,
+            key_val_metric={f"{prefix}_auc": ROCAUC(output_transform=from_engine(["pred", "label"]))},
+            additional_metrics={f"{prefix}_acc": ignite.metrics.Accuracy(output_transform=accuracy_output)},
+            amp=False,
+        )
+
+    validator = evaluator(val_loader, "val")
+    best: dict[str, Any] = {}
+
+    @validator.on(Events.EPOCH_COMPLETED)
+    def keep_best(engine) -> None:  # runs after MONAI's own best-metric bookkeeping
+        if engine.state.best_metric_epoch == engine.state.epoch:
+            best["state"] = {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=epochs,
+        train_data_loader=train_loader,
+        network=network,
+        optimizer=torch.optim.AdamW(
+            [p for p in network.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+        ),
+        loss_function=torch.nn.CrossEntropyLoss(),
+        prepare_batch=prepare_batch,
+        postprocessing=postprocessing,
+        train_handlers=[ValidationHandler(validator=validator, interval=1, epoch_level=True)],
+        amp=False,
+    )
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def report(engine) -> None:
+        on_epoch(engine.state.epoch, float(validator.state.metrics["val_auc"]))
+
+    trainer.run()
+    network.load_state_dict(best["state"])
+    tester = evaluator(test_loader, "test")
+    tester.run()
+    return (
+        float(validator.state.best_metric),
+        int(validator.state.best_metric_epoch),
+        float(tester.state.metrics["test_auc"]),
+        float(tester.state.metrics["test_acc"]),
+    )
+
+
+def count_trainable(network) -> int:
+    return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- report
+def fmt(mean_std: tuple[float, float]) -> str:
+    return f"{mean_std[0]:.3f} ± {mean_std[1]:.3f}"
+
+
+def fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
+
+
+def results_table(summaries: list[MethodSummary], embed_seconds: float, majority_acc: float) -> str:
+    n_seeds = len(summaries[0].runs) if summaries else 0
+    lines = [
+        f"| method | trainable params | test AUC | test ACC | val AUC (best epoch) | best epoch | wall time ({n_seeds} seeds) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        time_cell = f"{s.seconds:.0f} s"
+        if s.method != "resnet18":
+            time_cell += f" + {embed_seconds:.0f} s embeddings†"
+        best_epoch = statistics.fmean(r.best_epoch for r in s.runs)
+        lines.append(
+            f"| {s.label} | {fmt_params(s.params)} | {fmt(s.stat('test_auc'))} | {fmt(s.stat('test_acc'))} "
+            f"| {fmt(s.stat('val_auc'))} | {best_epoch:.1f} | {time_cell} |"
+        )
+    lines.append(f"| always \"normal\" (majority class, reference) | 0 | 0.500 | {majority_acc:.3f} | – | – | – |")
+    for name, auc, acc in PUBLISHED:
+        lines.append(f"| MedMNIST v2 published: {name} | – | {auc:.3f} | {acc:.3f} | – | – | – |")
+    return "\n".join(lines)
+
+
+def machine_line(threads: int) -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (
+        f"{os.cpu_count()} CPU cores ({model}), no GPU, shared with other jobs "
+        f"(load average at start: {load}); torch uses {threads} thread(s)"
+    )
+
+
+def render_markdown(ctx: dict[str, Any], summaries: list[MethodSummary]) -> str:
+    import monai
+    import timm
+    import torch
+
+    table = results_table(summaries, ctx["embed_seconds"], ctx["majority_acc"])
+    encoder_state = ctx["encoder_state"]
+    random_note = (
+        "**The DINOv2 encoder is randomly initialised** (seed "
+        f"{ctx['encoder_seed']}; LayerScale set to 1.0 so the random ViT does not skip its blocks). "
+        "No model hub can be reached from the machine these numbers come from, so no pretrained "
+        "weights could be downloaded: the aggregator rows measure random ViT features, not DINOv2."
+        if ctx["random_encoder"]
+        else f"The encoder weights are `{encoder_state}`."
+    )
+    seeds = ", ".join(str(s) for s in ctx["seeds"])
+    per_run = ["| method | seed | val AUC | best epoch | test AUC | test ACC | time |", "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        for r in s.runs:
+            per_run.append(
+                f"| {s.label} | {r.seed} | {r.val_auc:.3f} | {r.best_epoch} | {r.test_auc:.3f} | {r.test_acc:.3f} | {r.seconds:.0f} s |"
+            )
+    baseline = ctx.get("baseline_desc")
+    random_bullet = (
+        "\n- Random ViT features act as a fixed random projection of each slice: what the aggregators learn comes from the"
+        "\n  slice shapes that survive it, not from pretraining."
+        if ctx["random_encoder"] else ""
+    )
+    majority_like = [s.label for s in summaries if all(abs(r.test_acc - ctx["majority_acc"]) < 1e-9 for r in s.runs)]
+    majority_note = (
+        "\n  These rows score exactly the majority-class ACC in every seed, i.e. at argmax they (nearly) always answer "
+        "\"normal\": "
+        + "; ".join(majority_like) + "."
+        if majority_like else ""
+    )
+    return f"""# AdrenalMNIST3D results
+
+Generated by `scripts/adrenal_results.py` on {ctx['date']}. Reproduce from the repository root:
+
+```bash
+{ctx['command']}
+```
+
+{random_note}
+
+## Results
+
+Official MedMNIST split ({ctx['counts']} train / val / test volumes, {ctx['volume_size']}³), mean ± sample std over
+seeds {seeds}. Every method trains for {ctx['epochs']} epochs (batch {ctx['batch_size']}, AdamW lr {ctx['lr']:g},
+weight decay {ctx['weight_decay']:g}, cross-entropy, no augmentation); the epoch with the best validation AUC is
+the model scored on the test split. AUC: ROC AUC of the hyperplasia probability; ACC: accuracy at argmax (0.5).
+
+{table}
+
+† The slice embeddings are computed once ({ctx['embed_seconds']:.0f} s, {ctx['embed_note']}) and shared by all
+aggregators and seeds. Wall times are for all seeds together, on {ctx['machine']}.
+Total script time: {ctx['total_seconds'] / 60:.1f} min.
+
+Per run:
+
+{chr(10).join(per_run)}
+
+## Setup
+
+- Data: `{ctx['data_name']}` (MedMNIST v2 AdrenalMNIST3D, CC BY 4.0), loaded by
+  `volumes.data.medmnist.load_medmnist3d`: each volume becomes a MONAI `MetaTensor` `[1, S, S, S]`, float32,
+  intensities / 255 (the files are binary adrenal shape masks, 0 or 255; no CT window applies), identity affine
+  (1 mm spacing). The slicing axis is MedMNIST's frame axis (stored axis {ctx['slice_axis']}, the one
+  `medmnist.utils.montage3d` and the GIF export iterate over), moved last.
+- Slice embeddings: encoder `{ctx['encoder']}` ({encoder_state}), frozen; each of the {ctx['volume_size']} slices resized to
+  {ctx['slice_size']}×{ctx['slice_size']} px ({ctx['slice_size'] // ctx['patch']}×{ctx['slice_size'] // ctx['patch']} patches) by
+  `volumes.transforms.PrepareSlicesd` (trilinear, 3 channels by repetition, ImageNet normalisation); class token per
+  slice, `[{ctx['volume_size']}, {ctx['embed_dim']}]` per volume. Computed through `volumes.classification.SliceEmbedder`
+  (a subclass that encodes the all-background slices once: the encoder sees each slice alone, so their embedding is
+  always the same) and kept in a `volumes.cache.EmbeddingCache`.
+- Aggregators: `volumes.aggregators.build_aggregator` defaults (transformer: 2 blocks, dim 256, sinusoidal positions
+  in mm; GNN: 2 SAGE layers on the slice chain, mean readout; mean pooling: linear head; attention MIL: gated).
+  Trained with MONAI `SupervisedTrainer` / `SupervisedEvaluator` + `ROCAUC`, with `volumes.classification`'s
+  `collate_embeddings`, `EmbeddingBatch`, `ClassificationPostd` and `accuracy_output`, as the bundle's `train.json`.
+- 3D baseline: {baseline or 'not run'}
+- Seeds change the aggregator / ResNet initialisation and the training data order. The encoder is drawn once
+  (`--encoder-seed {ctx['encoder_seed']}`) and shared by every seed, so the spread does not include encoder draws.
+- Software: torch {torch.__version__}, MONAI {monai.__version__}, timm {timm.__version__}, Python {platform.python_version()}.
+- Machine: {ctx['machine']}. One thread is the default: on this shared machine two threads ran the ViT up to
+  ~15× slower on small slice batches (every op waits for a descheduled worker thread); use `--threads N` on
+  dedicated cores.
+
+## Reading the numbers
+
+- {ctx['test_normal']} of the {ctx['test_total']} test volumes are normal, so always answering "normal" scores ACC
+  {ctx['majority_acc']:.3f}; AUC is the informative column, and ACC at argmax with this imbalance says little.{majority_note}
+- The validation split has {ctx['val_total']} volumes ({ctx['val_positive']} hyperplasia), so the best-epoch choice by
+  validation AUC is noisy, and so is the spread over {len(ctx['seeds'])} seeds.
+- The published MedMNIST v2 models trained for 100 epochs (2.5D/3D/ACS conversions of ResNets, with their own
+  preprocessing); every row here gets {ctx['epochs']} epochs to fit the CPU budget{ctx['baseline_gap']}.{random_bullet}
+
+## With real weights
+
+The same command with `--weights FILE` (a timm / Meta `dinov2_vits14_pretrain.pth` / Hugging Face directory,
+read by `volumes.encoders.weights`) or `--pretrained` (timm hub, needs network access) passes the weights to
+`volumes.encoders.SliceEncoder`; everything else stays the same. The embedding cache then keys on the file's
+sha256 (or the hub tag) instead of a fingerprint of random parameters, so embeddings are computed once per weights
+file. Only the aggregator rows depend on the encoder (the ResNet-18 row does not change); how much pretrained
+DINOv2 features help on these binary shape masks, which look nothing like natural images, has not been measured
+here. Pretrained ViTs expect their LayerScale values, so `random_layer_scale` plays no part then.
+"""
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from monai.data import DataLoader
+    from monai.transforms import Compose
+    from monai.utils import set_determinism
+    from tqdm.auto import tqdm
+
+    from volumes.aggregators import build_aggregator
+    from volumes.classification import EmbeddingBatch, collate_embeddings
+    from volumes.data.medmnist import load_medmnist3d
+    from volumes.encoders import SliceEncoder
+    from volumes.networks import SliceClassifier
+    from volumes.transforms import PrepareSlicesd
+
+    progress = not args.no_progress
+    machine = machine_line(args.threads)  # load average before this script adds to it
+
+    def say(message: str) -> None:
+        tqdm.write(message) if progress else print(message, flush=True)
+
+    # ---- data
+    splits = {split: load_medmnist3d(args.data, split, slice_axis=args.slice_axis) for split in ("train", "val", "test")}
+    if args.quick:
+        splits = {split: quick_subset(items, QUICK_PER_CLASS[split]) for split, items in splits.items()}
+    volume_size = int(splits["train"][0]["image"].shape[-1])
+    counts = " / ".join(str(len(items)) for items in splits.values())
+    say(f"data: {args.data} ({volume_size}³), train/val/test = {counts}")
+
+    # ---- embeddings, once
+    torch.manual_seed(args.encoder_seed)
+    encoder = SliceEncoder(args.encoder, weights=args.weights, pretrained=args.pretrained, chunk_size=64)
+    network = SliceClassifier(num_classes=2, encoder=encoder, aggregator="mean")
+    slice_size = args.slice_size or default_slice_size(volume_size, encoder.patch_size)
+    preprocessing = {
+        "dataset": "medmnist3d", "intensity": "uint8/255", "slice_axis": args.slice_axis, "axis": "axial",
+        "channel_mode": "repeat", "size": slice_size,
+    }
+    transform = Compose([PrepareSlicesd("image", axis="axial", channel_mode="repeat",
+                                        patch_size=encoder.patch_size, size=slice_size)])
+    embedder = make_embedder_class()(
+        network, transform, preprocessing, cache_dir=None if args.no_cache else (args.cache_dir or _default_cache()),
+        label_key="class_label", progress=progress,
+    )
+    t0 = time.perf_counter()
+    embedded = {split: embedder(items) for split, items in splits.items()}
+    embed_seconds = time.perf_counter() - t0
+    cache_stats = embedder.cache.stats if embedder.cache is not None else None
+    total_slices = sum(len(items) for items in splits.values()) * volume_size
+    embed_note = f"{embedder.encoded_slices} of {total_slices} slices through the encoder"
+    if cache_stats is not None:
+        embed_note += f", cache hits {cache_stats['hits']} / misses {cache_stats['misses']}"
+    say(f"embeddings: {embed_seconds:.1f} s ({embed_note})")
+    embed_dim = network.embed_dim
+
+    # ---- runs
+    methods = list(args.aggregators) + (["resnet18"] if args.baseline == "resnet18" else [])
+    summaries: list[MethodSummary] = []
+    bar = tqdm(total=len(methods) * len(args.seeds) * args.epochs, desc="training", unit="epoch", disable=not progress)
+    baseline_desc = None
+    plain = {
+        split: [{"image": item["image"].as_tensor(), "label": item["class_label"]} for item in items]
+        for split, items in splits.items()
+    }
+    for method in methods:
+        summary: MethodSummary | None = None
+        for seed in args.seeds:
+            set_determinism(seed=seed)
+            order = torch.Generator().manual_seed(seed)
+            if method == "resnet18":
+                from monai.networks.nets import resnet18
+
+                model = resnet18(spatial_dims=3, n_input_channels=1, num_classes=2, conv1_t_stride=2,
+                                 widen_factor=args.baseline_width)
+                data, collate, prepare = plain, None, None
+                label = f"ResNet-18 3D from scratch (MONAI, width ×{args.baseline_width:g})"
+                baseline_desc = (
+                    f"`monai.networks.nets.resnet18(spatial_dims=3, n_input_channels=1, num_classes=2, "
+                    f"conv1_t_stride=2, widen_factor={args.baseline_width:g})` ({fmt_params(count_trainable(model))} "
+                    f"parameters) on the [0, 1] voxels, trained from scratch. `conv1_t_stride=2` and the width "
+                    f"keep {len(args.seeds)} seeds × {args.epochs} epochs within the CPU budget: on one core here the default stride-1 "
+                    "full-width network trains at ~5 volumes/s (~4 min per epoch), stride 2 at full width at "
+                    "~30 volumes/s (~40 s per epoch), this one at ~100 volumes/s (~12 s per epoch). DenseNet121 3D "
+                    "does not fit 28³ volumes (its last transition pooling needs a larger grid)."
+                )
+            else:
+                model = build_aggregator(method, embed_dim, 2)
+                data, collate, prepare = embedded, collate_embeddings, EmbeddingBatch()
+                encoder_label = "DINOv2 ViT-S/14" if args.encoder == "vit_small_patch14_dinov2" else args.encoder
+                random_init = "random-init " if not (args.weights or args.pretrained) else ""
+                label = f"{encoder_label} {random_init}frozen + {AGGREGATOR_LABELS[method]}"
+            if summary is None:
+                summary = MethodSummary(method, label, count_trainable(model))
+            collate_kwargs = {"collate_fn": collate} if collate is not None else {}
+            loaders = [
+                DataLoader(data[split], batch_size=args.batch_size, shuffle=split == "train", num_workers=0,
+                           generator=order if split == "train" else None, **collate_kwargs)
+                for split in ("train", "val", "test")
+            ]
+            bar.set_postfix_str(f"{method} seed {seed}")
+
+            def on_epoch(epoch: int, val_auc: float, method=method, seed=seed) -> None:
+                bar.update(1)
+                bar.set_postfix_str(f"{method} seed {seed} epoch {epoch} val AUC {val_auc:.3f}")
+
+            kwargs = {"prepare_batch": prepare} if prepare is not None else {"prepare_batch": _default_prepare_batch()}
+            t_run = time.perf_counter()
+            val_auc, best_epoch, test_auc, test_acc = train_and_test(
+                model, *loaders, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                on_epoch=on_epoch, **kwargs,
+            )
+            result = RunResult(method, seed, summary.params, val_auc, best_epoch, test_auc, test_acc,
+                               time.perf_counter() - t_run)
+            summary.runs.append(result)
+            say(f"{method:>13} seed {seed}: val AUC {val_auc:.3f} (epoch {best_epoch}), "
+                f"test AUC {test_auc:.3f}, test ACC {test_acc:.3f}, {result.seconds:.0f} s")
+        summaries.append(summary)
+    bar.close()
+
+    # ---- report
+    test_labels = [item["class_label"] for item in splits["test"]]
+    majority_acc = max(test_labels.count(0), test_labels.count(1)) / len(test_labels)
+    table = results_table(summaries, embed_seconds, majority_acc)
+    total_seconds = time.perf_counter() - started
+    print()
+    print(table)
+    print(f"\nembeddings {embed_seconds:.0f} s ({embed_note}); total {total_seconds / 60:.1f} min")
+    if args.output is not None:
+        weights_state = (f"weights file {args.weights.name}" if args.weights else
+                         "timm hub weights" if args.pretrained else "random init")
+        ctx = {
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": command_line(argv), "random_encoder": not (args.weights or args.pretrained),
+            "encoder_state": weights_state, "encoder_seed": args.encoder_seed, "encoder": args.encoder,
+            "seeds": args.seeds, "counts": counts, "volume_size": volume_size, "epochs": args.epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+            "embed_seconds": embed_seconds, "embed_note": embed_note, "machine": machine,
+            "total_seconds": total_seconds, "data_name": args.data.name, "slice_axis": args.slice_axis,
+            "slice_size": slice_size, "patch": encoder.patch_size, "embed_dim": embed_dim, "baseline_desc": baseline_desc,
+            "majority_acc": majority_acc, "test_normal": test_labels.count(0), "test_total": len(test_labels),
+            "val_total": len(splits["val"]), "val_positive": sum(item["class_label"] for item in splits["val"]),
+            "baseline_gap": (", and the 3D ResNet-18 here is narrower and strides its first convolution"
+                             if args.baseline == "resnet18" else ""),
+        }
+        from volumes.atomic import atomic_write_bytes
+
+        text = render_markdown(ctx, summaries)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(args.output, lambda f: f.write(text.encode()))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _default_cache() -> Path:
+    from volumes.cache import default_cache_dir
+
+    return default_cache_dir()
+
+
+def _default_prepare_batch():
+    from monai.engines.utils import default_prepare_batch
+
+    return default_prepare_batch
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
