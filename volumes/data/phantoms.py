@@ -24,7 +24,7 @@ World coordinates follow nibabel's RAS+ convention: +x points to the patient's
 (voxel ``i`` grows toward the patient's right, ``k`` toward the head), so the
 liver sits at larger x than the spleen.
 
-Volume-level tasks (``PhantomConfig.task``), both needing 3D context:
+Volume-level tasks (``PhantomConfig.task``), all needing 3D context:
 
 ``"splenomegaly"`` (class 1 = enlarged spleen)
     Rule: ``class_label == 1`` iff the labelled spleen volume is above
@@ -40,6 +40,21 @@ Volume-level tasks (``PhantomConfig.task``), both needing 3D context:
     darker than the liver, visible on a few slices only. The lesion stays part
     of the liver label; its mask is :attr:`Phantom.lesion_mask` and its centre,
     size and slices are in ``Phantom.info["lesion"]``.
+``"hepatomegaly"`` (class 1 = enlarged liver)
+    Rule: ``class_label == 1`` iff the labelled liver's cranio-caudal span (first
+    to last slice holding liver, ``Phantom.info["liver_span_mm"]``) is above
+    ``liver_span_threshold_mm`` (default 170 mm; a liver span above about 16-17 cm
+    is the usual clinical cut-off). Negatives are drawn with a span in
+    ``liver_normal_span_mm`` (110-140 mm), positives in ``liver_enlarged_span_mm``
+    (200-240 mm). The dome stays under the diaphragm and the right lobe reaches
+    further down (below the lower pole of the right kidney, a CT sign of
+    hepatomegaly); the in-plane size is drawn as for a normal liver, so the
+    largest axial cross-sections of the classes overlap and no single slice
+    decides the class. The liver is large and homogeneous, so unlike the
+    near-isodense spleen it is plain to see even for a randomly initialised
+    encoder: this is the task for checking that an aggregator learns a 3D label
+    end to end. The scan always covers the largest liver the task can draw,
+    whatever the case's class, so scan length and slice count carry no label.
 
 Two presets (both are just :class:`PhantomConfig` values):
 
@@ -92,6 +107,7 @@ __all__ = [
     "TASKS",
     "CLASS_NAMES",
     "HU_RANGES",
+    "PORTAL_VENOUS_HU",
     "PhantomConfig",
     "Phantom",
     "generate_phantom",
@@ -115,11 +131,12 @@ ORGANS: dict[str, int] = {
 LABEL_NAMES: tuple[str, ...] = tuple(sorted(ORGANS, key=ORGANS.__getitem__))
 """Organ names in label order (index == label value)."""
 
-TASKS: tuple[str, ...] = ("splenomegaly", "lesion")
+TASKS: tuple[str, ...] = ("splenomegaly", "lesion", "hepatomegaly")
 
 CLASS_NAMES: dict[str, tuple[str, str]] = {
     "splenomegaly": ("normal_spleen", "splenomegaly"),
     "lesion": ("no_lesion", "liver_lesion"),
+    "hepatomegaly": ("normal_liver", "hepatomegaly"),
 }
 
 # Per-case tissue means are drawn from these ranges (HU). Air is exact because
@@ -147,6 +164,10 @@ HU_RANGES: dict[str, tuple[float, float]] = {
 
 _HU_MIN, _HU_MAX = -1024.0, 3071.0  # the range a 12-bit CT stores
 
+PORTAL_VENOUS_HU: dict[str, tuple[float, float]] = {"liver": (100.0, 120.0), "spleen": (105.0, 125.0)}
+"""``PhantomConfig.hu_ranges`` for a portal-venous phase: liver and spleen enhance like the
+portal vessels and kidneys already do (:data:`HU_RANGES` keeps them unenhanced)."""
+
 
 def _check_range(key: str, value: Sequence[float], low: float = 0.0, high: float = math.inf) -> tuple[float, float]:
     if len(value) != 2 or not (low <= float(value[0]) <= float(value[1]) <= high):
@@ -162,7 +183,7 @@ class PhantomConfig:
     spacing on a 512 x 512 matrix. See the module docstring for the class rules.
 
     Attributes:
-        task: ``"splenomegaly"`` or ``"lesion"``, what ``class_label`` means.
+        task: ``"splenomegaly"``, ``"lesion"`` or ``"hepatomegaly"``, what ``class_label`` means.
         prevalence: probability that a case is positive when not forced.
         inplane_spacing_mm: in-plane pixel spacing range (x and y share it).
         slice_spacing_mm: spacing between axial slices.
@@ -177,6 +198,14 @@ class PhantomConfig:
         spleen_enlarged_ml: spleen volumes of splenomegaly positives.
         lesion_diameter_mm: lesion diameter range (lesion task).
         lesion_contrast_hu: how much darker than the liver a lesion is.
+        liver_span_threshold_mm: hepatomegaly cut-off on the labelled liver's
+            cranio-caudal span.
+        liver_normal_span_mm: liver spans of hepatomegaly negatives.
+        liver_enlarged_span_mm: liver spans of hepatomegaly positives (the other
+            tasks keep their own, normal, liver).
+        hu_ranges: per-tissue overrides of :data:`HU_RANGES` (``{"liver": (100, 120)}``),
+            e.g. :data:`PORTAL_VENOUS_HU` for parenchyma enhanced like the vessels;
+            ``None`` keeps :data:`HU_RANGES` (unenhanced liver and spleen).
     """
 
     task: str = "splenomegaly"
@@ -192,6 +221,10 @@ class PhantomConfig:
     spleen_enlarged_ml: tuple[float, float] = (380.0, 650.0)
     lesion_diameter_mm: tuple[float, float] = (8.0, 20.0)
     lesion_contrast_hu: tuple[float, float] = (30.0, 50.0)
+    liver_span_threshold_mm: float = 170.0
+    liver_normal_span_mm: tuple[float, float] = (110.0, 140.0)
+    liver_enlarged_span_mm: tuple[float, float] = (200.0, 240.0)
+    hu_ranges: dict[str, tuple[float, float]] | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -199,8 +232,15 @@ class PhantomConfig:
         if not 0.0 <= float(self.prevalence) <= 1.0:
             raise ConfigError("prevalence", self.prevalence, "a probability in [0, 1]")
         for key in ("inplane_spacing_mm", "slice_spacing_mm", "extent_mm", "noise_hu", "spleen_normal_ml",
-                    "spleen_enlarged_ml", "lesion_diameter_mm", "lesion_contrast_hu"):
+                    "spleen_enlarged_ml", "lesion_diameter_mm", "lesion_contrast_hu", "liver_normal_span_mm",
+                    "liver_enlarged_span_mm"):
             setattr(self, key, _check_range(key, getattr(self, key)))
+        if self.hu_ranges is not None:
+            unknown = sorted(set(self.hu_ranges) - set(HU_RANGES))
+            if unknown:
+                raise ConfigError("hu_ranges", unknown, sorted(HU_RANGES))
+            self.hu_ranges = {name: _check_range(f"hu_ranges[{name!r}]", value, _HU_MIN, _HU_MAX)
+                              for name, value in self.hu_ranges.items()}
         if self.inplane_spacing_mm[0] <= 0 or self.slice_spacing_mm[0] <= 0:
             raise ConfigError("spacing", (self.inplane_spacing_mm, self.slice_spacing_mm), "positive spacings")
         if self.matrix is not None and int(self.matrix) < 32:
@@ -210,6 +250,14 @@ class PhantomConfig:
                 "spleen_threshold_ml", self.spleen_threshold_ml,
                 f"a value strictly between spleen_normal_ml[1]={self.spleen_normal_ml[1]} "
                 f"and spleen_enlarged_ml[0]={self.spleen_enlarged_ml[0]}",
+            )
+        if self.liver_normal_span_mm[0] < 60.0:
+            raise ConfigError("liver_normal_span_mm", self.liver_normal_span_mm, "spans of at least 60 mm")
+        if not self.liver_normal_span_mm[1] < self.liver_span_threshold_mm < self.liver_enlarged_span_mm[0]:
+            raise ConfigError(
+                "liver_span_threshold_mm", self.liver_span_threshold_mm,
+                f"a value strictly between liver_normal_span_mm[1]={self.liver_normal_span_mm[1]} "
+                f"and liver_enlarged_span_mm[0]={self.liver_enlarged_span_mm[0]}",
             )
 
     @classmethod
@@ -414,8 +462,11 @@ def _segment_distance(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: np.ndarray
 # ---------------------------------------------------------------- generator --
 
 
-def _draw_hu(rng: np.random.Generator) -> dict[str, float]:
-    return {name: float(rng.uniform(lo, hi)) for name, (lo, hi) in HU_RANGES.items()}
+def _draw_hu(rng: np.random.Generator, overrides: dict[str, tuple[float, float]] | None = None) -> dict[str, float]:
+    # One draw per tissue in HU_RANGES order whatever the overrides, so overriding
+    # one tissue leaves every other tissue's value (and the rest of the stream) alone.
+    ranges = {**HU_RANGES, **(overrides or {})}
+    return {name: float(rng.uniform(*ranges[name])) for name in HU_RANGES}
 
 
 def _spleen_blob(rng: np.random.Generator, config: PhantomConfig, positive: bool, body: dict[str, float]) -> tuple[_Blob, float]:
@@ -477,11 +528,35 @@ def _make_room(organ: _Blob, spleen: _Blob, max_overlap: float = 0.03) -> float:
     return float(np.linalg.norm(organ.centre - start))
 
 
-def _draw_anatomy(rng: np.random.Generator, config: PhantomConfig, positive: bool, spleen_rng: np.random.Generator) -> dict[str, Any]:
+def _z_range(blob: _Blob) -> tuple[float, float]:
+    z = blob.surface_points()[:, 2]
+    return float(z.min()), float(z.max())
+
+
+def _set_liver_span(liver: _Blob, span_mm: float) -> None:
+    """Stretch the liver along its cranio-caudal axis to ``span_mm``, keeping the dome's height.
+
+    The span of the deformed surface (bumps, taper, tilt) is not exactly twice the
+    semi-axis, so the semi-axis is rescaled a few times until it is; the liver grows
+    or shrinks at its lower end, as a liver does under the diaphragm.
+    """
+    low, dome = _z_range(liver)
+    for _ in range(4):
+        axes = liver.axes.copy()
+        axes[2] *= span_mm / (dome - low)
+        liver.axes = axes
+        low, high = _z_range(liver)
+        liver.centre = liver.centre + np.array([0.0, 0.0, dome - high])
+        low = low + (dome - high)
+
+
+def _draw_anatomy(rng: np.random.Generator, config: PhantomConfig, positive: bool, spleen_rng: np.random.Generator,
+                  liver_span_mm: float | None = None) -> dict[str, Any]:
     """All geometric parameters of one case, in the body frame (mm).
 
     Body frame: origin on the body's axis at the height of the liver dome;
     axes as RAS (x = patient's right, y = anterior, z = superior).
+    ``liver_span_mm`` (hepatomegaly task) sets the liver's cranio-caudal span.
     """
     cavity_a, cavity_b = rng.uniform(115.0, 135.0), rng.uniform(80.0, 100.0)
     fat, muscle = rng.uniform(8.0, 35.0), rng.uniform(8.0, 14.0)
@@ -516,6 +591,9 @@ def _draw_anatomy(rng: np.random.Generator, config: PhantomConfig, positive: boo
         liver_axes, _rotation(*rng.uniform(-8.0, 8.0, size=3)), *_random_bumps(rng, 6, 0.10),
         bump_width=0.7, taper=rng.uniform(0.3, 0.45),
     )
+    liver_dome_mm = _z_range(liver)[1]
+    if liver_span_mm is not None:
+        _set_liver_span(liver, liver_span_mm)
 
     kidneys = {}
     left_z = -rng.uniform(95.0, 115.0)
@@ -539,7 +617,7 @@ def _draw_anatomy(rng: np.random.Generator, config: PhantomConfig, positive: boo
     stomach_gas = rng.uniform(0.3, 0.6)  # gas floats anteriorly in a supine patient
 
     # Portal vessels: branches from the hilum (medial, posterior part of the liver).
-    hilum = liver.centre + np.array([-0.35 * liver_axes[0], -0.2 * liver_axes[1], -0.1 * liver_axes[2]])
+    hilum = liver.centre + np.array([-0.35 * liver.axes[0], -0.2 * liver.axes[1], -0.1 * liver.axes[2]])
     branches = []
     for _ in range(int(rng.integers(3, 6))):
         direction = rng.normal(size=3) * np.array([1.0, 0.6, 0.8]) + np.array([0.8, 0.3, 0.0])
@@ -550,7 +628,7 @@ def _draw_anatomy(rng: np.random.Generator, config: PhantomConfig, positive: boo
     kidney_shift = _make_room(kidneys["kidney_left"], spleen)
     return dict(body=body, spine=spine, vessels=vessels, liver=liver, kidneys=kidneys, stomach=stomach,
                 stomach_gas=stomach_gas, branches=branches, spleen=spleen, spleen_target_ml=spleen_target_ml,
-                kidney_left_shift_mm=kidney_shift)
+                kidney_left_shift_mm=kidney_shift, liver_dome_mm=liver_dome_mm, liver_span_target_mm=liver_span_mm)
 
 
 def _draw_geometry(rng: np.random.Generator, config: PhantomConfig, anatomy: dict[str, Any]) -> dict[str, Any]:
@@ -572,6 +650,11 @@ def _draw_geometry(rng: np.random.Generator, config: PhantomConfig, anatomy: dic
     extent = rng.uniform(*config.extent_mm)
     spleen_bottom = anatomy["spleen"].surface_points()[:, 2].min()
     extent = max(extent, top - spleen_bottom + 10.0)  # the class rule needs the whole spleen
+    if config.task == "hepatomegaly":
+        # The class rule needs the whole liver. Cover the longest liver the task can
+        # draw below this case's dome (which does not depend on the class), never this
+        # liver's own span: a scan length that followed the liver would give the class away.
+        extent = max(extent, top - anatomy["liver_dome_mm"] + config.liver_enlarged_span_mm[1] + 10.0)
     nz = int(round(extent / sz)) + 1
     table_z = rng.uniform(-400.0, -100.0)  # world z of the body frame's origin (table position)
     return dict(sxy=float(sxy), sz=float(sz), matrix=matrix, nz=nz, top=float(top), offset=offset, table_z=float(table_z))
@@ -588,7 +671,9 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None, *, positive
             ``positive=True`` / ``False`` is a matched pair: for ``"lesion"`` the
             two images differ only around the lesion; for ``"splenomegaly"`` the
             spleen differs, and with it the left kidney's displacement and the
-            scan length when the bigger spleen needs more slices.
+            scan length when the bigger spleen needs more slices; for
+            ``"hepatomegaly"`` the liver's span differs (and the portal vessels
+            that hang from it), the scan geometry does not.
 
     Returns:
         A :class:`Phantom`: ``image`` ``[X, Y, Z]`` float32 HU and ``label``
@@ -604,9 +689,15 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None, *, positive
     drawn_positive = bool(class_rng.random() < config.prevalence)
     positive = drawn_positive if positive is None else bool(positive)
 
-    anatomy = _draw_anatomy(anatomy_rng, config, positive, spleen_rng)
+    liver_span_mm = None
+    if config.task == "hepatomegaly":
+        # Drawn after the class from the class stream, so seed with positive=True / False
+        # is a matched pair whose livers differ in span only.
+        span_range = config.liver_enlarged_span_mm if positive else config.liver_normal_span_mm
+        liver_span_mm = float(class_rng.uniform(*span_range))
+    anatomy = _draw_anatomy(anatomy_rng, config, positive, spleen_rng, liver_span_mm)
     geo = _draw_geometry(geometry_rng, config, anatomy)
-    hu = _draw_hu(texture_rng)
+    hu = _draw_hu(texture_rng, config.hu_ranges)
     sxy, sz, n, nz = geo["sxy"], geo["sz"], geo["matrix"], geo["nz"]
     spacing = (sxy, sxy, sz)
 
@@ -626,8 +717,11 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None, *, positive
 
     spleen_voxels = int(np.count_nonzero(label == ORGANS["spleen"]))
     spleen_ml = spleen_voxels * float(np.prod(spacing)) / 1000.0
+    liver_span = _extent_along_z(label == ORGANS["liver"], sz)
     if config.task == "splenomegaly":
         class_label = int(spleen_ml > config.spleen_threshold_ml)
+    elif config.task == "hepatomegaly":
+        class_label = int(liver_span > config.liver_span_threshold_mm)
     else:
         class_label = int(positive)
 
@@ -654,6 +748,8 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None, *, positive
         "spleen_target_ml": anatomy["spleen_target_ml"],
         "spleen_threshold_ml": config.spleen_threshold_ml,
         "spleen_length_mm": _extent_along_z(label == ORGANS["spleen"], sz),
+        "liver_span_mm": liver_span,
+        "liver_span_target_mm": anatomy["liver_span_target_mm"],
         "lesion": lesion_info,
         "noise_hu": noise_sigma,
         "hu": hu,
