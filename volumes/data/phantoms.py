@@ -267,6 +267,22 @@ class PhantomConfig:
         values.update(overrides)
         return cls(**values)
 
+    @classmethod
+    def classification_demo(cls, **overrides: Any) -> PhantomConfig:
+        """The classification bundle's default cohort: hepatomegaly, learnable from random features.
+
+        Fixed field of view (96 x 96 pixels of 5 mm, as a scanner protocol's fixed
+        reconstruction diameter), 5-6 mm slices and portal-venous enhancement, so the
+        liver stands out in the liver window. A random-initialised encoder's embeddings
+        separate the classes (validation AUC >= 0.99 for every aggregator in
+        ``tests/test_classification_learning.py``); the spleen of the default preset is
+        almost isodense with its neighbours and random features cannot find it.
+        """
+        values: dict[str, Any] = dict(task="hepatomegaly", matrix=96, inplane_spacing_mm=(5.0, 5.0),
+                                      slice_spacing_mm=(5.0, 6.0), hu_ranges=dict(PORTAL_VENOUS_HU))
+        values.update(overrides)
+        return cls(**values)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
