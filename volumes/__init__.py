@@ -24,13 +24,15 @@ _LAZY = {
     "preprocessing": "volumes.transforms",
     "IntensityPresetd": "volumes.transforms",
     "PrepareSlicesd": "volumes.transforms",
+    "SliceClassifier": "volumes.networks",
+    "SliceSegmenter": "volumes.networks",
 }
 
 # Submodules resolve as attributes too, so bundle configs can write `$import volumes`
 # and then `volumes.transforms.preprocessing(...)`.
 _SUBMODULES = (
-    "aggregators", "bundle", "cache", "classification", "cli", "data", "embedding", "encoders", "networks",
-    "transforms",
+    "aggregators", "bundle", "cache", "classification", "cli", "data", "decoders", "embedding", "encoders",
+    "evaluation", "networks", "segmentation", "transforms",
 )
 
 __all__ = ["__version__", *_LAZY]

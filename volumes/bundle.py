@@ -9,19 +9,24 @@ from typing import Any
 from volumes.errors import ConfigError
 
 
-def ensure_phantom_cohort(dataset_dir: str | Path, n: int = 40, seed: int = 0, task: str = "hepatomegaly") -> str:
+def ensure_phantom_cohort(dataset_dir: str | Path, n: int = 40, seed: int = 0, task: str = "hepatomegaly",
+                          kind: str = "classification") -> str:
     """The datalist of ``dataset_dir``; writes a synthetic phantom cohort there first if it has none.
 
     Lets ``python -m monai.bundle run`` train out of the box; point ``dataset_dir`` at a
     folder with your own ``datalist.json`` to train on real data. The cohort is
-    :meth:`PhantomConfig.classification_demo` with ``task`` (``"hepatomegaly"`` by default).
+    :meth:`PhantomConfig.classification_demo` (``kind="classification"``) or
+    :meth:`PhantomConfig.segmentation_demo` (``kind="segmentation"``) with ``task``.
     """
+    if kind not in ("classification", "segmentation"):
+        raise ConfigError("kind", kind, ["classification", "segmentation"])
     dataset_dir = Path(dataset_dir)
     datalist = dataset_dir / "datalist.json"
     if not datalist.is_file():
         from volumes.data.phantoms import PhantomConfig, write_cohort
 
-        write_cohort(dataset_dir, n=n, seed=seed, config=PhantomConfig.classification_demo(task=task), progress=False)
+        config = getattr(PhantomConfig, f"{kind}_demo")(task=task)
+        write_cohort(dataset_dir, n=n, seed=seed, config=config, progress=False)
     return str(datalist)
 
 

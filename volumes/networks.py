@@ -1,8 +1,9 @@
-"""Volume-level networks: an ordinary MONAI network from the outside.
+"""Volume-level networks: ordinary MONAI networks from the outside.
 
-``SliceClassifier``: volume ``[B, 3, H, W, D]`` -> logits ``[B, K]``. The volume is
-prepared by :func:`volumes.transforms.preprocessing` (slicing axis last, ``H`` and ``W``
-multiples of the patch size, ImageNet-normalised channels).
+``SliceClassifier``: volume ``[B, 3, H, W, D]`` -> logits ``[B, K]``.
+``SliceSegmenter``: volume ``[B, 3, H, W, D]`` -> logits ``[B, K, H, W, D]``.
+The volume is prepared by :func:`volumes.transforms.preprocessing` (slicing axis last,
+``H`` and ``W`` multiples of the patch size, ImageNet-normalised channels).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from volumes.aggregators import build_aggregator, concat_planes
+from volumes.decoders import Refine3D, SliceUNetDecoder
 from volumes.encoders import SliceEncoder
 from volumes.errors import ConfigError
 
@@ -137,3 +139,73 @@ class SliceClassifier(nn.Module):
         """Logits ``[B, K]`` and per-slice importance ``[B, S]`` (sums to 1 over real slices)."""
         x, positions, plane_ids = self.embed(volume)
         return self.aggregator.forward_with_importance(x, self._mask_for(mask, plane_ids, x), positions, plane_ids)
+
+
+class SliceSegmenter(nn.Module):
+    """SliceEncoder + UNet-style decoder per slice, stacked to 3D, with optional 3D refinement.
+
+    Args:
+        num_classes: ``K`` output channels (background included).
+        encoder: timm DINOv2/DINOv3 name, or a ready :class:`SliceEncoder` (its four
+            ``layers`` feed the decoder, shallow to deep).
+        feature_size: decoder channels at full resolution.
+        refine: add :class:`Refine3D`, a light 3D head over the stacked decoder features
+            that adds inter-slice context (its output starts at zero).
+        chunk_size: slices decoded per pass; bounds memory at inference. Defaults to
+            the encoder's ``chunk_size``.
+        encoder_kwargs: passed to :class:`SliceEncoder`.
+
+    ``forward(volume [B, 3, H, W, D]) -> logits [B, K, H, W, D]``; ``H`` and ``W`` are
+    multiples of the encoder's patch size and even. Works with MONAI's
+    ``sliding_window_inference`` with ``roi_size=(-1, -1, n)`` (windows along the slices).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 7,
+        encoder: str | SliceEncoder = "vit_small_patch14_dinov2",
+        *,
+        feature_size: int = 16,
+        refine: bool = True,
+        chunk_size: int | None = None,
+        encoder_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError("num_classes", num_classes, "an integer >= 2 (background + organs)")
+        self.encoder = encoder if isinstance(encoder, SliceEncoder) else SliceEncoder(encoder, **(encoder_kwargs or {}))
+        if len(self.encoder.layers) != 4:
+            raise ConfigError("encoder layers", list(self.encoder.layers), "exactly four block indices")
+        self.num_classes = int(num_classes)
+        self.decoder = SliceUNetDecoder(self.encoder.embed_dim, in_channels=3, feature_size=feature_size,
+                                       patch_size=self.encoder.patch_size)
+        self.head = nn.Conv2d(feature_size, num_classes, kernel_size=1)
+        self.refine = Refine3D(feature_size, num_classes) if refine else None
+        self.chunk_size = int(chunk_size or self.encoder.chunk_size)
+
+    def _decode(self, slices: torch.Tensor) -> torch.Tensor:
+        """Slices ``[n, 3, H, W]`` -> decoder features ``[n, F, H, W]``."""
+        grids = self.encoder(slices, with_grids=True).patch_grids
+        return self.decoder(grids, slices)
+
+    def slice_features(self, volume: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W, D]`` -> stacked decoder features ``[B, F, H, W, D]`` (``chunk_size`` slices at a time)."""
+        raw = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
+        if raw.ndim != 5 or raw.shape[1] != 3:
+            raise ValueError(f"SliceSegmenter expects volumes [B, 3, H, W, D]; got shape {tuple(raw.shape)}")
+        b, c, h, w, d = raw.shape
+        slices = raw.permute(0, 4, 1, 2, 3).reshape(b * d, c, h, w).float()
+        if torch.jit.is_tracing():  # one pass: a traced loop would fix the slice count
+            features = self._decode(slices)
+        else:
+            features = torch.cat([self._decode(part) for part in slices.split(self.chunk_size)])
+        return features.reshape(b, d, -1, h, w).permute(0, 2, 3, 4, 1)
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        features = self.slice_features(volume)
+        b, f, h, w, d = features.shape
+        flat = features.permute(0, 4, 1, 2, 3).reshape(b * d, f, h, w)
+        logits = self.head(flat).reshape(b, d, -1, h, w).permute(0, 2, 3, 4, 1)
+        if self.refine is not None:
+            logits = logits + self.refine(features)
+        return logits

@@ -166,6 +166,9 @@ class LoadVolumed(MapTransform):
     holding several series is loaded with the UID stored under ``series_uid_key``
     (``Case.to_dict()`` puts it there).
 
+    ``label_keys`` (a subset of ``keys``) are read with nearest-neighbour interpolation
+    and checked against the first other key with :func:`check_label_matches`.
+
     Output per key: MetaTensor ``[1, X, Y, Z]``.
     """
 
@@ -177,6 +180,7 @@ class LoadVolumed(MapTransform):
         dtype: Any = np.float32,
         mode: str | Sequence[str] = "bilinear",
         series_uid_key: str | None = "series_uid",
+        label_keys: KeysCollection = (),
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -185,6 +189,12 @@ class LoadVolumed(MapTransform):
         self.dtype = np.dtype(dtype)
         self.mode = ensure_tuple_rep(mode, len(self.keys))
         self.series_uid_key = series_uid_key
+        self.label_keys = tuple(label_keys) if isinstance(label_keys, (list, tuple)) else (label_keys,)
+        unknown = [k for k in self.label_keys if k not in self.keys]
+        if unknown:
+            raise ValueError(f"label_keys {unknown} must be among keys {list(self.keys)}")
+        if self.label_keys and len(self.keys) == len(self.label_keys):
+            raise ValueError("label_keys need an image key to be checked against")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -197,8 +207,14 @@ class LoadVolumed(MapTransform):
                 spacing=self.spacing,
                 dtype=self.dtype,
                 series_uid=series_uid if path.is_dir() else None,
-                mode=mode,
+                mode="nearest" if key in self.label_keys else mode,
             )
+        if self.label_keys:
+            # a label on another grid fails here, naming its file, not deep inside training
+            reference = next(k for k in self.keys if k not in self.label_keys)
+            for key in self.label_keys:
+                if key in d and reference in d:
+                    check_label_matches(d[reference], d[key], data[key])
         return d
 
 

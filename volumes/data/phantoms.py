@@ -283,6 +283,17 @@ class PhantomConfig:
         values.update(overrides)
         return cls(**values)
 
+    @classmethod
+    def segmentation_demo(cls, **overrides: Any) -> PhantomConfig:
+        """The segmentation bundle's default cohort: the small preset in a portal-venous phase.
+
+        Contrast-enhanced CT is the usual protocol for abdominal organ segmentation; with
+        liver and spleen enhanced, organ boundaries are visible in the soft-tissue window.
+        """
+        values: dict[str, Any] = dict(hu_ranges=dict(PORTAL_VENOUS_HU))
+        values.update(overrides)
+        return cls(**values)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -54,9 +54,9 @@ class SliceFeatures:
 def default_layers(depth: int) -> tuple[int, ...]:
     """Four evenly spaced blocks ending with the last, as DINOv2's dense-task heads use.
 
-    ViT-S/B (12 blocks) -> (2, 5, 8, 11); ViT-L (24) -> (5, 11, 17, 23).
+    ViT-S/B (12 blocks) -> (2, 5, 8, 11); ViT-L (24) -> (5, 11, 17, 23); 2 blocks -> (0, 0, 0, 1).
     """
-    return tuple(depth * (i + 1) // 4 - 1 for i in range(4))
+    return tuple(max(0, depth * (i + 1) // 4 - 1) for i in range(4))  # shallow encoders repeat block 0
 
 
 class SliceEncoder(nn.Module):
@@ -230,9 +230,13 @@ class SliceEncoder(nn.Module):
     def _encode_chunk(self, slices: torch.Tensor, with_grids: bool) -> SliceFeatures:
         with self._autocast_context(slices.device):
             if with_grids:
-                final, grids = self.backbone.forward_intermediates(
-                    slices, indices=list(self.layers), norm=self.norm_intermediates, output_fmt="NCHW"
+                # timm returns each block once, in block order; map back to the requested
+                # layers (a shallow encoder may repeat one)
+                unique = sorted(set(self.layers))
+                final, found = self.backbone.forward_intermediates(
+                    slices, indices=unique, norm=self.norm_intermediates, output_fmt="NCHW"
                 )
+                grids = [found[unique.index(i)] for i in self.layers]
             else:
                 final, grids = self.backbone.forward_features(slices), []
         prefix = self.num_prefix_tokens

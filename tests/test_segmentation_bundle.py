@@ -1,0 +1,130 @@
+"""The segmentation bundle, run the way users run it: monai.bundle's run, verify and export.
+
+The trained fixture is the "short CPU training run" of the issue: a frozen random-init
+4-block ViT-S/14 at 112 px, the decoder trained on phantom slabs; mean Dice over the six
+organs on the held-out test phantoms must reach 0.85 in the original image space.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+monai_bundle = pytest.importorskip("monai.bundle")
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "dinov2_unet_segmentation"
+CONFIGS = BUNDLE / "configs"
+SMALL = {"encoder_model_kwargs": {"depth": 4}}
+TRAINING = {"epochs": 32, "validation_interval": 16}
+
+pytestmark = pytest.mark.slow
+
+
+def _run(config_files: list[str], root: Path, **override) -> None:
+    monai_bundle.run(
+        config_file=[str(CONFIGS / f) for f in config_files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        bundle_root=str(root),
+        **{**SMALL, **override},
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("segmentation_bundle")
+    _run(["train.json"], root, **TRAINING)
+    return root
+
+
+def _metrics(root: Path) -> dict[str, float]:
+    rows = (root / "eval" / "metrics.csv").read_text().split()
+    return {row.split("\t")[0]: float(row.split("\t")[1]) for row in rows if "\t" in row}
+
+
+def test_short_training_reaches_mean_dice_085_on_held_out_phantoms(trained):
+    state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert any(k.startswith("decoder.") for k in state) and any(k.startswith("refine.") for k in state)
+    _run(["train.json", "evaluate.json"], trained)
+    metrics = _metrics(trained)
+    print("test split:", metrics)
+    assert metrics["val_mean_dice"] >= 0.85
+    assert 0.0 < metrics["val_hd95_mm"] < 20.0
+    # per case and organ, in the original image space
+    with open(trained / "eval" / "val_mean_dice_raw.csv") as handle:
+        table = list(csv.reader(handle, delimiter="\t"))
+    datalist = json.loads((trained / "data" / "phantoms" / "datalist.json").read_text())
+    assert len(table) - 1 == len(datalist["test"]) and len(table[0]) == 1 + 6 + 1  # filename, 6 organs, mean
+
+
+def test_inference_writes_label_maps_in_the_input_geometry(trained):
+    _run(["inference.json"], trained)
+    datalist = json.loads((trained / "data" / "phantoms" / "datalist.json").read_text())
+    root = trained / "data" / "phantoms"
+    for item in datalist["test"]:
+        case_id = Path(item["image"]).name.split(".")[0]
+        written = nib.load(trained / "eval" / f"{case_id}_seg.nii.gz")
+        source = nib.load(root / item["image"])
+        assert written.shape == source.shape
+        np.testing.assert_allclose(written.affine, source.affine, atol=1e-4)
+        labels = np.asanyarray(written.dataobj)
+        reference = np.asanyarray(nib.load(root / item["label"]).dataobj)
+        assert (labels == reference).mean() > 0.95
+
+
+def test_verify_metadata_against_the_monai_schema(tmp_path, shared_data):
+    schema = shared_data.parent / "monai" / "meta_schema_20240725.json"
+    if not schema.is_file():
+        pytest.skip(f"{schema} not found")
+    local = tmp_path / "schema.json"
+    shutil.copy(schema, local)
+    monai_bundle.verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(local))
+
+
+def test_metadata_channel_def_names_the_organs_of_the_configs():
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    labels = json.loads((CONFIGS / "train.json").read_text())["labels"]
+    assert json.loads((CONFIGS / "inference.json").read_text())["labels"] == labels
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {str(i): n for i, n in enumerate(labels)}
+
+
+def test_verify_net_in_out():
+    monai_bundle.verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "inference.json"),
+        n=2,
+        any=3,
+        encoder_model_kwargs={"depth": 1},
+    )
+
+
+def test_torchscript_export_matches_eager(trained, tmp_path):
+    exported = tmp_path / "model.ts"
+    monai_bundle.ckpt_export(
+        net_id="network_def",
+        filepath=str(exported),
+        ckpt_file=str(trained / "models" / "model.pt"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "inference.json"),
+        use_trace=True,
+        input_shape=[1, 3, 56, 42, 4],
+        **SMALL,
+    )
+    parser = monai_bundle.ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser["encoder_model_kwargs"] = SMALL["encoder_model_kwargs"]
+    parser["bundle_root"] = str(trained)
+    eager = parser.get_parsed_content("network").cpu().eval()
+    scripted = torch.jit.load(str(exported))
+    for depth, width in ((4, 42), (7, 70)):  # not tied to the example's slice count or size
+        volume = torch.randn(1, 3, 56, width, depth, generator=torch.Generator().manual_seed(depth))
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(volume), eager(volume), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,96 @@
+"""UNet-style decoder on a ViT's patch-token grids, and a 3D refinement head over stacked slices.
+
+The decoder follows UNETR's shape (Hatamizadeh et al. 2022) in 2D, built from MONAI's
+UNETR blocks: four patch grids taken at increasing depth (all at ``1/p`` of the slice)
+are brought up to ``8/p`` by transposed convolutions (the shallower the layer, the more
+upsampling steps, as UNETR's skip path), merged from the deepest one up, then resized to
+half the slice size and merged with a shallow convolutional stem on the raw slice, which
+is the high-resolution skip. ``p`` can be any patch size (14 for DINOv2, 16 for DINOv3).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from torch import nn
+
+
+class SliceUNetDecoder(nn.Module):
+    """Four patch grids ``[N, E, h, w]`` and the slices ``[N, C, H, W]`` -> features ``[N, F, H, W]``.
+
+    Args:
+        embed_dim: channels ``E`` of every grid.
+        in_channels: channels of the raw slice fed to the stem (3 for the encoder input).
+        patch_size: the encoder's patch size ``p`` (the grids are ``1/p`` of the slice).
+        feature_size: ``F``, channels at full resolution; deeper stages use 2F, 4F, 8F.
+        norm_name: MONAI norm for every block ("instance" suits small batches).
+        res_block: residual convolution blocks.
+
+    ``head(features)`` gives ``K`` logits per pixel (``num_classes`` set by :meth:`with_head`).
+    """
+
+    def __init__(self, embed_dim: int, in_channels: int = 3, feature_size: int = 16, *, patch_size: int = 14,
+                 norm_name: str | tuple = "instance", res_block: bool = True):
+        super().__init__()
+        f = int(feature_size)
+        self.patch_size = int(patch_size)
+        self.feature_size = f
+        kw = dict(spatial_dims=2, kernel_size=3, upsample_kernel_size=2, norm_name=norm_name)
+        # skip paths: grid i is upsampled (3 - i) times to 8/p, as UNETR's encoder2..4
+        self.skips = nn.ModuleList([
+            UnetrPrUpBlock(in_channels=embed_dim, out_channels=ch, num_layer=layers, stride=1, res_block=res_block, **kw)
+            for ch, layers in ((2 * f, 2), (4 * f, 1), (8 * f, 0))
+        ])
+        self.up = nn.ModuleList([
+            UnetrUpBlock(in_channels=embed_dim, out_channels=8 * f, res_block=res_block, **kw),  # 1/p -> 2/p
+            UnetrUpBlock(in_channels=8 * f, out_channels=4 * f, res_block=res_block, **kw),  # 2/p -> 4/p
+            UnetrUpBlock(in_channels=4 * f, out_channels=2 * f, res_block=res_block, **kw),  # 4/p -> 8/p
+        ])
+        self.stem = UnetrBasicBlock(2, in_channels, f, kernel_size=3, stride=1, norm_name=norm_name, res_block=res_block)
+        self.final = UnetrUpBlock(in_channels=2 * f, out_channels=f, res_block=res_block, **kw)  # H/2 -> H
+
+    def forward(self, grids: Sequence[torch.Tensor], slices: torch.Tensor) -> torch.Tensor:
+        if len(grids) != 4:
+            raise ValueError(f"SliceUNetDecoder needs 4 patch grids (shallow to deep), got {len(grids)}")
+        h, w = slices.shape[-2:]
+        if h % 2 or w % 2:
+            raise ValueError(f"SliceUNetDecoder needs even slice sizes, got {h}x{w}")
+        x = grids[3]
+        for up, skip, grid in zip(self.up, reversed(self.skips), reversed(grids[:3])):
+            x = up(x, skip(grid))
+        # 8/p of the slice -> half the slice, then the stem skip at full size. A scale factor
+        # (p/16, exact in binary for p = 14) rather than a size keeps traced graphs valid for
+        # any slice size.
+        if self.patch_size != 16:
+            x = F.interpolate(x, scale_factor=self.patch_size / 16, mode="bilinear", align_corners=False)
+        return self.final(x, self.stem(slices))
+
+
+class Refine3D(nn.Module):
+    """Light 3D head over stacked slice features: ``[B, F, H, W, D]`` -> a logit correction ``[B, K, H, W, D]``.
+
+    Two 3D convolutions (kernel 3 across slices) with instance norm; the last layer starts
+    at zero, so an untrained refinement leaves the 2D logits unchanged and training adds
+    only the inter-slice context that helps.
+    """
+
+    def __init__(self, feature_size: int, num_classes: int, hidden: int | None = None):
+        super().__init__()
+        hidden = int(hidden or feature_size)
+        self.body = nn.Sequential(
+            nn.Conv3d(feature_size, hidden, kernel_size=3, padding=1, bias=False),
+            nn.InstanceNorm3d(hidden, affine=True),
+            nn.LeakyReLU(0.01, inplace=True),
+            nn.Conv3d(hidden, num_classes, kernel_size=1),
+        )
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.body(features)
+
+
+__all__ = ["SliceUNetDecoder", "Refine3D"]

@@ -1,0 +1,266 @@
+"""Organ segmentation with :class:`volumes.networks.SliceSegmenter`: transforms, metrics, inference.
+
+The pieces the segmentation bundle's configs assemble, usable from Python too:
+
+* :func:`segmentation_transforms` loads an image and its label map (checked to lie on
+  the same grid), keeps the label in its original space under ``label_orig`` and
+  prepares both for the encoder; :func:`training_crops` adds random slabs of slices.
+* :func:`segmentation_postprocessing` turns logits into a label map in the input's
+  original geometry (``Invertd``), one-hot for the metrics.
+* :class:`HausdorffDistanceMM` is MONAI's HD95 handler with each volume's own voxel
+  spacing, so distances are in millimetres on anisotropic volumes.
+* :func:`write_label_map` / :class:`SaveLabelMapd` write a label map as NIfTI in the
+  input's original voxel order and affine (an exact axis permutation and flip, no
+  resampling), through a temporary file and a rename.
+* :func:`organ_volumes_ml` and :func:`per_case_metrics` report masks in clinical units.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.handlers import IgniteMetricHandler
+from monai.inferers import SlidingWindowInferer
+from monai.metrics import HausdorffDistanceMetric, compute_dice, compute_hausdorff_distance
+from monai.networks.utils import one_hot
+from monai.transforms import (
+    Activationsd,
+    AsDiscreted,
+    Compose,
+    CopyItemsd,
+    EnsureTyped,
+    Invertd,
+    MapTransform,
+    RandCropByPosNegLabeld,
+    SpatialPadd,
+)
+
+from volumes.data.io import LoadVolumed
+from volumes.data.phantoms import LABEL_NAMES
+from volumes.transforms import preprocessing
+
+DEFAULT_LABELS: tuple[str, ...] = LABEL_NAMES
+"""Label names in label order of the phantoms and the bundle (index 0 is background)."""
+
+
+def segmentation_transforms(
+    preprocessing_config: dict[str, Any],
+    patch_size: int,
+    *,
+    with_label: bool = True,
+    keep_original_label: bool = True,
+) -> Compose:
+    """Paths -> ``image [3, H, W, D]`` (and ``label [1, H, W, D]``) on the encoder's grid.
+
+    With ``with_label`` the label is loaded next to the image and must match its grid
+    (:class:`volumes.data.io.LoadVolumed` raises ``VolumeReadError`` naming the label file
+    otherwise). ``keep_original_label`` copies it to ``label_orig`` before any
+    resampling, for metrics in the original image space.
+    """
+    keys = ("image", "label") if with_label else ("image",)
+    steps: list = [LoadVolumed(keys, label_keys=("label",) if with_label else ())]
+    if with_label and keep_original_label:
+        steps.append(CopyItemsd("label", names="label_orig"))
+    steps.append(preprocessing(("image",), ("label",) if with_label else (), patch_size=patch_size,
+                               **preprocessing_config))
+    return Compose(steps)
+
+
+def training_crops(slab: int, num_samples: int = 4, pos: float = 2.0, neg: float = 1.0) -> Compose:
+    """Random slabs of ``slab`` whole slices, centred on an organ voxel ``pos : neg`` times as often as not."""
+    return Compose([
+        SpatialPadd(("image", "label"), spatial_size=(-1, -1, slab)),
+        RandCropByPosNegLabeld(("image", "label"), label_key="label", spatial_size=(-1, -1, slab), pos=pos,
+                               neg=neg, num_samples=num_samples),
+    ])
+
+
+def slab_inferer(slab: int = 16, overlap: float = 0.25, sw_batch_size: int = 1) -> SlidingWindowInferer:
+    """Sliding windows of whole slices along the slice axis (``roi_size = (-1, -1, slab)``)."""
+    return SlidingWindowInferer(roi_size=(-1, -1, slab), sw_batch_size=sw_batch_size, overlap=overlap,
+                                mode="gaussian")
+
+
+def segmentation_postprocessing(transform: Compose, num_classes: int, *, metrics: bool = True) -> Compose:
+    """Logits ``pred [K, H, W, D]`` -> label map in the input's original geometry.
+
+    ``transform`` is the preprocessing to invert (from :func:`segmentation_transforms`).
+    With ``metrics``, ``pred`` and ``reference`` (a copy of ``label_orig``) end one-hot
+    ``[K, X, Y, Z]``, for metric handlers reading ``from_engine(["pred", "reference"])``;
+    without, ``pred`` is the label map ``[1, X, Y, Z]`` (uint8) ready for ``SaveImaged``.
+    """
+    steps: list = [
+        Activationsd("pred", softmax=True),
+        AsDiscreted("pred", argmax=True),
+        Invertd("pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True),
+    ]
+    if metrics:
+        # a new key: MONAI engines keep keys created by postprocessing in engine.state.output
+        steps.append(CopyItemsd("label_orig", names="reference"))
+        steps.append(AsDiscreted(("pred", "reference"), to_onehot=num_classes))
+    else:
+        steps.append(EnsureTyped("pred", dtype=torch.uint8))
+    return Compose(steps)
+
+
+def _spacing(volume: torch.Tensor) -> list[float]:
+    affine = getattr(volume, "affine", None)
+    if affine is None:
+        return [1.0, 1.0, 1.0]
+    return torch.linalg.norm(torch.as_tensor(affine)[:3, :3].double(), dim=0).tolist()
+
+
+class HausdorffDistanceMM(IgniteMetricHandler):
+    """95th-percentile Hausdorff distance in mm, each volume with its own spacing.
+
+    MONAI's ``HausdorffDistance`` handler calls the metric without ``spacing`` (voxel
+    units); this one reads every label's affine. Per organ, averaged over organs present;
+    volumes where an organ is missing in the prediction or the reference give ``nan``
+    for it and are left out of the mean.
+    """
+
+    def __init__(self, include_background: bool = False, percentile: float = 95.0,
+                 output_transform=lambda x: x, save_details: bool = True, reduction: str = "mean") -> None:
+        metric_fn = HausdorffDistanceMetric(include_background=include_background, percentile=percentile,
+                                            reduction=reduction)
+        super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
+
+    def update(self, output: Sequence[Any]) -> None:
+        if len(output) != 2:
+            raise ValueError(f"output must have length 2, got {len(output)}")
+        preds, labels = output
+        for pred, label in zip(preds, labels):
+            self.metric_fn([pred], [label], spacing=_spacing(label))
+
+
+def per_case_metrics(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor,
+                     spacing: Sequence[float], labels: Sequence[str] = DEFAULT_LABELS) -> dict[str, float]:
+    """Dice and HD95 (mm) per organ for one label map pair ``[X, Y, Z]`` (integers)."""
+    num_classes = len(labels)
+    p = one_hot(torch.as_tensor(np.asarray(pred))[None, None].long(), num_classes)
+    t = one_hot(torch.as_tensor(np.asarray(label))[None, None].long(), num_classes)
+    dice = compute_dice(p, t, include_background=False, ignore_empty=True)[0]
+    hd = compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=list(spacing))[0]
+    row: dict[str, float] = {}
+    for i, name in enumerate(labels[1:]):
+        row[f"dice_{name}"] = float(dice[i])
+        row[f"hd95_mm_{name}"] = float(hd[i])
+    return row
+
+
+def organ_volumes_ml(label_map: np.ndarray | torch.Tensor, spacing: Sequence[float],
+                     labels: Sequence[str] = DEFAULT_LABELS) -> dict[str, float]:
+    """Volume in mL of every labelled organ in ``label_map [X, Y, Z]`` (background skipped)."""
+    values = np.asarray(label_map).astype(np.int64).ravel()
+    counts = np.bincount(values, minlength=len(labels))
+    voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+    return {name: float(counts[i] * voxel_ml) for i, name in enumerate(labels) if i > 0}
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def to_original_orientation(label_map: np.ndarray, affine: np.ndarray, original_affine: np.ndarray,
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder ``label_map [X, Y, Z]`` on ``affine`` into the voxel order of ``original_affine``.
+
+    Loading reorients volumes to RAS by permuting and flipping axes; this undoes it
+    exactly. Returns the reordered array and its affine, which equals ``original_affine``.
+
+    Raises:
+        ValueError: the two grids differ by more than an axis permutation and flip.
+    """
+    affine, original_affine = np.asarray(affine, np.float64), np.asarray(original_affine, np.float64)
+    transform = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.io_orientation(original_affine))
+    out = nib.orientations.apply_orientation(label_map, transform)
+    new_affine = affine @ nib.orientations.inv_ornt_aff(transform, label_map.shape)
+    if not np.allclose(new_affine, original_affine, atol=1e-3):
+        raise ValueError(
+            "the label map's grid is not a reorientation of the input's original grid "
+            f"(affine after reordering:\n{new_affine}\noriginal:\n{original_affine})"
+        )
+    return np.ascontiguousarray(out), original_affine
+
+
+def write_label_map(label_map: Any, affine: Any, path: str | Path, *, original_affine: Any | None = None,
+                    dtype: Any = np.uint8) -> Path:
+    """Write ``label_map [X, Y, Z]`` (or ``[1, X, Y, Z]``) as NIfTI, atomically.
+
+    With ``original_affine`` the map is first put back into that grid's voxel order
+    (:func:`to_original_orientation`), so the file has the input's shape and affine.
+    The data go to a temporary file in the same folder, renamed into place when complete.
+    """
+    array = _as_numpy(label_map)
+    if array.ndim == 4:
+        if array.shape[0] != 1:
+            raise ValueError(f"write_label_map needs one channel, got shape {array.shape}")
+        array = array[0]
+    affine = _as_numpy(affine).astype(np.float64)
+    if original_affine is not None:
+        array, affine = to_original_orientation(array, affine, _as_numpy(original_affine))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(array.astype(dtype), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
+    os.close(handle)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class SaveLabelMapd(MapTransform):
+    """Write ``data[key]`` (a label map MetaTensor ``[1, X, Y, Z]``) next to its input's name.
+
+    The file is ``output_dir / <case id><postfix>.nii.gz`` in the input's original geometry
+    (shape, voxel order and affine of the file or DICOM series as stored). The case id is
+    ``data["case_id"]`` when present, else the input's file or folder name. The path
+    written goes to ``data[f"{key}_path"]``.
+    """
+
+    def __init__(self, keys: Any = "pred", output_dir: str | Path = "eval", postfix: str = "_seg",
+                 image_key: str = "image", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = Path(output_dir)
+        self.postfix = postfix
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            meta = getattr(pred, "meta", {}) or {}
+            source = str(meta.get("filename_or_obj", ""))
+            case_id = d.get("case_id") or Path(source.rstrip("/")).name.split(".")[0] or "case"
+            d[f"{key}_path"] = str(write_label_map(
+                pred, pred.affine, self.output_dir / f"{case_id}{self.postfix}.nii.gz",
+                original_affine=meta.get("original_affine"),
+            ))
+        return d
+
+
+__all__ = [
+    "to_original_orientation",
+    "write_label_map",
+    "SaveLabelMapd",
+    "DEFAULT_LABELS",
+    "segmentation_transforms",
+    "training_crops",
+    "slab_inferer",
+    "segmentation_postprocessing",
+    "HausdorffDistanceMM",
+    "per_case_metrics",
+    "organ_volumes_ml",
+]
