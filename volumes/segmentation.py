@@ -17,8 +17,6 @@ The pieces the segmentation bundle's configs assemble, usable from Python too:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -41,6 +39,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from volumes.atomic import atomic_path
 from volumes.data.io import LoadVolumed
 from volumes.data.phantoms import LABEL_NAMES
 from volumes.transforms import preprocessing
@@ -206,18 +205,11 @@ def write_label_map(label_map: Any, affine: Any, path: str | Path, *, original_a
     if original_affine is not None:
         array, affine = to_original_orientation(array, affine, _as_numpy(original_affine))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(array.astype(dtype), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
