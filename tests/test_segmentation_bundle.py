@@ -141,7 +141,7 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
         "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
         "--meta_file", str(CONFIGS / "metadata.json"),
         "--logging_file", str(CONFIGS / "logging.conf"),
-        "--bundle_root", str(tmp_path), "--epochs", "1", "--validation_interval", "1", "--phantom_cases", "8",
+        "--bundle_root", str(tmp_path), "--epochs", "1", "--validation_interval", "1", "--phantom_cases", "12",  # 3 test cases for 2 ranks
         "--preprocessing_config#size", "56", "--encoder_model_kwargs", '{"depth": 1}',
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)

@@ -82,23 +82,34 @@ class SliceEmbedder:
             arrays["plane_ids"] = plane_ids[0].cpu().numpy()
         return arrays
 
-    def embed_item(self, item: Mapping[str, Any]) -> dict[str, Any]:
-        """One datalist item -> an embedding item (see the module docstring)."""
+    def cache_key_of(self, image: torch.Tensor) -> str:
+        """The cache key of a prepared volume ``[3, H, W, D]``: its voxels and affine, encoder, preprocessing."""
         from volumes.cache import cache_key, volume_hash
 
+        affine = np.asarray(getattr(image, "affine", np.eye(4)))
+        return cache_key(
+            volume_hash(image.detach().cpu().numpy(), affine), self.network.encoder.name, self.fingerprint,
+            self.preprocessing,
+        )
+
+    def cache_meta(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        """The informational sidecar of an item's cache entry."""
+        return {"case_id": item.get("case_id", str(item.get("image"))), "encoder": self.network.encoder.name,
+                "weights_id": self.network.encoder.weights_id, "preprocessing": self.preprocessing}
+
+    def embed_item(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        """One datalist item -> an embedding item (see the module docstring)."""
         data = self.transform(dict(item))
         image = data["image"]
         if self.cache is None:
             arrays = self._compute(image)
         else:
-            affine = np.asarray(getattr(image, "affine", np.eye(4)))
-            key = cache_key(
-                volume_hash(image.detach().cpu().numpy(), affine), self.network.encoder.name, self.fingerprint,
-                self.preprocessing,
-            )
-            meta = {"case_id": item.get("case_id", str(item.get("image"))), "encoder": self.network.encoder.name,
-                    "weights_id": self.network.encoder.weights_id, "preprocessing": self.preprocessing}
-            arrays = self.cache.get_or_compute(key, lambda: self._compute(image), meta=meta)
+            arrays = self.cache.get_or_compute(self.cache_key_of(image), lambda: self._compute(image),
+                                               meta=self.cache_meta(item))
+        return self.output_item(item, arrays)
+
+    def output_item(self, item: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Computed or cached arrays of ``item`` -> the embedding item."""
         out: dict[str, Any] = {
             "embedding": torch.as_tensor(arrays["embedding"]),
             "positions": torch.as_tensor(arrays["positions"]),

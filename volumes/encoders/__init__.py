@@ -1,6 +1,17 @@
-"""Slice encoders: timm DINOv2 / DINOv3 ViTs and the weight formats they load."""
+"""Slice encoders: timm DINOv2 / DINOv3 ViTs and the weight formats they load, plus a timm CNN adapter."""
 
 from volumes.encoders.slice_encoder import SliceEncoder, SliceFeatures, default_layers, encoder_names, volume_to_slices
 from volumes.encoders.weights import read_checkpoint
+from volumes.encoders.cnn import CNNSliceEncoder, build_slice_encoder, cnn_encoder_names
 
-__all__ = ["SliceEncoder", "SliceFeatures", "default_layers", "encoder_names", "read_checkpoint", "volume_to_slices"]
+__all__ = [
+    "CNNSliceEncoder",
+    "SliceEncoder",
+    "SliceFeatures",
+    "build_slice_encoder",
+    "cnn_encoder_names",
+    "default_layers",
+    "encoder_names",
+    "read_checkpoint",
+    "volume_to_slices",
+]
