@@ -81,6 +81,20 @@ def test_position_grid_is_resampled_once_per_size():
     assert sorted(k[:2] for k in encoder.backbone._volumes_pos_cache) == [(2, 3), (4, 4)]
 
 
+def test_cached_position_grid_follows_changes_of_the_weights():
+    encoder = SliceEncoder("vit_small_patch14_dinov2", model_kwargs=SMALL, mode="finetune").eval()
+    x = torch.randn(1, 3, 28, 42)
+    with torch.no_grad():
+        before = encoder(x).cls
+        encoder.backbone.pos_embed.add_(1.0)  # as an optimiser step would
+        after = encoder(x).cls
+        fresh = SliceEncoder("vit_small_patch14_dinov2", model_kwargs=SMALL).eval()
+        fresh.backbone.load_state_dict(encoder.backbone.state_dict())
+        expected = fresh(x).cls
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected)
+
+
 def test_frozen_mode_has_no_gradients_and_stays_in_eval():
     encoder = SliceEncoder("vit_small_patch14_dinov2", model_kwargs=SMALL)
     assert not any(p.requires_grad for p in encoder.parameters())

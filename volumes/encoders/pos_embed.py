@@ -47,11 +47,15 @@ def _pos_embed_cached(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     cacheable = not (torch.is_grad_enabled() and self.pos_embed.requires_grad)
     key = (height, width, patch_pos.dtype, patch_pos.device)
-    resampled = self._volumes_pos_cache.get(key) if cacheable else None
+    # The parameter's version counter moves with every in-place change (an optimiser
+    # step, load_state_dict), so a grid resampled from older values is never reused.
+    version = (self.pos_embed.data_ptr(), self.pos_embed._version)
+    cached = self._volumes_pos_cache.get(key) if cacheable else None
+    resampled = cached[1] if cached is not None and cached[0] == version else None
     if resampled is None:
         resampled = resample_grid(patch_pos, tuple(self.patch_embed.grid_size), (height, width), self._volumes_pos_mode)
         if cacheable:
-            self._volumes_pos_cache[key] = resampled.detach()
+            self._volumes_pos_cache[key] = (version, resampled.detach())
     pos = torch.cat([prefix_pos, resampled], dim=1)
 
     tokens = x.reshape(batch, height * width, channels)
