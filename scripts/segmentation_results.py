@@ -23,10 +23,11 @@ preprocessing with ``Invertd``):
     the same wall-clock budget as (b) (``--budget-s`` each: training runs until the budget is
     spent), evaluated on the same test slices with sliding-window inference.
 
-Every model sees the same intensities (soft-tissue window, level 40 / width 400 HU) on the
+Every model sees the soft-tissue window (level 40 / width 400 HU, channel 0 of the bundle's input) on the
 same in-plane grid (``volumes.transforms.preprocessing`` with the bundle's
-``preprocessing_config``); the slice segmenter gets them as 3 ImageNet-normalised channels,
-the 3D networks as one channel in [0, 1]. Each test block is predicted on its own (no model
+``preprocessing_config``); the slice segmenter gets the bundle's ImageNet-normalised
+channels (with the default ``ct_three_windows``: soft-tissue, lung and bone windows), the 3D
+networks the soft-tissue window as one channel in [0, 1]. Each test block is predicted on its own (no model
 sees the slices of another block at test time), and Dice is computed over all test slices
 together.
 

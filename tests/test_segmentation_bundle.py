@@ -1,10 +1,10 @@
 """The segmentation bundle, run the way users run it: monai.bundle's run, verify and export.
 
-The trained fixture is a short CPU training run: a frozen random-init 4-block ViT-S/14
-at 112 px, the decoder trained on phantom slabs for 16 epochs (224 steps). Measured on the
-held-out test phantoms in the original image space: 32 epochs reached a mean Dice of 0.851
-over the six organs (validation 0.752 at epoch 16 and 0.833 at epoch 32), so this 16-epoch
-run asserts 0.65; see the bundle's docs/README.md.
+The trained fixture is the issue's short CPU training run: a frozen random-init 4-block
+ViT-S/14 at 112 px with the bundle's default input (soft-tissue, lung and bone windows as
+the three channels), the decoder trained on phantom slabs for 32 epochs (448 steps, about
+5 minutes on 2 cores). Mean Dice over the six organs on the held-out test phantoms, in the
+original image space, must reach 0.85 (measured: 0.882).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ monai_bundle = pytest.importorskip("monai.bundle")
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "dinov2_unet_segmentation"
 CONFIGS = BUNDLE / "configs"
 SMALL = {"encoder_model_kwargs": {"depth": 4}}
-TRAINING = {"epochs": 16, "validation_interval": 16}
+TRAINING = {"epochs": 32, "validation_interval": 16}
 
 pytestmark = pytest.mark.slow
 
@@ -53,14 +53,14 @@ def _metrics(root: Path) -> dict[str, float]:
     return {row.split(",")[0]: float(row.split(",")[1]) for row in rows if "," in row}
 
 
-def test_short_training_learns_the_organs_of_held_out_phantoms(trained):
+def test_short_training_reaches_mean_dice_085_on_held_out_phantoms(trained):
     state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert any(k.startswith("decoder.") for k in state) and any(k.startswith("refine.") for k in state)
     _run(["train.json", "evaluate.json"], trained)
     metrics = _metrics(trained)
     print("test split:", metrics)
-    assert metrics["val_mean_dice"] >= 0.65
-    assert 0.0 < metrics["val_hd95_mm"] < 80.0
+    assert metrics["val_mean_dice"] >= 0.85
+    assert 0.0 < metrics["val_hd95_mm"] < 40.0
     # per case and organ, in the original image space
     with open(trained / "eval" / "val_mean_dice_raw.csv") as handle:
         table = list(csv.reader(handle))
