@@ -40,6 +40,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from volumes.reporting import cpu_model, quick_subset
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file from a checkout without installing
 
@@ -121,18 +123,6 @@ def command_line(argv: Sequence[str] | None) -> str:
 
 
 # --------------------------------------------------------------------------- data
-def quick_subset(items: list[dict], per_class: int) -> list[dict]:
-    """The first ``per_class`` items of each label, file order kept (both classes stay present)."""
-    counts: dict[int, int] = {}
-    out = []
-    for item in items:
-        label = item["class_label"]
-        if counts.get(label, 0) < per_class:
-            counts[label] = counts.get(label, 0) + 1
-            out.append(item)
-    return out
-
-
 def default_slice_size(volume_size: int, patch: int) -> int:
     """Twice the volume size (at least 56 px) on the patch grid: 28 -> 56 for DINOv2's 14 px patches."""
     return max(patch, round(max(2 * volume_size, 56) / patch) * patch)
@@ -334,14 +324,7 @@ def results_table(summaries: list[MethodSummary], embed_seconds: float, majority
 
 
 def machine_line(threads: int) -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (
         f"{os.cpu_count()} CPU cores ({model}), no GPU, shared with other jobs "
