@@ -188,24 +188,27 @@ class SliceSegmenter(nn.Module):
         grids = self.encoder(slices, with_grids=True).patch_grids
         return self.decoder(grids, slices)
 
-    def slice_features(self, volume: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W, D]`` -> stacked decoder features ``[B, F, H, W, D]`` (``chunk_size`` slices at a time)."""
+    def _slice_features(self, volume: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W, D]`` -> decoder features per slice ``[B*D, F, H, W]`` (``chunk_size`` slices at a time)."""
         raw = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
         if raw.ndim != 5 or raw.shape[1] != 3:
             raise ValueError(f"SliceSegmenter expects volumes [B, 3, H, W, D]; got shape {tuple(raw.shape)}")
         b, c, h, w, d = raw.shape
         slices = raw.permute(0, 4, 1, 2, 3).reshape(b * d, c, h, w).float()
         if torch.jit.is_tracing():  # one pass: a traced loop would fix the slice count
-            features = self._decode(slices)
-        else:
-            features = torch.cat([self._decode(part) for part in slices.split(self.chunk_size)])
-        return features.reshape(b, d, -1, h, w).permute(0, 2, 3, 4, 1)
+            return self._decode(slices)
+        return torch.cat([self._decode(part) for part in slices.split(self.chunk_size)])
+
+    @staticmethod
+    def _stack(per_slice: torch.Tensor, batch: int) -> torch.Tensor:
+        """``[B*D, C, H, W]`` -> ``[B, C, H, W, D]``."""
+        n, c, h, w = per_slice.shape
+        return per_slice.reshape(batch, n // batch, c, h, w).permute(0, 2, 3, 4, 1)
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
-        features = self.slice_features(volume)
-        b, f, h, w, d = features.shape
-        flat = features.permute(0, 4, 1, 2, 3).reshape(b * d, f, h, w)
-        logits = self.head(flat).reshape(b, d, -1, h, w).permute(0, 2, 3, 4, 1)
+        features = self._slice_features(volume)
+        batch = volume.shape[0]
+        logits = self._stack(self.head(features), batch)
         if self.refine is not None:
-            logits = logits + self.refine(features)
+            logits = logits + self.refine(self._stack(features, batch))
         return logits
