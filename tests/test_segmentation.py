@@ -232,3 +232,16 @@ def test_per_case_metrics_and_organ_volumes_have_known_values():
     assert row["dice_liver"] == pytest.approx(2 * 48 / (48 + 64))
     assert row["dice_spleen"] == pytest.approx(1.0) and row["hd95_mm_spleen"] == pytest.approx(0.0)
     assert organ_volumes_ml(label, (2.0, 2.0, 2.0), names) == pytest.approx({"liver": 0.512, "spleen": 0.064})
+
+
+def test_bad_loader_and_cohort_settings_fail_clearly(tmp_path):
+    from volumes.bundle import ensure_phantom_cohort
+    from volumes.data.io import LoadVolumed
+
+    with pytest.raises(ValueError, match=r"label_keys \['mask'\] must be among keys"):
+        LoadVolumed(("image", "label"), label_keys=("mask",))
+    with pytest.raises(ValueError, match="need an image key"):
+        LoadVolumed("label", label_keys=("label",))
+    with pytest.raises(ConfigError, match="kind"):
+        ensure_phantom_cohort(tmp_path, n=2, kind="detection")
+    assert not (tmp_path / "datalist.json").exists()
