@@ -74,7 +74,7 @@ def test_inference_writes_label_maps_in_the_input_geometry(trained):
     root = trained / "data" / "phantoms"
     for item in datalist["test"]:
         case_id = Path(item["image"]).name.split(".")[0]
-        written = nib.load(trained / "eval" / f"{case_id}_seg.nii.gz")
+        written = nib.load(trained / "eval" / case_id / "dinov2_unet_segmentation_seg.nii.gz")
         source = nib.load(root / item["image"])
         assert written.shape == source.shape
         np.testing.assert_allclose(written.affine, source.affine, atol=1e-4)

@@ -32,7 +32,7 @@ _LAZY = {
 # and then `volumes.transforms.preprocessing(...)`.
 _SUBMODULES = (
     "aggregators", "bundle", "cache", "classification", "cli", "data", "decoders", "embedding", "encoders",
-    "evaluation", "networks", "segmentation", "transforms",
+    "evaluation", "inference", "networks", "segmentation", "transforms",
 )
 
 __all__ = ["__version__", *_LAZY]

@@ -3,6 +3,9 @@
     python -m volumes demo --out runs/demo          the main job on built-in phantom data
     python -m volumes phantoms --out DIR --n N      write a synthetic CT cohort
     python -m volumes embed --input SRC --out DIR   embed every slice of every case
+    python -m volumes infer --bundle B [--bundle B2] --input SRC --output DIR
+                                                    batch inference: masks, DICOM SEG, predictions,
+                                                    failures.csv, report.html (also under torchrun)
     python -m volumes cache info|prune              inspect or trim the embedding cache
     python -m volumes evaluate --protocol knn --encoder NAME --data DATALIST
                                                     kNN / few-shot / linear probe / fine-tune /
@@ -236,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.set_defaults(func=cmd_embed)
 
     _add_evaluate_parser(sub)
+    from volumes.inference.command import add_infer_parser
+
+    add_infer_parser(sub)
     return parser
 
 

@@ -199,7 +199,7 @@ def _slice_dataset(pydicom: Any, pixels: np.ndarray, *, sop_class: str, modality
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = ""
     ds.SeriesDescription = series_description
-    ds.PatientName = patient_id
+    ds.PatientName = f"{patient_id}^"  # family-name component only (a bare word is ambiguous in DICOM PN)
     ds.PatientID = patient_id
     ds.PatientBirthDate = ""
     ds.PatientSex = ""

@@ -201,7 +201,14 @@ def _scan_folder(root: Path, exclude: Sequence[str]) -> list[Case]:
             elif not has_dicom and Path(name).suffix.lower() not in _NOT_DICOM_SUFFIXES:
                 has_dicom = is_dicom_file(path)
         if has_dicom:
-            entries.extend(_series_entries(here, series_info(here)))
+            try:
+                infos = series_info(here)
+            except VolumeReadError:
+                # a damaged series is still a case: loading it reports the problem, and a
+                # batch records that case as failed instead of refusing the whole folder
+                entries.append(_Entry(image=here, name=here.name))
+            else:
+                entries.extend(_series_entries(here, infos))
     if not entries:
         raise VolumeReadError(
             root, f"holds no volumes (looked for {', '.join(VOLUME_SUFFIXES)} files and DICOM series at any depth)"

@@ -169,7 +169,8 @@ class LoadVolumed(MapTransform):
     ``label_keys`` (a subset of ``keys``) are read with nearest-neighbour interpolation
     and checked against the first other key with :func:`check_label_matches`.
 
-    Output per key: MetaTensor ``[1, X, Y, Z]``.
+    Output per key: MetaTensor ``[1, X, Y, Z]``. A value that is already a MetaTensor
+    (a volume loaded once and shared by several pipelines) passes through unchanged.
     """
 
     def __init__(
@@ -200,6 +201,8 @@ class LoadVolumed(MapTransform):
         d = dict(data)
         series_uid = d.get(self.series_uid_key) if self.series_uid_key else None
         for key, mode in self.key_iterator(d, self.mode):
+            if isinstance(d[key], MetaTensor):
+                continue
             path = Path(d[key])
             d[key] = load_volume(
                 path,

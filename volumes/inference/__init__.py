@@ -1,0 +1,23 @@
+"""Clinical-style batch inference: ``python -m volumes infer`` and the bundles' ``inference.json``.
+
+* :mod:`~volumes.inference.predictors`: what a bundle does to one loaded case.
+* :mod:`~volumes.inference.bundles`: a bundle loaded as a model (identity, weights hash).
+* :mod:`~volumes.inference.runner`: the batch - prefetch, fault isolation, resume, torchrun.
+* :mod:`~volumes.inference.dicom_seg`: DICOM SEG output referencing the source series.
+* :mod:`~volumes.inference.report`: figures and ``report.html``.
+"""
+
+from volumes.inference.bundles import BundleModel, load_bundle, sha256_file
+from volumes.inference.predictors import ClassificationPredictor, SegmentationPredictor
+from volumes.inference.runner import BatchInference, InferenceSummary, input_sha256
+
+__all__ = [
+    "BatchInference",
+    "BundleModel",
+    "ClassificationPredictor",
+    "InferenceSummary",
+    "SegmentationPredictor",
+    "input_sha256",
+    "load_bundle",
+    "sha256_file",
+]

@@ -1,0 +1,105 @@
+"""What one bundle does to one loaded case: prepare it for its network, run the network.
+
+A predictor has two steps, so the batch runner can overlap them across cases:
+
+* ``prepare(item)`` runs on a background thread: the bundle's preprocessing of an item
+  whose ``image`` is already loaded (a RAS-oriented MetaTensor from
+  :class:`volumes.data.io.LoadVolumed`, which passes loaded tensors through).
+* ``predict(data)`` runs the network and returns plain results: a label map in the
+  loaded volume's grid for segmentation, probabilities and slice importance for
+  classification.
+
+Writing files is the runner's job (:mod:`volumes.inference.runner`), so the bundle's own
+``inference.json`` and ``python -m volumes infer`` produce the same outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["ClassificationPredictor", "SegmentationPredictor"]
+
+
+def _batch(image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return image.unsqueeze(0).to(device, non_blocking=True)
+
+
+class SegmentationPredictor:
+    """A :class:`~volumes.networks.SliceSegmenter` over a whole volume, slab by slab.
+
+    Args:
+        network: the trained segmenter.
+        transform: the bundle's preprocessing (``volumes.segmentation.segmentation_transforms``
+            without labels).
+        inferer: sliding windows along the slices (``volumes.segmentation.slab_inferer``).
+        postprocessing: logits -> label map in the loaded volume's grid
+            (``volumes.segmentation.segmentation_postprocessing(..., metrics=False)``).
+        labels: names by label value (0 is background).
+        device: where the network runs.
+    """
+
+    task = "segmentation"
+
+    def __init__(self, network: torch.nn.Module, transform: Callable[[dict], dict], inferer: Callable,
+                 postprocessing: Callable[[dict], dict], labels: Sequence[str], device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.transform = transform
+        self.inferer = inferer
+        self.postprocessing = postprocessing
+        self.labels = list(labels)
+
+    def prepare(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        return self.transform(dict(item))
+
+    def predict(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Returns ``{"label_map": MetaTensor [1, X, Y, Z] uint8}`` on the loaded volume's grid."""
+        image = data["image"]
+        with torch.inference_mode():
+            logits = self.inferer(_batch(image, self.device), self.network)[0]
+        out = self.postprocessing({"image": image, "pred": logits.cpu()})
+        return {"label_map": out["pred"]}
+
+
+class ClassificationPredictor:
+    """A :class:`~volumes.networks.SliceClassifier`: class probabilities and slice importance.
+
+    Args:
+        network: the trained classifier.
+        transform: the bundle's preprocessing (a loader plus ``volumes.transforms.preprocessing``).
+        class_names: names of the ``K`` classes, in logit order.
+        top_k: how many slices to report, most important first.
+        device: where the network runs.
+    """
+
+    task = "classification"
+
+    def __init__(self, network: torch.nn.Module, transform: Callable[[dict], dict], class_names: Sequence[str],
+                 top_k: int = 5, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.transform = transform
+        self.class_names = list(class_names)
+        self.top_k = int(top_k)
+
+    def prepare(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        return self.transform(dict(item))
+
+    def predict(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Returns probabilities per class, the predicted class, importance per slice and the top slices."""
+        with torch.inference_mode():
+            logits, importance = self.network.forward_with_importance(_batch(data["image"], self.device))
+        probs = torch.softmax(logits.float(), dim=-1)[0].cpu()
+        importance = importance[0].float().cpu().numpy()
+        top = np.argsort(-importance, kind="stable")[: self.top_k]
+        predicted = int(probs.argmax())
+        return {
+            "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probs)},
+            "predicted": self.class_names[predicted],
+            "predicted_index": predicted,
+            "importance": importance,
+            "top_slices": [{"slice": int(i), "importance": round(float(importance[i]), 6)} for i in top],
+        }

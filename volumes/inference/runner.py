@@ -1,0 +1,469 @@
+"""Batch inference over many cases with one or more bundles: fault-isolated, resumable, scalable.
+
+Per case the runner
+
+1. hashes the input (file bytes; every file of a DICOM series) and, with ``resume``,
+   skips the case when its outputs are complete for the same input and models;
+2. loads the volume once (RAS, :class:`volumes.data.io.LoadVolumed`) and runs each
+   bundle's preprocessing - both on background threads, ahead of the model;
+3. runs each bundle's network, then writes under ``OUTPUT/<case-id>/``:
+   ``<bundle>_seg.nii.gz`` (the input's original geometry), ``<bundle>_seg.dcm``
+   (DICOM SEG referencing the source series, for DICOM input),
+   ``<bundle>_probabilities.json``, ``overview.png`` (three views with the mask, the
+   slice-importance curve) and, last, ``record.json`` - the proof the case is complete.
+
+A case that fails at any stage gets ``OUTPUT/<case-id>/failure.json`` with a readable
+reason and the batch goes on. At the end the per-case records are merged into
+``predictions.csv``, ``predictions.jsonl``, ``failures.csv`` and ``report.html``. Every
+file is written under a temporary name and renamed, so an interrupted run leaves no
+partial file. Under ``torchrun`` each process takes every N-th case; rank 0 merges.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import itertools
+import json
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from volumes.atomic import atomic_write_bytes
+from volumes.errors import VolumesError
+from volumes.inference.bundles import BundleModel
+
+__all__ = ["BatchInference", "InferenceSummary", "input_sha256"]
+
+logger = logging.getLogger(__name__)
+
+RECORD = "record.json"
+FAILURE = "failure.json"
+FIGURE = "overview.png"
+
+
+def input_sha256(item: Mapping[str, Any]) -> str:
+    """SHA-256 of a case's input bytes: the volume file, or every file of its DICOM series (by name)."""
+    import hashlib
+
+    path = Path(item["image"])
+    if path.is_dir():
+        from volumes.data.dicom import series_info
+
+        infos = series_info(path)
+        uid = item.get("series_uid")
+        files = next((info.files for info in infos if info.uid == uid), None) if uid is not None else None
+        if files is None:
+            files = [f for info in infos for f in info.files]
+    else:
+        files = [path]
+    digest = hashlib.sha256()
+    for file in sorted(files, key=lambda f: f.name):
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class InferenceSummary:
+    """What a run did (over all processes)."""
+
+    total: int
+    succeeded: int
+    skipped: int
+    failed: int
+    seconds: float
+    output_dir: Path
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    def line(self) -> str:
+        report = self.output_dir / "report.html"
+        return (f"{self.total} cases: {self.succeeded} done, {self.skipped} already complete (resume), "
+                f"{self.failed} failed in {self.seconds:.1f} s; report: {report}")
+
+
+@dataclass
+class _Prepared:
+    """A case after the background stages: hashed, loaded, preprocessed for every bundle."""
+
+    item: dict
+    input_sha256: str | None = None
+    skip: bool = False
+    volume: Any = None
+    data: dict[str, dict] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    failure: dict | None = None
+
+
+class _StageError(Exception):
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(str(error))
+        self.stage = stage
+        self.error = error
+
+
+def _reason(item: Mapping[str, Any], exc: BaseException) -> str:
+    """A readable one-line reason that names the input."""
+    message = str(exc).strip() or type(exc).__name__
+    if not isinstance(exc, VolumesError):
+        message = f"{type(exc).__name__}: {message}"
+    source = str(item.get("image", ""))
+    return message if source and source in message else f"{source}: {message}"
+
+
+def _fresh(volume: Any) -> Any:
+    """A copy of a loaded MetaTensor that a bundle's transforms may change freely."""
+    out = volume.clone()
+    if hasattr(volume, "meta"):
+        out.meta = copy.deepcopy(dict(volume.meta))
+        out.applied_operations = copy.deepcopy(volume.applied_operations)
+    return out
+
+
+def _spacing(affine: Any) -> list[float]:
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0).tolist()
+
+
+def _dist() -> tuple[int, int]:
+    """``(rank, world_size)``; joins the torchrun process group when there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # cases can take long; the default 30-minute barrier timeout is too short for a batch
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
+    return dist.get_rank(), dist.get_world_size()
+
+
+class BatchInference:
+    """Run bundles over cases, writing per-case outputs and merged tables and report.
+
+    Args:
+        models: the bundles to run (see :func:`volumes.inference.bundles.load_bundle`).
+        output_dir: where everything is written.
+        resume: skip cases whose outputs are complete for the same input hash and models.
+        workers: background threads that hash, load and preprocess the next cases while
+            the network runs (0: everything on the calling thread).
+        figures: draw ``overview.png`` per case and put it in the report.
+        progress: show a progress bar with ETA.
+    """
+
+    def __init__(self, models: Sequence[BundleModel], output_dir: str | Path, *, resume: bool = False,
+                 workers: int = 1, figures: bool = True, progress: bool = True):
+        models = list(models)
+        if not models:
+            raise VolumesError("no bundles to run")
+        ids = [m.bundle_id for m in models]
+        if len(set(ids)) != len(ids):
+            raise VolumesError(f"bundle ids must differ, got {ids}")
+        if workers < 0:
+            raise VolumesError(f"workers must be >= 0, got {workers}")
+        self.models = models
+        self.output_dir = Path(output_dir)
+        self.resume = resume
+        self.workers = int(workers)
+        self.figures = figures
+        self.progress = progress
+        from volumes.data.io import LoadVolumed
+
+        self.loader = LoadVolumed("image")
+        self._rank = 0
+
+    # ------------------------------------------------------------------ per case
+    def _case_dir(self, item: Mapping[str, Any]) -> Path:
+        return self.output_dir / str(item["case_id"])
+
+    def _model_keys(self) -> dict[str, str]:
+        return {m.bundle_id: m.model_key for m in self.models}
+
+    def _complete(self, item: Mapping[str, Any], sha: str) -> bool:
+        """Outputs of a previous run are complete for this input and these models."""
+        path = self._case_dir(item) / RECORD
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        if record.get("input_sha256") != sha or record.get("models") != self._model_keys():
+            return False
+        return all((self.output_dir / rel).is_file() for rel in record.get("files", []))
+
+    def _prepare(self, item: dict) -> _Prepared:
+        """Background stages: hash, resume check, load, preprocess. Never raises."""
+        prepared = _Prepared(item=item)
+        stage = "read"
+        try:
+            start = time.perf_counter()
+            prepared.input_sha256 = input_sha256(item)
+            prepared.timings["hash"] = time.perf_counter() - start
+            if self.resume and self._complete(item, prepared.input_sha256):
+                prepared.skip = True
+                return prepared
+            start = time.perf_counter()
+            volume = self.loader({k: v for k, v in item.items() if k != "label"})["image"]
+            prepared.timings["load"] = time.perf_counter() - start
+            prepared.volume = volume
+            stage = "preprocess"
+            for model in self.models:
+                start = time.perf_counter()
+                data = dict(item, image=_fresh(volume))
+                data.pop("label", None)
+                prepared.data[model.bundle_id] = model.predictor.prepare(data)
+                prepared.timings[f"preprocess:{model.bundle_id}"] = time.perf_counter() - start
+        except Exception as exc:  # one bad case never stops the batch
+            prepared.failure = {"stage": stage, "error": _reason(item, exc)}
+            prepared.volume = None
+            prepared.data = {}
+        return prepared
+
+    def _prefetched(self, items: Sequence[dict]) -> Iterator[_Prepared]:
+        """Prepared cases in order, ``workers`` cases ahead of the caller."""
+        if self.workers == 0:
+            for item in items:
+                yield self._prepare(item)
+            return
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="volumes-prefetch")
+        try:
+            upcoming = iter(items)
+            pending = deque(pool.submit(self._prepare, item) for item in itertools.islice(upcoming, self.workers))
+            while pending:
+                done = pending.popleft()
+                following = next(upcoming, None)
+                if following is not None:
+                    pending.append(pool.submit(self._prepare, following))
+                yield done.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _run_models(self, prepared: _Prepared) -> dict[str, Any]:
+        """Network and writing stages of one case; returns its record."""
+        from volumes.segmentation import organ_volumes_ml, to_original_orientation, write_label_map
+
+        item, volume = prepared.item, prepared.volume
+        case_dir = self._case_dir(item)
+        case_dir.mkdir(parents=True, exist_ok=True)
+        rel = lambda path: Path(path).relative_to(self.output_dir).as_posix()  # noqa: E731
+        rows, files = [], []
+        figure_mask, figure_labels, importance, top = None, (), None, ()
+        for model in self.models:
+            bid = model.bundle_id
+            timings = {"hash": prepared.timings.get("hash", 0.0), "load": prepared.timings.get("load", 0.0),
+                       "preprocess": prepared.timings.get(f"preprocess:{bid}", 0.0)}
+            try:
+                start = time.perf_counter()
+                result = model.predictor.predict(prepared.data.pop(bid))
+                timings["infer"] = time.perf_counter() - start
+            except Exception as exc:
+                raise _StageError("infer", exc) from exc
+            row: dict[str, Any] = {
+                "case_id": item["case_id"], "source": str(item["image"]), "input_sha256": prepared.input_sha256,
+                "bundle": bid, "bundle_version": model.version, "task": model.task,
+                "weights_sha256": model.weights_sha256, "outputs": {},
+            }
+            try:
+                start = time.perf_counter()
+                if model.task == "segmentation":
+                    label_map = result["label_map"]
+                    meta = getattr(label_map, "meta", {}) or {}
+                    original = meta.get("original_affine", volume.meta.get("original_affine"))
+                    path = write_label_map(label_map, label_map.affine, case_dir / f"{bid}_seg.nii.gz",
+                                           original_affine=original)
+                    row["outputs"]["segmentation"] = rel(path)
+                    # the mask on the loaded volume's grid (RAS), for volumes, figures and DICOM SEG
+                    mask, _ = to_original_orientation(np.asarray(label_map[0]), np.asarray(label_map.affine),
+                                                      np.asarray(volume.affine))
+                    row["organ_volumes_ml"] = {k: round(v, 3) for k, v in organ_volumes_ml(
+                        mask, _spacing(volume.affine), model.predictor.labels).items()}
+                    if Path(item["image"]).is_dir():
+                        from volumes.inference.dicom_seg import write_dicom_seg
+
+                        seg = write_dicom_seg(mask, np.asarray(volume.affine), item["image"],
+                                              case_dir / f"{bid}_seg.dcm", labels=model.predictor.labels,
+                                              series_uid=item.get("series_uid"))
+                        row["outputs"]["dicom_seg"] = rel(seg)
+                    if figure_mask is None:
+                        figure_mask, figure_labels = mask, model.predictor.labels
+                else:
+                    row.update({k: result[k] for k in ("probabilities", "predicted", "top_slices")})
+                    path = case_dir / f"{bid}_probabilities.json"
+                    content = {k: row[k] for k in ("case_id", "bundle", "probabilities", "predicted", "top_slices")}
+                    content["importance"] = [round(float(v), 6) for v in result["importance"]]
+                    atomic_write_bytes(path, lambda f, c=content: f.write(json.dumps(c, indent=1).encode()))
+                    row["outputs"]["probabilities"] = rel(path)
+                    if importance is None:
+                        importance, top = result["importance"], [s["slice"] for s in result["top_slices"]]
+                timings["write"] = time.perf_counter() - start
+            except Exception as exc:
+                raise _StageError("write", exc) from exc
+            row["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+            files += list(row["outputs"].values())
+            rows.append(row)
+        if self.figures:
+            try:
+                from volumes.inference.report import case_figure
+
+                start = time.perf_counter()
+                depth = volume.shape[-1]
+                # importance is per slice of the classifier's input: drawn when that is the volume's own slices
+                curve = importance if importance is not None and len(importance) == depth else None
+                figure = case_figure(np.asarray(volume[0]), _spacing(volume.affine), case_dir / FIGURE,
+                                     label_map=figure_mask, labels=figure_labels, importance=curve,
+                                     top_slices=top if curve is not None else (), title=str(item["case_id"]))
+                for row in rows:
+                    row["outputs"]["figure"] = rel(figure)
+                    row["timings_s"]["figure"] = round(time.perf_counter() - start, 4)
+                files.append(rel(figure))
+            except Exception as exc:
+                raise _StageError("figure", exc) from exc
+        return {"case_id": item["case_id"], "source": str(item["image"]), "input_sha256": prepared.input_sha256,
+                "models": self._model_keys(), "files": files, "rank": self._rank, "rows": rows}
+
+    def _finish_case(self, prepared: _Prepared) -> str:
+        """Run or skip one prepared case; write its record or failure. Returns the outcome."""
+        item = prepared.item
+        case_dir = self._case_dir(item)
+        if prepared.skip:
+            return "skipped"
+        failure = prepared.failure
+        if failure is None:
+            try:
+                record = self._run_models(prepared)
+            except _StageError as exc:
+                failure = {"stage": exc.stage, "error": _reason(item, exc.error)}
+            else:
+                atomic_write_bytes(case_dir / RECORD, lambda f: f.write(json.dumps(record, indent=1).encode()))
+                (case_dir / FAILURE).unlink(missing_ok=True)
+                return "done"
+        failure = {"case_id": item["case_id"], "source": str(item["image"]), **failure}
+        logger.warning("case %s failed at %s: %s", item["case_id"], failure["stage"], failure["error"])
+        case_dir.mkdir(parents=True, exist_ok=True)
+        (case_dir / RECORD).unlink(missing_ok=True)  # whatever was there is not for this input
+        atomic_write_bytes(case_dir / FAILURE, lambda f: f.write(json.dumps(failure, indent=1).encode()))
+        return "failed"
+
+    # ------------------------------------------------------------------ batch
+    def run(self, items: Sequence[Mapping[str, Any]]) -> InferenceSummary:
+        """Process every case (this process's share under torchrun) and write the merged outputs."""
+        from tqdm.auto import tqdm
+
+        items = [dict(item) for item in items]
+        for item in items:
+            item.setdefault("case_id", Path(str(item["image"])).name.split(".")[0])
+        ids = [item["case_id"] for item in items]
+        if len(set(ids)) != len(ids):
+            raise VolumesError(f"case ids must be unique; repeated: {sorted({i for i in ids if ids.count(i) > 1})}")
+        start = time.perf_counter()
+        rank, world = _dist()
+        self._rank = rank
+        share = items[rank::world]
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        counts = {"done": 0, "skipped": 0, "failed": 0}
+        bar = tqdm(total=len(share), desc="infer" if world == 1 else f"infer [rank {rank}]", unit="case",
+                   disable=not self.progress, position=rank)
+        try:
+            for prepared in self._prefetched(share):
+                outcome = self._finish_case(prepared)
+                counts[outcome] += 1
+                bar.set_postfix(counts, refresh=False)
+                bar.update()
+                del prepared
+        finally:
+            bar.close()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if rank == 0:
+            self.merge(items)
+        if world > 1:
+            totals = torch.tensor([counts["done"], counts["skipped"], counts["failed"]], dtype=torch.long)
+            if dist.get_backend() == "nccl":
+                totals = totals.cuda()
+            dist.all_reduce(totals)
+            counts = dict(zip(("done", "skipped", "failed"), totals.cpu().tolist()))
+            dist.barrier()
+        return InferenceSummary(total=len(items), succeeded=counts["done"], skipped=counts["skipped"],
+                                failed=counts["failed"], seconds=time.perf_counter() - start,
+                                output_dir=self.output_dir)
+
+    # ------------------------------------------------------------------ merged outputs
+    def merge(self, items: Sequence[Mapping[str, Any]]) -> tuple[list[dict], list[dict]]:
+        """Collect every case's record or failure into the tables and the report."""
+        rows, failures = [], []
+        for item in items:
+            case_dir = self._case_dir(item)
+            try:
+                record = json.loads((case_dir / RECORD).read_text())
+                rows.extend(record["rows"])
+                continue
+            except (OSError, ValueError, KeyError):
+                pass
+            try:
+                failures.append(json.loads((case_dir / FAILURE).read_text()))
+            except (OSError, ValueError):
+                failures.append({"case_id": item["case_id"], "source": str(item["image"]), "stage": "unknown",
+                                 "error": "no record and no failure written (the process stopped?)"})
+        jsonl = "".join(json.dumps(row) + "\n" for row in rows)
+        atomic_write_bytes(self.output_dir / "predictions.jsonl", lambda f: f.write(jsonl.encode()))
+        atomic_write_bytes(self.output_dir / "predictions.csv", lambda f: f.write(_csv(rows).encode()))
+        atomic_write_bytes(self.output_dir / "failures.csv", lambda f: f.write(
+            _table(failures, ["case_id", "source", "stage", "error"]).encode()))
+        from volumes.inference.report import write_report
+
+        summary = {"cases": len(items), "succeeded": len({r["case_id"] for r in rows}), "failed": len(failures),
+                   "bundles": ", ".join(f"{m.bundle_id} {m.version}" for m in self.models)}
+        write_report(self.output_dir, rows, failures, summary=summary)
+        return rows, failures
+
+
+def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One predictions.jsonl row as flat CSV cells."""
+    flat = {k: row[k] for k in ("case_id", "source", "input_sha256", "bundle", "bundle_version", "task",
+                                "weights_sha256")}
+    flat["predicted"] = row.get("predicted", "")
+    for name, p in row.get("probabilities", {}).items():
+        flat[f"p_{name}"] = p
+    if "top_slices" in row:
+        flat["top_slices"] = " ".join(str(s["slice"]) for s in row["top_slices"])
+    for organ, ml in row.get("organ_volumes_ml", {}).items():
+        flat[f"volume_ml_{organ}"] = ml
+    for key, path in row.get("outputs", {}).items():
+        flat[f"file_{key}"] = path
+    for stage, seconds in row.get("timings_s", {}).items():
+        flat[f"time_{stage}_s"] = seconds
+    return flat
+
+
+def _table(rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    flat = [_flat(row) for row in rows]
+    fields: dict[str, None] = dict.fromkeys(["case_id", "source", "input_sha256", "bundle", "bundle_version", "task",
+                                             "weights_sha256", "predicted"])
+    for row in flat:
+        fields.update(dict.fromkeys(row))
+    return _table(flat, list(fields))
