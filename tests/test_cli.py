@@ -19,8 +19,26 @@ def cohort(tmp_path_factory):
     return out
 
 
-def test_demo_writes_one_embedding_per_slice(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--n", "2", "--size", "56"]) == 0
+def test_quick_demo_trains_both_bundles_and_runs_batch_inference(tmp_path, capsys):
+    """The main job end to end with tiny networks: train, infer on phantoms (NIfTI and DICOM), score."""
+    from volumes.demo import SHARED
+
+    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean Dice" in printed and str(tmp_path / "infer" / "report.html") in printed
+    for bundle in ("dinov2_unet_segmentation", "dinov2_slice_classification"):
+        assert (tmp_path / "bundles" / bundle / "models" / "model.pt").is_file()
+    scores = json.loads((tmp_path / "demo_scores.json").read_text())
+    assert scores["phantom_cases_scored"] >= 2 and 0.0 <= scores["mean_dice"] <= 1.0
+    rows = [json.loads(line) for line in (tmp_path / "infer" / "predictions.jsonl").read_text().splitlines()]
+    cases = {row["case_id"] for row in rows}
+    assert any(case.endswith("_dicom") and case.startswith("seg_") for case in cases)
+    assert ("real_example_ct" in cases and "real_example_ct_dicom" in cases) == SHARED.is_dir()
+    assert (tmp_path / "infer" / "failures.csv").read_text().count("\n") == 1  # header only
+
+
+def test_embed_writes_one_embedding_per_slice(cohort, tmp_path, capsys):
+    assert main(["embed", "--input", str(cohort / "datalist.json"), "--out", str(tmp_path), "--size", "56"]) == 0
     printed = capsys.readouterr().out
     assert "embedded 2/2 cases" in printed and "centred cosine similarity" in printed
     rows = [json.loads(line) for line in (tmp_path / "embeddings.jsonl").read_text().splitlines()]

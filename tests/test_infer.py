@@ -252,3 +252,25 @@ def test_torchrun_splits_the_cases_and_merges_one_table(run, tmp_path):
     assert sorted(r["case_id"] for r in rows) == sorted(["p0", "p0", "p0_copy", "p0_copy", "p1", "p1"])
     with open(output / "predictions.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 6
+
+
+def test_bundles_share_the_loaded_voxels_without_changing_them(run):
+    """Each bundle's preprocessing gets the loaded volume without a copy; none may write into it."""
+    from volumes.inference import load_bundle
+    from volumes.inference.runner import _fresh
+
+    overrides = {"encoder_model_kwargs": {"depth": 2}, "preprocessing_config#size": 56}
+    models = [load_bundle(b, weights=w, overrides=overrides) for b, w in zip(BUNDLES.values(), run["weights"])]
+    from volumes.data.io import LoadVolumed
+
+    volume = LoadVolumed("image")({"image": str(run["good"]["p0"])})["image"]
+    before = volume.clone()
+    trace = [op["class"] for op in volume.applied_operations]  # loading records its reorientation
+    for model in models:
+        shared = _fresh(volume)
+        assert shared.data_ptr() == volume.data_ptr()
+        data = model.predictor.prepare({"image": shared, "case_id": "p0"})
+        assert data["image"].shape[0] == 3
+        model.predictor.predict(data)
+    assert torch.equal(volume.as_tensor(), before.as_tensor())
+    assert [op["class"] for op in volume.applied_operations] == trace  # each bundle had its own trace

@@ -369,3 +369,33 @@ def test_transforms_build_from_bundle_config():
 def test_prepare_slices_accepts_plain_arrays():
     out = PrepareSlicesd("image")({"image": np.random.rand(1, 20, 15, 4).astype(np.float32)})["image"]
     assert tuple(out.shape) == (3, 28, 28, 4)
+
+
+def test_resize_in_plane_is_the_same_in_chunks_and_keeps_voxel_centres():
+    from monai.data import MetaTensor
+
+    from volumes.transforms import resize_in_plane
+
+    generator = torch.Generator().manual_seed(0)
+    volume = MetaTensor(torch.rand(2, 40, 30, 10, generator=generator), affine=torch.diag(torch.tensor([2.0, 3.0, 5.0, 1.0])))
+    whole, info = resize_in_plane(volume, (20, 15), "trilinear", chunk=100)
+    chunked, _ = resize_in_plane(volume, (20, 15), "trilinear", chunk=3)
+    assert whole.shape == (2, 20, 15, 10)
+    assert torch.equal(whole.as_tensor(), chunked.as_tensor())
+    # halving the grid: voxel (0, 0) of the output is centred between input voxels 0 and 1
+    expected = torch.tensor([[4.0, 0, 0, 1.0], [0, 6.0, 0, 1.5], [0, 0, 5.0, 0], [0, 0, 0, 1]], dtype=torch.float64)
+    assert torch.allclose(whole.affine.double(), expected)
+    assert info["orig_size"] == (40, 30, 10)
+    # antialiased shrinking averages: a constant stays constant, a checkerboard goes grey
+    board = MetaTensor(((torch.arange(40)[:, None] + torch.arange(30)[None]) % 2).float()[None, ..., None].repeat(1, 1, 1, 4))
+    grey, _ = resize_in_plane(board, (10, 15), "trilinear")
+    assert torch.allclose(grey.as_tensor(), torch.full_like(grey.as_tensor(), 0.5), atol=0.05)
+
+
+def test_resize_in_plane_keeps_label_values_and_dtype():
+    from volumes.transforms import resize_in_plane
+
+    labels = torch.randint(0, 7, (1, 12, 8, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    up, _ = resize_in_plane(labels, (24, 16), "nearest", antialias=True)
+    assert up.dtype == torch.uint8
+    assert torch.equal(up[:, ::2, ::2], labels)  # nearest-exact doubling repeats every voxel

@@ -1,6 +1,7 @@
 """The ``volumes`` command line.
 
-    python -m volumes demo --out runs/demo          the main job on built-in phantom data
+    python -m volumes demo --out runs/demo          the main job: train both bundles briefly on
+                                                    phantoms, then batch inference with a report
     python -m volumes phantoms --out DIR --n N      write a synthetic CT cohort
     python -m volumes embed --input SRC --out DIR   embed every slice of every case
     python -m volumes infer --bundle B [--bundle B2] --input SRC --output DIR
@@ -55,18 +56,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from volumes.data.discovery import discover_cases
-    from volumes.data.phantoms import write_cohort
-    from volumes.embedding import embed_cases, summarize
+    from volumes.demo import run_demo
 
-    out = Path(args.out)
-    print(f"[1/2] writing {args.n} synthetic CT phantoms to {out / 'cohort'}")
-    datalist = write_cohort(out / "cohort", n=args.n, seed=args.seed)
-    cases = discover_cases(datalist)
-    print(f"[2/2] embedding {len(cases)} cases with {args.encoder} (random weights unless --weights/--pretrained)")
-    rows = embed_cases(cases, out, _embed_config(args))
-    print(summarize(rows, out))
-    return 1 if any("error" in r for r in rows) else 0
+    return run_demo(args.out, quick=args.quick, workers=args.workers)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -222,11 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="volumes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job on built-in phantom data")
+    demo = sub.add_parser("demo", help="the main job: train both bundles briefly on phantoms, then volumes infer")
     demo.add_argument("--out", default="runs/demo", help="output folder")
-    demo.add_argument("--n", type=int, default=6, help="number of phantom cases")
-    demo.add_argument("--seed", type=int, default=0)
-    _add_embed_options(demo)
+    demo.add_argument("--quick", action="store_true", help="tiny networks and cohorts (a smoke test, about 2 min)")
+    demo.add_argument("--workers", type=int, default=1, help="prefetch threads of volumes infer")
     demo.set_defaults(func=cmd_demo)
 
     sub.add_parser("phantoms", help="write a synthetic CT phantom cohort (see: phantoms --help)", add_help=False)

@@ -156,10 +156,10 @@ def per_case_metrics(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.
 def organ_volumes_ml(label_map: np.ndarray | torch.Tensor, spacing: Sequence[float],
                      labels: Sequence[str] = DEFAULT_LABELS) -> dict[str, float]:
     """Volume in mL of every labelled organ in ``label_map [X, Y, Z]`` (background skipped)."""
-    values = np.asarray(label_map).astype(np.int64).ravel()
-    counts = np.bincount(values, minlength=len(labels))
+    values = _as_numpy(label_map)
     voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
-    return {name: float(counts[i] * voxel_ml) for i, name in enumerate(labels) if i > 0}
+    # one comparison per organ: no int64 copy of a CT-sized map (np.bincount would make one)
+    return {name: float(np.count_nonzero(values == i) * voxel_ml) for i, name in enumerate(labels) if i > 0}
 
 
 def _as_numpy(x: Any) -> np.ndarray:

@@ -49,7 +49,6 @@ from monai.transforms import (
     InvertibleTransform,
     MapTransform,
     Pad,
-    Resize,
     Spacingd,
 )
 from monai.transforms.inverse import TraceableTransform
@@ -117,7 +116,8 @@ def window_ct(x: np.ndarray | torch.Tensor, level: float, width: float) -> np.nd
         raise ValueError(f"window width must be > 0, got {width}")
     low = level - width / 2.0
     if isinstance(x, torch.Tensor):
-        return ((x.float() - low) / width).clamp_(0.0, 1.0)
+        # one new tensor, then in place: no extra volume-sized temporaries
+        return x.float().sub(low).div_(width).clamp_(0.0, 1.0)
     return np.clip((np.asarray(x, dtype=np.float32) - np.float32(low)) / np.float32(width), 0.0, 1.0)
 
 
@@ -196,8 +196,12 @@ class IntensityPresetd(MapTransform):
         if self.preset == "ct_three_windows":
             if img.shape[0] != 1:
                 raise ValueError(f"preset 'ct_three_windows' needs a 1-channel CT volume, got shape {tuple(img.shape)}")
-            plain = img.as_tensor() if isinstance(img, MetaTensor) else img
-            stacked = torch.cat([window_ct(plain, *CT_WINDOWS[name]) for name in THREE_WINDOWS], dim=0)
+            plain = (img.as_tensor() if isinstance(img, MetaTensor) else img).float()
+            stacked = torch.empty((len(THREE_WINDOWS), *plain.shape[1:]), dtype=torch.float32)
+            for channel, name in enumerate(THREE_WINDOWS):  # filled in place: no list of copies to concatenate
+                level, width = CT_WINDOWS[name]
+                torch.sub(plain[0], level - width / 2.0, out=stacked[channel])
+                stacked[channel].div_(width).clamp_(0.0, 1.0)
             return _with_meta_of(stacked, img)
         plain = img.as_tensor() if isinstance(img, MetaTensor) else img
         channels = [mr_normalize(channel) for channel in plain]
@@ -317,13 +321,19 @@ class PrepareSlicesd(MapTransform, InvertibleTransform):
     back to ``[K, X, Y, Z]`` with the loaded affine. Not lazy-capable.
 
     Args:
-        keys: image keys (values in ``[0, 1]`` from :class:`IntensityPresetd`).
+        keys: image keys (values in ``[0, 1]`` from :class:`IntensityPresetd`, or raw with ``preset``).
         axis: "sagittal", "coronal" or "axial" (see :data:`SLICE_AXES`; assumes RAS).
         channel_mode: "repeat", "2.5d" or "windows" (see :func:`to_three_channels`).
         patch_size: encoder patch size (14 DINOv2, 16 DINOv3).
         size: target longer in-plane side, or None to keep the scale and only pad.
         label_keys: keys resampled on the same grid without intensity changes.
         image_mode: interpolation for image keys when resizing.
+        preset: an intensity preset (:class:`IntensityPresetd`) applied to image keys
+            after (1)-(3), on the resized slices instead of the full-resolution volume.
+            For CT windows, which act voxel by voxel, this gives the same result up to
+            interpolation at window edges, and the three-window preset never makes a
+            three-channel copy of a 512 x 512 x N volume. None: the input is already
+            in ``[0, 1]``.
         anti_aliasing: Gaussian pre-filter when shrinking image keys.
         allow_missing_keys: skip keys that are absent.
     """
@@ -338,6 +348,7 @@ class PrepareSlicesd(MapTransform, InvertibleTransform):
         label_keys: KeysCollection = (),
         image_mode: str = "trilinear",
         anti_aliasing: bool = True,
+        preset: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         _check_choice("axis", axis, tuple(SLICE_AXES))
@@ -354,6 +365,7 @@ class PrepareSlicesd(MapTransform, InvertibleTransform):
         self.size = None if size is None else int(size)
         self.image_mode = image_mode
         self.anti_aliasing = anti_aliasing
+        self.intensity = None if preset is None else IntensityPresetd(image_keys, preset=preset)
         # one shared Pad instance so its own inverse() recognises the entries it recorded
         self._pad = Pad()
 
@@ -369,6 +381,8 @@ class PrepareSlicesd(MapTransform, InvertibleTransform):
             is_label = key in self.label_keys
             img = self._geometry(d[key], is_label)
             if not is_label:
+                if self.intensity is not None:
+                    img = self.intensity.apply(img)
                 img = imagenet_normalize(to_three_channels(img, self.channel_mode))
             d[key] = img
         return d
@@ -384,10 +398,7 @@ class PrepareSlicesd(MapTransform, InvertibleTransform):
         resize_info = None
         if resized != tuple(out.shape[1:3]):
             mode = "nearest-exact" if is_label else self.image_mode
-            resizer = Resize(spatial_size=(*resized, -1), mode=mode, anti_aliasing=self.anti_aliasing and not is_label)
-            # Resize computes in float32; labels keep their integer dtype
-            out = resizer(out).to(img.dtype) if is_label else resizer(out)
-            resize_info = self._pop_inner(out)
+            out, resize_info = resize_in_plane(out, resized, mode, antialias=self.anti_aliasing and not is_label)
         # pad value = image minimum, so the border looks like the darkest tissue (0 after windowing)
         value = 0.0 if is_label or out.numel() == 0 else float(out.min())
         out = self._pad(out, to_pad=((0, 0), *pad, (0, 0)), value=value)
@@ -427,20 +438,60 @@ def _undo_resize(img: torch.Tensor, resize_info: Mapping) -> torch.Tensor:
     even for nearest-neighbour (MONAI 1.4-1.6), which blurs label maps into
     non-integer values. Nearest modes become "nearest-exact" (voxel centres
     aligned, as the affine assumes; torch's "nearest" shifts by up to half a voxel).
+    Slices stay slices: only the in-plane size changes (:func:`resize_in_plane`).
     """
     mode = resize_info[TraceKeys.EXTRA_INFO]["mode"]
     nearest = mode in _NEAREST_MODES
-    align_corners = resize_info[TraceKeys.EXTRA_INFO].get("align_corners")
-    resizer = Resize(
-        spatial_size=resize_info[TraceKeys.ORIG_SIZE],
-        mode="nearest-exact" if nearest else mode,
-        align_corners=None if nearest or align_corners == TraceKeys.NONE else align_corners,
-        anti_aliasing=not nearest,
-    )
-    with resizer.trace_transform(False):
-        out = resizer(img)
-    # Resize computes in float32; a nearest-mode label map keeps its dtype
-    return out.to(img.dtype) if nearest else out
+    x, y, z = (int(v) for v in resize_info[TraceKeys.ORIG_SIZE])
+    if z != img.shape[-1]:
+        raise ValueError(f"cannot undo an in-plane resize: {img.shape[-1]} slices, {z} recorded")
+    # in chunks of slices like the forward resize; a nearest-mode label map keeps its dtype
+    out, _ = resize_in_plane(img, (x, y), "nearest-exact" if nearest else mode, antialias=not nearest)
+    return out
+
+
+# in-plane equivalents of the 3D interpolation modes (the slice axis is never resampled)
+_IN_PLANE_MODES = {"trilinear": "bilinear", "bilinear": "bilinear", "bicubic": "bicubic", "area": "area",
+                   "nearest": "nearest-exact", "nearest-exact": "nearest-exact"}
+# slices resized per pass: bounds the float32 temporaries whatever the slice count
+RESIZE_CHUNK = 32
+
+
+def resize_in_plane(img: torch.Tensor, size: Sequence[int], mode: str = "trilinear", *, antialias: bool = True,
+                    chunk: int = RESIZE_CHUNK) -> tuple[torch.Tensor, dict | None]:
+    """``[C, X, Y, Z]`` -> ``[C, h, w, Z]``: every slice resized in its plane, ``chunk`` slices at a time.
+
+    torch's ``interpolate`` on 2D slices (``antialias`` for bilinear/bicubic shrinking),
+    written into one preallocated output, so memory beyond input and output stays at one
+    chunk: MONAI's ``Resize`` smooths and interpolates the whole 3D volume at once, which
+    on a 512 x 512 x 768 CT in three channels needs tens of GB. The affine follows (voxel
+    centres aligned, ``align_corners=False``). Returns the image and a trace entry in the
+    layout of MONAI's ``Resize`` (original size, mode) for :func:`_undo_resize`.
+    """
+    if mode not in _IN_PLANE_MODES:
+        raise ConfigError("resize mode", mode, sorted(_IN_PLANE_MODES))
+    plain = img.as_tensor() if isinstance(img, MetaTensor) else img
+    c, x, y, z = plain.shape
+    h, w = (int(v) for v in size)
+    two_d = _IN_PLANE_MODES[mode]
+    smooth = antialias and two_d in ("bilinear", "bicubic")
+    nearest = two_d == "nearest-exact"
+    out = torch.empty((c, h, w, z), dtype=plain.dtype if nearest else torch.float32)
+    for start in range(0, z, chunk):
+        part = plain[..., start:start + chunk].permute(3, 0, 1, 2).float()  # [n, C, X, Y]
+        kwargs = {} if nearest or two_d == "area" else {"align_corners": False}
+        resized = torch.nn.functional.interpolate(part, size=(h, w), mode=two_d, antialias=smooth, **kwargs)
+        out[..., start:start + chunk] = resized.permute(1, 2, 3, 0).to(out.dtype)
+    if not isinstance(img, MetaTensor):
+        return out, None
+    scale = torch.eye(4, dtype=torch.float64)
+    for axis, (before, after) in enumerate(((x, h), (y, w))):
+        factor = before / after
+        scale[axis, axis] = factor
+        scale[axis, 3] = (factor - 1.0) / 2.0  # voxel centres stay aligned
+    meta = TraceableTransform.track_transform_meta(img, affine=scale, transform_info=None)
+    info = {TraceKeys.ORIG_SIZE: (x, y, z), TraceKeys.EXTRA_INFO: {"mode": mode, "align_corners": TraceKeys.NONE}}
+    return MetaTensor(out).copy_meta_from(meta), info
 
 
 def _permute_spatial(img: torch.Tensor, permutation: Sequence[int]) -> torch.Tensor:
@@ -476,7 +527,11 @@ def preprocessing(
     size: int | None = None,
     spacing: Sequence[float] | float | None = None,
 ) -> Compose:
-    """Loaded volumes -> encoder input: ``[Spacingd] -> IntensityPresetd -> PrepareSlicesd -> EnsureTyped``.
+    """Loaded volumes -> encoder input: ``[Spacingd] -> PrepareSlicesd (with the CT window) -> EnsureTyped``.
+
+    CT presets are applied inside :class:`PrepareSlicesd`, after the in-plane resize, so
+    memory stays near the volume's own size; the MR preset runs first, as
+    ``[Spacingd] -> IntensityPresetd -> PrepareSlicesd -> EnsureTyped``.
 
     Assumes the dict already holds loaded, RAS-oriented MetaTensors
     ``[C, X, Y, Z]``. The result is invertible with ``Invertd`` (Spacingd and
@@ -498,13 +553,18 @@ def preprocessing(
     if spacing is not None:
         modes = ("bilinear",) * len(image_keys) + ("nearest",) * len(labels)
         steps.append(Spacingd((*image_keys, *labels), pixdim=spacing, mode=modes))
-    steps += [
-        IntensityPresetd(image_keys, preset=preset),
-        PrepareSlicesd(
-            image_keys, axis=axis, channel_mode=channel_mode, patch_size=patch_size, size=size, label_keys=labels
-        ),
-        EnsureTyped((*image_keys, *labels), dtype=None),
-    ]
+    if preset in CT_WINDOWS or preset == "ct_three_windows":
+        # CT windows act voxel by voxel: window the resized slices, not the full volume
+        steps.append(PrepareSlicesd(image_keys, axis=axis, channel_mode=channel_mode, patch_size=patch_size,
+                                    size=size, label_keys=labels, preset=preset))
+    else:
+        # MR normalisation uses the volume's percentiles: before the padding adds voxels
+        steps += [
+            IntensityPresetd(image_keys, preset=preset),
+            PrepareSlicesd(image_keys, axis=axis, channel_mode=channel_mode, patch_size=patch_size, size=size,
+                           label_keys=labels),
+        ]
+    steps.append(EnsureTyped((*image_keys, *labels), dtype=None))
     return Compose(steps)
 
 

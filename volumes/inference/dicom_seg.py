@@ -24,6 +24,7 @@ written atomically.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +35,9 @@ from volumes import __version__
 from volumes._optional import require
 from volumes.atomic import atomic_path
 from volumes.data.dicom import check_dicom_series
+
+# highdicom logs every copied DICOM module at INFO; a batch of SEGs would drown the log.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 # Largest distance, in voxels, between a source pixel's position and the nearest
 # label voxel centre: DS strings carry ~1e-4 mm, far below this.

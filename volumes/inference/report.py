@@ -136,10 +136,16 @@ def _radiological(plane: np.ndarray) -> np.ndarray:
     return plane.T[::-1, ::-1]
 
 
-def _nearest_with_foreground(labels: np.ndarray, axis: int, index: int) -> int:
-    """``index``, or the plane along ``axis`` nearest to it that holds foreground."""
-    others = tuple(a for a in range(labels.ndim) if a != axis)
-    planes = np.flatnonzero((labels > 0).any(axis=others))
+def _foreground_profiles(labels: np.ndarray) -> list[np.ndarray]:
+    """Foreground voxel counts per plane along each axis (no coordinate arrays: a CT-sized
+    label map has millions of foreground voxels)."""
+    foreground = labels > 0
+    return [np.count_nonzero(foreground, axis=tuple(a for a in range(3) if a != axis)) for axis in range(3)]
+
+
+def _nearest_with_foreground(profile: np.ndarray, index: int) -> int:
+    """``index``, or the plane nearest to it that holds foreground (``profile``: counts per plane)."""
+    planes = np.flatnonzero(profile)
     if len(planes) == 0 or index in planes:
         return index
     return int(planes[np.argmin(np.abs(planes - index))])
@@ -150,14 +156,14 @@ def _cut_positions(
 ) -> tuple[int, int, int]:
     """(x, y, z) of the sagittal, coronal and axial cuts."""
     centre = [s // 2 for s in shape]
-    if labels is not None:
-        foreground = np.argwhere(labels > 0)
-        if len(foreground):
-            centre = [int(round(float(c))) for c in foreground.mean(axis=0)]
+    profiles = _foreground_profiles(labels) if labels is not None else None
+    found = profiles is not None and profiles[0].sum() > 0
+    if found:
+        centre = [int(round(float(np.arange(len(p)) @ p / p.sum()))) for p in profiles]
     x, y, z = (min(max(c, 0), s - 1) for c, s in zip(centre, shape))
-    if labels is not None and len(foreground):
+    if found:
         # A centroid can fall between organs; then cut at the nearest plane that shows some.
-        x, y, z = (_nearest_with_foreground(labels, axis, c) for axis, c in enumerate((x, y, z)))
+        x, y, z = (_nearest_with_foreground(profile, c) for profile, c in zip(profiles, (x, y, z)))
     if importance is not None:
         finite = np.where(np.isfinite(importance), importance, -np.inf)
         if np.isfinite(finite).any():
@@ -167,7 +173,13 @@ def _cut_positions(
 
 def _legend_labels(labels: np.ndarray, names: Sequence[str]) -> tuple[list[tuple[int, str]], int]:
     """(index, name) of the labels present (the largest :data:`MAX_LEGEND_ENTRIES`), and how many more."""
-    values, counts = np.unique(labels[labels > 0], return_counts=True)
+    top = int(labels.max()) if labels.size else 0
+    if top <= 255:  # the usual case: count each value in place, no sorted copy of the foreground
+        counts = np.array([np.count_nonzero(labels == k) for k in range(1, top + 1)], dtype=np.int64)
+        values = np.flatnonzero(counts) + 1
+        counts = counts[values - 1]
+    else:
+        values, counts = np.unique(labels[labels > 0], return_counts=True)
     order = np.argsort(-counts, kind="stable")[:MAX_LEGEND_ENTRIES]
     shown = sorted(int(values[i]) for i in order)
     entries = [(k, str(names[k]) if k < len(names) and names[k] else f"label {k}") for k in shown]
@@ -240,8 +252,12 @@ def case_figure(
         lab = _to_numpy(label_map, "label_map")
         if lab.shape != shape:
             raise ValueError(f"label_map shape {lab.shape} differs from the volume's {shape}")
-        lab = np.rint(lab).astype(np.int64) if lab.dtype.kind == "f" else lab.astype(np.int64)
-        lab = np.where(lab > 0, lab, 0)
+        if lab.dtype.kind == "f":
+            lab = np.rint(lab).astype(np.int32)
+        elif lab.dtype.kind == "b":
+            lab = lab.view(np.uint8)
+        # integer maps are used as they are (uint8 from the segmenter: no CT-sized copy);
+        # negative values count as background where they are used
 
     imp: np.ndarray | None = None
     if importance is not None:

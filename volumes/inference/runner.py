@@ -126,12 +126,18 @@ def _reason(item: Mapping[str, Any], exc: BaseException) -> str:
 
 
 def _fresh(volume: Any) -> Any:
-    """A copy of a loaded MetaTensor that a bundle's transforms may change freely."""
-    out = volume.clone()
-    if hasattr(volume, "meta"):
-        out.meta = copy.deepcopy(dict(volume.meta))
-        out.applied_operations = copy.deepcopy(volume.applied_operations)
-    return out
+    """The loaded volume for one bundle's transforms: the same voxels (no copy), its own metadata.
+
+    The preprocessing makes new tensors rather than writing into its input (tested), so the
+    voxels can be shared; metadata and the trace of applied operations are per bundle,
+    because each bundle's ``Invertd`` reads and pops its own trace.
+    """
+    from monai.data import MetaTensor
+
+    if not isinstance(volume, MetaTensor):
+        return volume
+    return MetaTensor(volume.as_tensor(), meta=copy.deepcopy(dict(volume.meta)),
+                      applied_operations=copy.deepcopy(volume.applied_operations))
 
 
 def _spacing(affine: Any) -> list[float]:

@@ -1,0 +1,480 @@
+"""Throughput and memory of ``python -m volumes infer`` on CT-sized volumes of several slice counts.
+
+    .venv/bin/python scripts/bench_infer.py                      # 64, 256, 768 slices of 512 x 512
+    .venv/bin/python scripts/bench_infer.py --slices 8 16 --size 128 --depth 2 --threads 1   # a quick check
+
+For every slice count N the script
+
+1. writes (once, cached under ``OUT/volumes``) a synthetic CT: int16 NIfTI of
+   ``size x size x N`` voxels, 0.8 mm in-plane, 1.5 mm slices, LPS-stored as ITK writes
+   an axial DICOM series - air (-1000 HU), a body with subcutaneous fat and ~40 HU soft
+   tissue, liver, spleen, kidneys, aorta, lungs in the upper slices, a vertebra and a rib
+   ring, 20 HU noise - generated with numpy in z chunks and streamed to the file;
+2. hard-links it ``--cases`` times into ``OUT/runs/slices_N/input`` (the same bytes under
+   different case names);
+3. runs the batch inference in a child process - this script with ``--child``: it builds
+   the bundles with :func:`volumes.inference.load_bundle` and runs
+   :class:`volumes.inference.BatchInference` exactly as ``python -m volumes infer`` does
+   (random-initialised weights written to ``OUT/weights``, ``--set`` overrides for
+   ``--depth``), so it can read its own resident memory in between.
+
+Measured per slice count:
+
+* wall time of the child (Python start-up, imports, model building, the batch);
+* cases/min from the batch's own run time (the ``N cases: ... in T s`` summary line that
+  ``volumes infer`` prints) and from the wall time;
+* RSS of the child right after the models are built (baseline), its peak RSS
+  (``getrusage(RUSAGE_SELF).ru_maxrss`` at the end, so per child, not the maximum over
+  all children), growth = peak - baseline, and growth divided by the volume's size as
+  float32 (``size * size * N * 4`` bytes): roughly how many full-size float32 copies of
+  one volume are alive at the peak;
+* median over cases of the stage timings in ``predictions.jsonl`` (load, preprocess,
+  infer, write, figure; preprocess / infer / write summed over the bundles, load and
+  figure are shared by the bundles of a case).
+
+A markdown table is printed and written with the same data as JSON to
+``OUT/bench_infer.md`` and ``OUT/bench_infer.json`` (atomically, after every slice
+count, so a run stopped early keeps what it measured). The exact command that
+reproduces a run is printed with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = {
+    "seg": ROOT / "bundles" / "dinov2_unet_segmentation",
+    "cls": ROOT / "bundles" / "dinov2_slice_classification",
+}
+SPACING_MM = (0.8, 0.8, 1.5)
+GENERATOR_VERSION = 1  # part of the cache file name: bump when the phantom changes
+CHUNK_SLICES = 16  # slices generated at once (bounds the float32 temporaries)
+RESULT_MARKER = "BENCH_INFER_RESULT "
+SUMMARY = re.compile(  # InferenceSummary.line(), as `volumes infer` prints it
+    r"^(\d+) cases: (\d+) done, (\d+) already complete \(resume\), (\d+) failed in ([\d.]+) s; report:")
+STAGES = ("load", "preprocess", "infer", "write", "figure")
+PER_CASE_STAGES = ("hash", "load", "figure")  # the runner repeats these in every bundle's row of a case
+MIB = 2**20
+
+
+# ---------------------------------------------------------------- synthetic CT
+
+def _ellipse(u: np.ndarray, v: np.ndarray, cu: float, cv: float, au: float, av: float) -> np.ndarray:
+    """``((u - cu) / au)^2 + ((v - cv) / av)^2``: <= 1 inside the ellipse."""
+    return ((u - cu) / au) ** 2 + ((v - cv) / av) ** 2
+
+
+def ct_chunks(size: int, slices: int, seed: int = 0, chunk: int = CHUNK_SLICES) -> Iterator[np.ndarray]:
+    """A synthetic abdominal / lower-chest CT in HU as int16 ``[size, size, k]`` chunks along z.
+
+    Array axis 0 runs to the patient's left, axis 1 to posterior (LPS storage), axis 2 to
+    superior. Organ positions are fractions of the field of view and of the z extent, so
+    every slice count shows the same anatomy, squeezed or stretched along z.
+    """
+    rng = np.random.default_rng(seed)
+    fov = size * SPACING_MM[0]
+    centre = (np.arange(size, dtype=np.float32) - (size - 1) / 2) * SPACING_MM[0]
+    u = centre[:, None, None]  # mm towards the patient's left
+    v = centre[None, :, None]  # mm towards posterior
+    # in-plane terms of every shape, computed once: [size, size, 1]
+    body = _ellipse(u, v, 0.0, 0.02 * fov, 0.40 * fov, 0.28 * fov)
+    lung_r = _ellipse(u, v, -0.17 * fov, 0.0, 0.13 * fov, 0.17 * fov)
+    lung_l = _ellipse(u, v, 0.17 * fov, 0.0, 0.12 * fov, 0.17 * fov)
+    liver = _ellipse(u, v, -0.15 * fov, -0.01 * fov, 0.17 * fov, 0.14 * fov)
+    spleen = _ellipse(u, v, 0.21 * fov, 0.08 * fov, 0.06 * fov, 0.08 * fov)
+    kidney_r = _ellipse(u, v, -0.11 * fov, 0.11 * fov, 0.04 * fov, 0.06 * fov)
+    kidney_l = _ellipse(u, v, 0.11 * fov, 0.11 * fov, 0.04 * fov, 0.06 * fov)
+    aorta = _ellipse(u, v, 0.03 * fov, 0.07 * fov, 0.025 * fov, 0.025 * fov)
+    vertebra = _ellipse(u, v, 0.0, 0.15 * fov, 0.05 * fov, 0.045 * fov)
+    angle = np.arctan2(v, u)
+    for z0 in range(0, slices, chunk):
+        z1 = min(slices, z0 + chunk)
+        t = (np.arange(z0, z1, dtype=np.float32) / max(slices - 1, 1))[None, None, :]  # 0 inferior .. 1 superior
+        girth = (0.92 + 0.08 * np.sin(np.pi * t)) ** 2  # the body is widest mid-volume
+        ellipsoid = lambda plane, tc, at: plane + ((t - tc) / at) ** 2 <= 1  # noqa: E731
+        hu = np.full((size, size, z1 - z0), -1000.0, dtype=np.float32)
+        inside = body <= girth
+        hu[inside] = -100.0  # subcutaneous fat
+        hu[body <= 0.82 * girth] = 40.0  # muscle and soft tissue
+        lungs = ((lung_r <= 1) | (lung_l <= 1)) & (t > 0.7)
+        hu[lungs] = -850.0
+        hu[ellipsoid(liver, 0.55, 0.25)] = 60.0
+        hu[ellipsoid(spleen, 0.55, 0.15)] = 50.0
+        hu[ellipsoid(kidney_r, 0.3, 0.12) | ellipsoid(kidney_l, 0.32, 0.12)] = 150.0  # enhancing cortex
+        hu[np.broadcast_to(aorta <= 1, hu.shape)] = 180.0
+        hu[np.broadcast_to(vertebra <= 1, hu.shape)] = 700.0  # cortical shell
+        hu[np.broadcast_to(vertebra <= 0.6, hu.shape)] = 250.0  # cancellous core
+        # ribs: a broken elliptical ring whose gaps turn from slice to slice, over the upper two thirds
+        ring = (body >= 0.70 * girth) & (body <= 0.75 * girth) & (np.cos(14 * angle + 9 * np.pi * t) > 0.3) & (t > 0.35)
+        hu[ring] = 600.0
+        hu += rng.standard_normal(hu.shape, dtype=np.float32) * 20.0
+        np.clip(hu, -1024, 3071, out=hu)
+        yield np.rint(hu).astype(np.int16)
+
+
+def ct_affine(size: int) -> np.ndarray:
+    """RAS affine of LPS-stored voxels centred on the in-plane origin."""
+    affine = np.diag([-SPACING_MM[0], -SPACING_MM[1], SPACING_MM[2], 1.0])
+    affine[:2, 3] = (size - 1) / 2 * SPACING_MM[0]
+    return affine
+
+
+def write_ct(path: Path, size: int, slices: int, seed: int = 0) -> None:
+    """Stream the synthetic CT into a ``.nii.gz`` chunk by chunk (never the whole array in memory)."""
+    import nibabel as nib
+
+    from volumes.atomic import atomic_path
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape((size, size, slices))
+    header.set_zooms(SPACING_MM)
+    affine = ct_affine(size)
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header.set_xyzt_units("mm", "sec")
+    header.set_data_offset(352)  # single-file NIfTI-1: 348-byte header + 4-byte extension flag
+    with (atomic_path(path) as tmp, open(tmp, "wb") as raw,
+          gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as stream):
+        header.write_to(stream)
+        for block in ct_chunks(size, slices, seed):
+            stream.write(block.tobytes(order="F"))  # NIfTI voxel order: x fastest, then y, then z
+
+
+def cached_ct(folder: Path, size: int, slices: int) -> Path:
+    """The synthetic CT for this size, written on first use."""
+    path = folder / f"ct_{size}x{size}x{slices}_v{GENERATOR_VERSION}.nii.gz"
+    if not path.is_file():
+        start = time.perf_counter()
+        write_ct(path, size, slices)
+        print(f"wrote {path} ({path.stat().st_size / MIB:.1f} MiB) in {time.perf_counter() - start:.1f} s", flush=True)
+    return path
+
+
+def case_folder(folder: Path, volume: Path, cases: int) -> Path:
+    """``folder`` emptied and holding ``cases`` hard links (or copies) of ``volume``."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for index in range(cases):
+        target = folder / f"case_{index:03d}.nii.gz"
+        try:
+            os.link(volume, target)
+        except OSError:  # another file system, or no hard links
+            shutil.copyfile(volume, target)
+    return folder
+
+
+# ---------------------------------------------------------------- weights
+
+def write_weights(folder: Path, bundles: Sequence[str], overrides: dict[str, Any]) -> list[Path]:
+    """Random-initialised checkpoints (seed 0) of the bundles' networks with ``overrides`` applied."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    paths = []
+    for name in bundles:
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES[name] / "configs" / "inference.json"))
+        for key, value in overrides.items():
+            parser[key] = value
+        torch.manual_seed(0)
+        path = folder / f"{BUNDLES[name].name}.pt"
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, path)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------- the child process
+
+def _rss_mib() -> float:
+    """Current resident set size of this process (``VmRSS``; Linux), else its peak so far."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return _peak_rss_mib()
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024
+
+
+def child(spec: dict[str, Any]) -> int:
+    """Run one batch as ``volumes infer`` would, printing its summary line and a JSON result line."""
+    import torch
+
+    from volumes.data.discovery import discover_cases
+    from volumes.inference import BatchInference, load_bundle
+    from volumes.inference.command import _device
+
+    torch.set_num_threads(spec["threads"])
+    startup = _rss_mib()
+    device = _device(spec["device"])
+    models = [load_bundle(root, device=device, weights=w, overrides=spec["overrides"])
+              for root, w in zip(spec["bundles"], spec["weights"])]
+    baseline, build_peak = _rss_mib(), _peak_rss_mib()
+    cases = discover_cases(spec["input"])
+    runner = BatchInference(models, spec["output"], workers=spec["workers"], figures=spec["figures"], progress=False)
+    summary = runner.run([case.to_dict() for case in cases])
+    result = {
+        "startup_rss_mib": startup, "baseline_rss_mib": baseline, "build_peak_rss_mib": build_peak,
+        "peak_rss_mib": _peak_rss_mib(), "end_rss_mib": _rss_mib(), "run_s": summary.seconds,
+        "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__, "device": str(device),
+        "cuda_peak_mib": torch.cuda.max_memory_allocated() / MIB if device.type == "cuda" else None,
+    }
+    print(summary.line())
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return 0 if summary.ok else 1
+
+
+# ---------------------------------------------------------------- the parent
+
+def stage_medians(path: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Median per-case stage seconds from ``predictions.jsonl``: over bundles, and per bundle."""
+    per_case: dict[str, dict[str, float]] = {}
+    per_bundle: dict[str, dict[str, list[float]]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        timings = row.get("timings_s", {})
+        case = per_case.setdefault(row["case_id"], {})
+        for stage, seconds in timings.items():
+            per_bundle.setdefault(row["bundle"], {}).setdefault(stage, []).append(seconds)
+            if stage in PER_CASE_STAGES:
+                case[stage] = seconds
+            else:
+                case[stage] = case.get(stage, 0.0) + seconds
+    stages = sorted({s for case in per_case.values() for s in case})
+    medians = {s: statistics.median(case.get(s, 0.0) for case in per_case.values()) for s in stages}
+    bundles = {b: {s: statistics.median(v) for s, v in stages_.items()} for b, stages_ in per_bundle.items()}
+    return medians, bundles
+
+
+def run_size(args: argparse.Namespace, slices: int, weights: list[Path], overrides: dict[str, Any],
+             out: Path) -> dict[str, Any]:
+    """Run one child batch on ``--cases`` copies of the ``slices``-slice CT; its row of the table."""
+    volume = cached_ct(out / "volumes", args.size, slices)
+    folder = out / "runs" / f"slices_{slices:04d}"
+    inputs = case_folder(folder / "input", volume, args.cases)
+    output = folder / "output"
+    shutil.rmtree(output, ignore_errors=True)
+    bundles = [str(BUNDLES[name]) for name in args.bundles]
+    spec = {"bundles": bundles, "weights": [str(w) for w in weights], "overrides": overrides, "input": str(inputs),
+            "output": str(output), "workers": args.workers, "figures": not args.no_figures, "device": args.device,
+            "threads": args.threads}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    infer = ["python", "-m", "volumes", "infer", "--input", str(inputs), "--output", str(output), "--workers",
+             str(args.workers), "--device", args.device, "--no-progress"]
+    for bundle, w in zip(bundles, weights):
+        infer += ["--bundle", bundle, "--weights", str(w)]
+    infer += [f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]
+    infer += ["--no-figures"] if args.no_figures else []
+    row: dict[str, Any] = {
+        "slices": slices, "size": args.size, "cases": args.cases,
+        "volume_mib_float32": args.size * args.size * slices * 4 / MIB,
+        "volume_file": str(volume), "file_mib": volume.stat().st_size / MIB,
+        "infer_command": f"OMP_NUM_THREADS={args.threads} " + shlex.join(infer),
+    }
+    print(f"--- {slices} slices: {args.cases} cases of {args.size} x {args.size} x {slices}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    row["wall_s"] = time.perf_counter() - start
+    row["returncode"] = proc.returncode
+    result, summary = None, None
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_MARKER):
+            result = json.loads(line[len(RESULT_MARKER):])
+            continue
+        print(line, flush=True)
+        summary = SUMMARY.match(line) or summary
+    if result is None or summary is None:
+        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        row["error"] = f"the child gave no result ({how}" + ("; out of memory?)" if proc.returncode == -9 else ")")
+        return row
+    total, done, _, failed, run_s = summary.groups()
+    row.update(result)
+    row["summary_run_s"] = float(run_s)  # as printed (0.1 s); run_s is the same time unrounded
+    row["done"], row["failed"] = int(done), int(failed)
+    if int(failed):
+        row["error"] = f"{failed} of {total} cases failed: see {output / 'failures.csv'}"
+    row["cases_per_min_run"] = int(done) / result["run_s"] * 60 if int(done) else 0.0
+    row["cases_per_min_wall"] = int(done) / row["wall_s"] * 60 if int(done) else 0.0
+    row["growth_mib"] = result["peak_rss_mib"] - result["baseline_rss_mib"]
+    row["growth_per_volume"] = row["growth_mib"] / row["volume_mib_float32"]
+    predictions = output / "predictions.jsonl"
+    if predictions.is_file() and predictions.stat().st_size:
+        row["median_stage_s"], row["median_stage_s_per_bundle"] = stage_medians(predictions)
+    return row
+
+
+COLUMNS = ["slices", "volume MiB (float32)", "cases/min (run)", "cases/min (wall)", "baseline RSS MiB",
+           "peak RSS MiB", "growth MiB", "growth / volume", *(f"{stage} s" for stage in STAGES)]
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """The markdown table of the measured rows."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" for _ in COLUMNS) + "|"]
+    for row in rows:
+        if "baseline_rss_mib" not in row:
+            cells = [str(row["slices"]), f"{row['volume_mib_float32']:.1f}"] + ["-"] * (len(COLUMNS) - 2)
+        else:
+            stages = row.get("median_stage_s", {})
+            cells = [str(row["slices"]), f"{row['volume_mib_float32']:.1f}", f"{row['cases_per_min_run']:.2f}",
+                     f"{row['cases_per_min_wall']:.2f}", f"{row['baseline_rss_mib']:.0f}",
+                     f"{row['peak_rss_mib']:.0f}", f"{row['growth_mib']:.0f}", f"{row['growth_per_volume']:.1f}",
+                     *(f"{stages[s]:.2f}" if s in stages else "-" for s in STAGES)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Failures under the table."""
+    return [f"- {row['slices']} slices: {row['error']}" for row in rows if "error" in row]
+
+
+def reproduce_command(args: argparse.Namespace) -> str:
+    """This run's command with every option spelled out."""
+    python = Path(sys.executable)
+    try:
+        python = python.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    script = Path(__file__).resolve()
+    try:
+        script = script.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    argv = [str(python), str(script), "--slices", *map(str, args.slices), "--size", str(args.size),
+            "--cases", str(args.cases)]
+    argv += ["--depth", str(args.depth)] if args.depth is not None else []
+    argv += ["--bundles", *args.bundles, "--workers", str(args.workers), "--threads", str(args.threads),
+             "--device", args.device, "--out", str(args.out)]
+    argv += ["--no-figures"] if args.no_figures else []
+    return shlex.join(argv)
+
+
+def write_report(out: Path, report: dict[str, Any], text: str) -> None:
+    from volumes.atomic import atomic_write_bytes
+
+    data = json.dumps(report, indent=1).encode()
+    atomic_write_bytes(out / "bench_infer.json", lambda f: f.write(data))
+    atomic_write_bytes(out / "bench_infer.md", lambda f: f.write(text.encode() + b"\n"))
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0].replace("``", ""),
+                                     epilog="See the module docstring for what is measured and how.")
+    parser.add_argument("--slices", nargs="+", type=int, default=[64, 256, 768],
+                        help="slice counts (default 64 256 768)")
+    parser.add_argument("--size", type=int, default=512, help="in-plane matrix (default 512)")
+    parser.add_argument("--cases", type=int, default=2, help="cases per slice count (default 2)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="ViT blocks of the encoders (--set encoder_model_kwargs); default: the bundles' own")
+    parser.add_argument("--bundles", nargs="+", choices=sorted(BUNDLES), default=["seg", "cls"],
+                        help="seg: dinov2_unet_segmentation, cls: dinov2_slice_classification (default both)")
+    parser.add_argument("--workers", type=int, default=1, help="infer --workers (default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP / torch threads of the child (default: all cores of this process)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="infer --device (default auto)")
+    parser.add_argument("--no-figures", action="store_true", help="infer --no-figures")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_infer"),
+                        help="output folder (default runs/bench_infer)")
+    args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = available_cores()
+    for name in ("size", "cases", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if min(args.slices) < 2:
+        parser.error("--slices must be at least 2 (the runner rejects single-slice volumes)")
+    if args.depth is not None and args.depth < 1:
+        parser.error("--depth must be at least 1")
+    if args.workers < 0:
+        parser.error("--workers must be at least 0")
+    args.bundles = list(dict.fromkeys(args.bundles))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--child"]:
+        return child(json.loads(argv[1]))
+    args = parse_args(argv)
+    import torch
+
+    from volumes.reporting import cpu_model
+
+    out: Path = args.out
+    overrides = {"encoder_model_kwargs": {"depth": args.depth}} if args.depth is not None else {}
+    weights = write_weights(out / "weights", args.bundles, overrides)
+    report: dict[str, Any] = {
+        "command": reproduce_command(args),
+        "machine": {"cpu": cpu_model(), "cores": available_cores(), "python": sys.version.split()[0]},
+        "torch_version": torch.__version__, "torch_threads": args.threads,
+        "settings": {"slices": args.slices, "size": args.size, "spacing_mm": SPACING_MM, "cases": args.cases,
+                     "depth": args.depth, "bundles": [BUNDLES[b].name for b in args.bundles],
+                     "workers": args.workers, "threads": args.threads, "device": args.device,
+                     "figures": not args.no_figures, "overrides": overrides},
+        "rows": [],
+    }
+    text = ""
+    for slices in args.slices:
+        report["rows"].append(run_size(args, slices, weights, overrides, out))
+        measured = [r for r in report["rows"] if "torch_threads" in r]
+        if measured:  # what the children saw, rather than what was asked for
+            report["torch_threads"] = measured[-1]["torch_threads"]
+            report["torch_version"] = measured[-1]["torch_version"]
+            report["device"] = measured[-1]["device"]
+        depth = "the bundles' own" if args.depth is None else str(args.depth)
+        text = "\n".join([
+            f"# volumes infer: {args.cases} cases per size, {args.size} x {args.size} x N CT, "
+            f"bundles {', '.join(report['settings']['bundles'])}, encoder depth {depth}, workers {args.workers}",
+            "",
+            f"- machine: {report['machine']['cpu']} ({report['machine']['cores']} cores available), "
+            f"device {report.get('device', args.device)}",
+            f"- torch {report['torch_version']}, {report['torch_threads']} threads",
+            f"- reproduce: `{report['command']}`",
+            "- RSS of the child: baseline after building the models, peak over its whole run; "
+            "growth / volume = growth over the volume's size as float32; stage times: median s per case",
+            "",
+            table(report["rows"]),
+            *([""] + notes(report["rows"]) if notes(report["rows"]) else []),
+        ])
+        write_report(out, report, text)
+    print()
+    print(text)
+    print(f"\nwrote {out / 'bench_infer.json'} and {out / 'bench_infer.md'}")
+    return 0 if all("error" not in row for row in report["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
