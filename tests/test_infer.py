@@ -212,14 +212,19 @@ def test_kill_then_resume_gives_the_uninterrupted_outputs(run, tmp_path):
             assert (x == y).mean() > 0.999
 
 
+def _good_phantoms(run, folder: Path) -> Path:
+    """A folder with the two good phantom cases of the mixed folder (NIfTI and DICOM)."""
+    folder.mkdir()
+    for name in ("p0.nii.gz", "p1"):
+        source = run["inputs"] / name
+        (shutil.copy if source.is_file() else shutil.copytree)(source, folder / name)
+    return folder
+
+
 def test_resume_redoes_a_case_whose_input_changed(run, tmp_path):
     from volumes.data.phantoms import PhantomConfig, generate_phantom, write_case
 
-    inputs = tmp_path / "input"
-    inputs.mkdir()
-    for name in ("p0.nii.gz", "p1"):
-        source = run["inputs"] / name
-        (shutil.copy if source.is_file() else shutil.copytree)(source, inputs / name)
+    inputs = _good_phantoms(run, tmp_path / "input")
     output = tmp_path / "out"
     assert main(_infer_args(inputs, output, run["weights"], "--no-figures")) == 0
     stamp = {case: (output / case / "record.json").stat().st_mtime_ns for case in ("p0", "p1")}
@@ -235,11 +240,7 @@ def test_resume_redoes_a_case_whose_input_changed(run, tmp_path):
 
 
 def test_torchrun_splits_the_cases_and_merges_one_table(run, tmp_path):
-    inputs = tmp_path / "input"
-    inputs.mkdir()
-    for name in ("p0.nii.gz", "p1"):
-        source = run["inputs"] / name
-        (shutil.copy if source.is_file() else shutil.copytree)(source, inputs / name)
+    inputs = _good_phantoms(run, tmp_path / "input")
     shutil.copy(run["inputs"] / "p0.nii.gz", inputs / "p0_copy.nii.gz")
     output = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -35,6 +35,7 @@ subdural          75      215     [-32.5, 182.5]
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -457,12 +458,31 @@ _IN_PLANE_MODES = {"trilinear": "bilinear", "bilinear": "bilinear", "bicubic": "
 RESIZE_CHUNK = 32
 
 
+def _gaussian_in_plane(slices: torch.Tensor, sigmas: Sequence[float], truncated: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian blur of ``[n, C, X, Y]`` along X and Y (edges replicated)."""
+    for axis, sigma in zip((2, 3), sigmas):
+        if sigma <= 0:
+            continue
+        radius = max(1, int(math.ceil(truncated * sigma)))
+        taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+        kernel = (kernel / kernel.sum()).to(slices.dtype)
+        n, c = slices.shape[:2]
+        moved = slices.movedim(axis, -1)  # blur along the last axis
+        flat = moved.reshape(-1, 1, moved.shape[-1])
+        flat = torch.nn.functional.pad(flat, (radius, radius), mode="replicate")
+        blurred = torch.nn.functional.conv1d(flat, kernel.view(1, 1, -1)).reshape(moved.shape)
+        slices = blurred.movedim(-1, axis)
+    return slices
+
+
 def resize_in_plane(img: torch.Tensor, size: Sequence[int], mode: str = "trilinear", *, antialias: bool = True,
                     chunk: int = RESIZE_CHUNK) -> tuple[torch.Tensor, dict | None]:
     """``[C, X, Y, Z]`` -> ``[C, h, w, Z]``: every slice resized in its plane, ``chunk`` slices at a time.
 
-    torch's ``interpolate`` on 2D slices (``antialias`` for bilinear/bicubic shrinking),
-    written into one preallocated output, so memory beyond input and output stays at one
+    torch's ``interpolate`` on 2D slices, after MONAI's anti-aliasing when shrinking (a
+    Gaussian of sigma ``(scale - 1) / 2``, edges replicated), written into one
+    preallocated output, so memory beyond input and output stays at one
     chunk: MONAI's ``Resize`` smooths and interpolates the whole 3D volume at once, which
     on a 512 x 512 x 768 CT in three channels needs tens of GB. The affine follows (voxel
     centres aligned, ``align_corners=False``). Returns the image and a trace entry in the
@@ -474,13 +494,16 @@ def resize_in_plane(img: torch.Tensor, size: Sequence[int], mode: str = "triline
     c, x, y, z = plain.shape
     h, w = (int(v) for v in size)
     two_d = _IN_PLANE_MODES[mode]
-    smooth = antialias and two_d in ("bilinear", "bicubic")
     nearest = two_d == "nearest-exact"
+    # MONAI's anti-aliasing: a Gaussian of sigma (scale - 1) / 2 along each shrinking axis
+    sigmas = [(before / after - 1.0) / 2.0 if antialias and not nearest and before > after else 0.0
+              for before, after in ((x, h), (y, w))]
     out = torch.empty((c, h, w, z), dtype=plain.dtype if nearest else torch.float32)
     for start in range(0, z, chunk):
         part = plain[..., start:start + chunk].permute(3, 0, 1, 2).float()  # [n, C, X, Y]
+        part = _gaussian_in_plane(part, sigmas)
         kwargs = {} if nearest or two_d == "area" else {"align_corners": False}
-        resized = torch.nn.functional.interpolate(part, size=(h, w), mode=two_d, antialias=smooth, **kwargs)
+        resized = torch.nn.functional.interpolate(part, size=(h, w), mode=two_d, **kwargs)
         out[..., start:start + chunk] = resized.permute(1, 2, 3, 0).to(out.dtype)
     if not isinstance(img, MetaTensor):
         return out, None
