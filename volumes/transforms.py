@@ -460,20 +460,45 @@ RESIZE_CHUNK = 32
 
 def _gaussian_in_plane(slices: torch.Tensor, sigmas: Sequence[float], truncated: float = 4.0) -> torch.Tensor:
     """Separable Gaussian blur of ``[n, C, X, Y]`` along X and Y (edges replicated)."""
-    for axis, sigma in zip((2, 3), sigmas):
+    n, c, x, y = slices.shape
+    flat = slices.reshape(n * c, 1, x, y)
+    for axis, sigma in enumerate(sigmas):
         if sigma <= 0:
             continue
         radius = max(1, int(math.ceil(truncated * sigma)))
         taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
         kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
         kernel = (kernel / kernel.sum()).to(slices.dtype)
-        n, c = slices.shape[:2]
-        moved = slices.movedim(axis, -1)  # blur along the last axis
-        flat = moved.reshape(-1, 1, moved.shape[-1])
-        flat = torch.nn.functional.pad(flat, (radius, radius), mode="replicate")
-        blurred = torch.nn.functional.conv1d(flat, kernel.view(1, 1, -1)).reshape(moved.shape)
-        slices = blurred.movedim(-1, axis)
-    return slices
+        # one 2D convolution with a 1D kernel along X (axis 0) or Y (axis 1)
+        shape, pad = ((1, 1, -1, 1), (0, 0, radius, radius)) if axis == 0 else ((1, 1, 1, -1), (radius, radius, 0, 0))
+        flat = torch.nn.functional.conv2d(torch.nn.functional.pad(flat, pad, mode="replicate"), kernel.view(shape))
+    return flat.reshape(n, c, x, y)
+
+
+def _bilinear_matrix(size_in: int, size_out: int, sigma: float, truncated: float = 4.0) -> torch.Tensor:
+    """``[size_out, size_in]`` weights of a Gaussian blur (edges replicated) followed by
+    linear interpolation with ``align_corners=False``, as one matrix: resizing a slice is
+    then two matrix products (fast GEMMs) instead of a convolution and a resampling."""
+    scale = size_in / size_out
+    source = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0.0)
+    low = source.floor().long().clamp(max=size_in - 1)
+    high = (low + 1).clamp(max=size_in - 1)
+    frac = source - low
+    interp = torch.zeros(size_out, size_in, dtype=torch.float64)
+    rows = torch.arange(size_out)
+    interp.index_put_((rows, low), 1.0 - frac, accumulate=True)
+    interp.index_put_((rows, high), frac, accumulate=True)
+    if sigma <= 0:
+        return interp.float()
+    radius = max(1, int(math.ceil(truncated * sigma)))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel /= kernel.sum()
+    blur = torch.zeros(size_in, size_in, dtype=torch.float64)
+    centres = torch.arange(size_in)
+    for tap, weight in zip(taps.long(), kernel):
+        blur.index_put_((centres, (centres + tap).clamp(0, size_in - 1)), weight.expand(size_in), accumulate=True)
+    return (interp @ blur).float()
 
 
 def resize_in_plane(img: torch.Tensor, size: Sequence[int], mode: str = "trilinear", *, antialias: bool = True,
@@ -499,7 +524,18 @@ def resize_in_plane(img: torch.Tensor, size: Sequence[int], mode: str = "triline
     sigmas = [(before / after - 1.0) / 2.0 if antialias and not nearest and before > after else 0.0
               for before, after in ((x, h), (y, w))]
     out = torch.empty((c, h, w, z), dtype=plain.dtype if nearest else torch.float32)
-    for start in range(0, z, chunk):
+    if two_d == "bilinear":
+        # blur + linear interpolation as matrices: out = Wx @ slice @ Wy^T, batched over slices
+        wx, wy = (_bilinear_matrix(before, after, sigma) for (before, after), sigma in zip(((x, h), (y, w)), sigmas))
+        for start in range(0, z, chunk):
+            part = plain[..., start:start + chunk].permute(3, 0, 1, 2).float()  # [n, C, X, Y]
+            n = part.shape[0]
+            along_y = (part.reshape(-1, y) @ wy.T).reshape(n * c, x, w)  # one large 2D GEMM first
+            out[..., start:start + chunk] = (wx @ along_y).reshape(n, c, h, w).permute(1, 2, 3, 0)
+        chunk_loop = range(0)
+    else:
+        chunk_loop = range(0, z, chunk)
+    for start in chunk_loop:
         part = plain[..., start:start + chunk].permute(3, 0, 1, 2).float()  # [n, C, X, Y]
         part = _gaussian_in_plane(part, sigmas)
         kwargs = {} if nearest or two_d == "area" else {"align_corners": False}
