@@ -94,11 +94,12 @@ def segmentation_postprocessing(transform: Compose, num_classes: int, *, metrics
     ``[K, X, Y, Z]``, for metric handlers reading ``from_engine(["pred", "reference"])``;
     without, ``pred`` is the label map ``[1, X, Y, Z]`` (uint8) ready for ``SaveImaged``.
     """
-    steps: list = [
-        Activationsd("pred", softmax=True),
-        AsDiscreted("pred", argmax=True),
-        Invertd("pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True),
-    ]
+    steps: list = [Activationsd("pred", softmax=True), AsDiscreted("pred", argmax=True)]
+    if not metrics:
+        # uint8 before inverting: the nearest-neighbour inverse keeps the dtype, so the map
+        # put back to the input's size costs 1 byte per voxel instead of 4
+        steps.append(EnsureTyped("pred", dtype=torch.uint8))
+    steps.append(Invertd("pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True))
     if metrics:
         # a new key: MONAI engines keep keys created by postprocessing in engine.state.output
         steps.append(CopyItemsd("label_orig", names="reference"))

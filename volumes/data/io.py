@@ -105,7 +105,12 @@ def load_volume(
                 path, f"unknown file type (expected one of {', '.join(VOLUME_SUFFIXES)} or a DICOM series folder)"
             )
     _check_finite(path, array)
-    volume = _to_meta_tensor(path, array, affine, meta, dtype)
+    # Reorient small integer voxels before the float conversion: the flip then copies
+    # int16 (2 bytes per voxel), not float32, and the conversion is the last full copy.
+    stored = array.dtype
+    early = axcodes is not None and stored in _TORCH_INTEGERS and stored.itemsize < np.dtype(dtype).itemsize
+    volume = _to_meta_tensor(path, array, affine, meta, stored if early else dtype)
+    del array
     if axcodes is not None:
         volume = Orientation(axcodes=axcodes, labels=_RAS_LABELS)(volume)
     if pixdim is not None:
@@ -465,6 +470,10 @@ def _to_meta_tensor(path: Path, array: np.ndarray, affine: np.ndarray, meta: dic
     )
     data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.dtype(dtype))[None])
     return MetaTensor(data, meta=meta)
+
+
+# integer dtypes torch flips and converts natively (uint16 / uint32 are not among them)
+_TORCH_INTEGERS = tuple(np.dtype(t) for t in ("uint8", "int8", "int16", "int32"))
 
 
 def _first_line(exc: BaseException) -> str:
