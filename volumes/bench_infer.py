@@ -1,9 +1,11 @@
 """Throughput and memory of ``python -m volumes infer`` on CT-sized volumes of several slice counts.
 
-    .venv/bin/python scripts/bench_infer.py                      # 64, 256, 768 slices of 512 x 512
-    .venv/bin/python scripts/bench_infer.py --slices 8 16 --size 128 --depth 2 --threads 1   # a quick check
+    .venv/bin/python -m volumes.bench_infer                      # 64, 256, 768 slices of 512 x 512
+    .venv/bin/python -m volumes.bench_infer --slices 8 16 --size 128 --depth 2 --threads 1   # a quick check
 
-For every slice count N the script
+(``python -m volumes bench --sections c`` runs the same measurement as part of the benchmark.)
+
+For every slice count N the benchmark
 
 1. writes (once, cached under ``OUT/volumes``) a synthetic CT: int16 NIfTI of
    ``size x size x N`` voxels, 0.8 mm in-plane, 1.5 mm slices, LPS-stored as ITK writes
@@ -12,7 +14,7 @@ For every slice count N the script
    ring, 20 HU noise - generated with numpy in z chunks and streamed to the file;
 2. hard-links it ``--cases`` times into ``OUT/runs/slices_N/input`` (the same bytes under
    different case names);
-3. runs the batch inference in a child process - this script with ``--child``: it builds
+3. runs the batch inference in a child process - this module with ``--child``: it builds
    the bundles with :func:`volumes.inference.load_bundle` and runs
    :class:`volumes.inference.BatchInference` exactly as ``python -m volumes infer`` does
    (random-initialised weights written to ``OUT/weights``, ``--set`` overrides for
@@ -297,7 +299,8 @@ def run_size(args: argparse.Namespace, slices: int, weights: list[Path], overrid
     }
     print(f"--- {slices} slices: {args.cases} cases of {args.size} x {args.size} x {slices}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "volumes.bench_infer", "--child", json.dumps(spec)],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     row["wall_s"] = time.perf_counter() - start
     row["returncode"] = proc.returncode
@@ -360,12 +363,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
         python = python.relative_to(Path.cwd())
     except ValueError:
         pass
-    script = Path(__file__).resolve()
-    try:
-        script = script.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    argv = [str(python), str(script), "--slices", *map(str, args.slices), "--size", str(args.size),
+    argv = [str(python), "-m", "volumes.bench_infer", "--slices", *map(str, args.slices), "--size", str(args.size),
             "--cases", str(args.cases)]
     argv += ["--depth", str(args.depth)] if args.depth is not None else []
     argv += ["--bundles", *args.bundles, "--workers", str(args.workers), "--threads", str(args.threads),

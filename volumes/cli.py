@@ -11,6 +11,9 @@
     python -m volumes evaluate --protocol knn --encoder NAME --data DATALIST
                                                     kNN / few-shot / linear probe / fine-tune /
                                                     LoRA / BitFit on volume or slice labels
+    python -m volumes bench [--sections a b c d e f] [--out runs/bench]
+                                                    speed and memory: encoder vs timm, pipeline,
+                                                    memory, cache, 3D peers, CUDA variants
 
 Each command imports its heavy modules only when it runs.
 """
@@ -217,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: train both bundles briefly on phantoms, then volumes infer")
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.add_argument("--quick", action="store_true", help="tiny networks and cohorts (a smoke test, about 2 min)")
-    demo.add_argument("--workers", type=int, default=1, help="prefetch threads of volumes infer")
+    demo.add_argument("--workers", type=int, default=None,
+                      help="prefetch threads of volumes infer (default: 1 on CUDA, 0 on CPU)")
     demo.set_defaults(func=cmd_demo)
 
     sub.add_parser("phantoms", help="write a synthetic CT phantom cohort (see: phantoms --help)", add_help=False)
@@ -233,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     from volumes.inference.command import add_infer_parser
 
     add_infer_parser(sub)
+    from volumes.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -139,7 +139,7 @@ def score(output: Path, known: dict[str, dict]) -> dict[str, Any]:
     return result
 
 
-def run_demo(out: str | Path, *, quick: bool = False, workers: int = 1) -> int:
+def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None) -> int:
     """The whole main job; returns the exit code of ``volumes infer`` (0: every case done)."""
     from volumes.cli import main as cli
 
@@ -161,7 +161,7 @@ def run_demo(out: str | Path, *, quick: bool = False, workers: int = 1) -> int:
           flush=True)
     output = out / "infer"
     code = cli(["infer", "--bundle", str(segmentation), "--bundle", str(classification), "--input", str(inputs),
-                "--output", str(output), "--workers", str(workers)])
+                "--output", str(output), *(["--workers", str(workers)] if workers is not None else [])])
     print("[4/4] scoring the phantom cases against their ground truth", flush=True)
     result = score(output, known)
     summary = (f"segmentation: mean Dice {result['mean_dice']:.3f} over {result['phantom_cases_scored']} phantom cases"

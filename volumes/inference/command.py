@@ -28,8 +28,9 @@ def add_infer_parser(sub) -> None:
     infer.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     infer.add_argument("--resume", action="store_true",
                        help="skip cases whose outputs are complete for the same input hash and models")
-    infer.add_argument("--workers", type=int, default=1,
-                       help="background threads loading and preprocessing the next cases (default 1)")
+    infer.add_argument("--workers", type=int, default=None,
+                       help="background threads loading and preprocessing the next cases "
+                            "(default: 1 on CUDA, 0 on CPU, where they would compete with the network)")
     infer.add_argument("--no-figures", action="store_true", help="skip the per-case PNG figures")
     infer.add_argument("--no-progress", action="store_true")
     infer.add_argument("--set", action="append", default=[], metavar="KEY=JSON",

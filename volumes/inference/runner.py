@@ -168,19 +168,24 @@ class BatchInference:
         output_dir: where everything is written.
         resume: skip cases whose outputs are complete for the same input hash and models.
         workers: background threads that hash, load and preprocess the next cases while
-            the network runs (0: everything on the calling thread).
+            the network runs (0: everything on the calling thread). ``None`` (the default):
+            1 when a model runs on CUDA, 0 on CPU, where the threads compete with the
+            network for the same cores: on a 2-core CPU prefetching gave no throughput
+            and cost one more loaded volume of memory (docs/PERFORMANCE.md).
         figures: draw ``overview.png`` per case and put it in the report.
         progress: show a progress bar with ETA.
     """
 
     def __init__(self, models: Sequence[BundleModel], output_dir: str | Path, *, resume: bool = False,
-                 workers: int = 1, figures: bool = True, progress: bool = True):
+                 workers: int | None = None, figures: bool = True, progress: bool = True):
         models = list(models)
         if not models:
             raise VolumesError("no bundles to run")
         ids = [m.bundle_id for m in models]
         if len(set(ids)) != len(ids):
             raise VolumesError(f"bundle ids must differ, got {ids}")
+        if workers is None:
+            workers = 1 if any(torch.device(m.predictor.device).type == "cuda" for m in models) else 0
         if workers < 0:
             raise VolumesError(f"workers must be >= 0, got {workers}")
         self.models = models
