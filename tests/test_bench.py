@@ -1,0 +1,145 @@
+"""``python -m volumes bench``: its measuring pieces compute the right numbers on tiny models.
+
+No timing is asserted (timings depend on the machine); what is asserted is what the
+benchmark claims beside them: FLOP counts against the ViT formula, the encoder's features
+against timm's on the same batch, the cache's hits and misses, the section tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from volumes import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"depth": 2, "embed_dim": 96, "num_heads": 2}
+
+
+def test_compare_rotates_variants_and_keeps_going_after_a_failing_one():
+    calls: list[str] = []
+
+    def broken():
+        raise RuntimeError("no kernel for this\nsecond line")
+
+    result = bench.compare({"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "bad": broken},
+                           repeats=4, warmup=1)
+    assert result["bad"] == {"error": "RuntimeError: no kernel for this"}
+    assert result["a"]["repeats"] == result["b"]["repeats"] == 4
+    assert calls[:2] == ["a", "b"]  # warm-up, in order
+    assert calls[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # rotating: neither always runs first
+    assert list(result) == ["a", "b", "bad"]
+
+
+def test_flop_count_matches_the_vit_formula():
+    model = bench.raw_timm("vit_small_patch14_dinov2", TINY)
+    counted, per_op = bench.count_flops(model.forward_features, torch.randn(1, 3, 56, 56))
+    tokens = (56 // 14) ** 2 + model.num_prefix_tokens
+    formula = bench.vit_flops_formula(tokens, 96, 2, patches=16, patch_size=14)
+    assert bench.analytic_vit_flops(model, 56, 56) == formula
+    assert counted == formula, per_op
+    assert per_op["convolution"] == 2 * 16 * 3 * 14 * 14 * 96  # the patch embedding
+
+
+def test_gemm_peak_reports_two_n_cubed_over_time():
+    result = bench.gemm_peak(torch.device("cpu"), n=64, repeats=2)
+    assert result["n"] == 64 and result["dtype"] == "float32"
+    assert result["flop_per_s"] == pytest.approx(2 * 64**3 / result["median_s"])
+
+
+def _args(tmp_path: Path, *argv: str) -> argparse.Namespace:
+    from volumes.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--out", str(tmp_path), "--threads", "1", "--repeats", "2", *argv])
+    args.sections = list(dict.fromkeys(args.sections))
+    return args
+
+
+def test_encoder_section_measures_the_same_features_as_timm(tmp_path):
+    args = _args(tmp_path, "--model-kwargs", json.dumps(TINY), "--slices", "5", "--size", "56", "--chunk-size", "2",
+                 "--gemm-size", "128")
+    result = bench.bench_encoder(args, torch.device("cpu"))
+    assert result["parity"]["max_abs_diff_cls"] < 1e-5
+    assert result["parity"]["max_abs_diff_patch_mean"] < 1e-5
+    assert result["tokens_per_slice"] == 16 + 1  # patches and the class token (no registers in this model)
+    assert result["flops_per_slice"] == result["flops_per_slice_analytic"]
+    assert result["dtype"] == "float32" and result["chunk_size"] == 2
+    for name, row in result["variants"].items():
+        assert row["slices_per_s"] == pytest.approx(5 / row["median_s"]), name
+        assert row["flop_per_s"] == pytest.approx(5 * result["flops_per_slice"] / row["median_s"]), name
+    assert result["encoder_vs_timm"] > 0
+
+
+def test_accelerator_variants_agree_with_fp32_on_cpu():
+    model = bench.raw_timm("vit_small_patch14_dinov2", TINY)
+    x = torch.randn(2, 3, 28, 28)
+    variants, warmups = bench.accelerator_variants(model, x, "cpu", compile=False)
+    assert warmups == {}
+    assert "fp32 + TF32 matmuls" not in variants  # CUDA only
+    outputs = {name: fn().float() for name, fn in variants.items() if "flash" not in name}
+    reference = outputs.pop("fp32")
+    explicit = outputs.pop("bf16 autocast, explicit attention (no SDPA)")
+    assert torch.allclose(explicit, outputs["bf16 autocast + SDPA (auto kernel)"], atol=0.1)
+    for name, out in outputs.items():
+        assert out.shape == reference.shape, name
+        assert (out - reference).abs().mean() < 0.05, name  # bf16 rounding, same function
+
+
+def test_accelerator_section_is_skipped_without_cuda(tmp_path):
+    assert bench.bench_accelerator(_args(tmp_path), torch.device("cpu")) == {"skipped": "no CUDA device"}
+
+
+def test_known_gpu_peaks():
+    assert bench.known_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.known_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.known_peak_tflops("Quadro P400") is None
+
+
+@pytest.mark.parametrize("text", ["512x512", "512x256x10", "axbxc", "64x64x1", "0x0x4"])
+def test_volume_argument_errors(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=text):
+        bench.parse_volume(text)
+    assert bench.parse_volume("64X64x9") == (64, 64, 9)
+
+
+def test_cache_section_encodes_cold_and_reads_warm(tmp_path):
+    args = _args(tmp_path, "--model-kwargs", json.dumps({"depth": 1}), "--volume", "48x48x6", "--cache-cases", "2",
+                 "--repeats", "1", "--warmup", "0")
+    result = bench.bench_cache(args, torch.device("cpu"))
+    assert (result["cold"]["hits"], result["cold"]["misses"]) == (0, 2)
+    assert (result["warm"]["hits"], result["warm"]["misses"]) == (2, 0)
+    assert result["cold"]["stages_s"]["encode"] > 0 and result["warm"]["stages_s"]["encode"] == 0
+    assert result["speedup"] == pytest.approx(result["cold"]["total_s"] / result["warm"]["total_s"])
+
+
+def test_bench_command_writes_json_and_markdown(tmp_path):
+    """The command end to end, with sections a, b and f on tiny settings, in a fresh process."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "volumes", "bench", "--sections", "a", "b", "f", "--model-kwargs",
+         json.dumps({"depth": 1}), "--slices", "4", "--size", "28", "--volume", "64x64x6", "--bundle-size", "28",
+         "--no-figures", "--gemm-size", "64", "--threads", "1", "--repeats", "1", "--warmup", "0", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert list(report["sections"]) == ["a", "b", "f"]
+    assert report["sections"]["f"]["skipped"] == "no CUDA device"
+    pipeline = report["sections"]["b"]["bundles"]
+    assert set(pipeline) == {"seg", "cls"}
+    for entry in pipeline.values():
+        assert entry["slices"] == 6 and entry["slice_size"] == [28, 28]
+        assert entry["ratio"] == pytest.approx(entry["wall_s"] / entry["pure_encoder"]["median_s"])
+        assert entry["stages_s"]["encode"] > 0
+        assert sum(entry["stages_s"].values()) == pytest.approx(entry["wall_s"], rel=1e-6)
+    assert pipeline["cls"]["encoded_slices"] == 6  # classification encodes each slice once
+    markdown = (out / "bench.md").read_text()
+    assert "| a. SliceEncoder throughput / timm forward_features |" in markdown
+    assert "skipped: no CUDA device" in markdown
+    assert "--sections a b f" in report["command"]
+    assert markdown in proc.stdout
