@@ -369,3 +369,75 @@ def test_cache_main_errors(tmp_path, capsys):
     tmp_path.joinpath("c").mkdir()
     assert cache_main(["prune", "--dir", str(tmp_path / "c"), "--max-gb", "-1"]) == 2
     assert cache_main(["frobnicate"]) == 2
+
+
+# ------------------------------------------------------------ source keys (SliceEmbedder)
+def _nifti(path: Path, seed: int) -> Path:
+    import nibabel as nib
+
+    voxels = np.random.default_rng(seed).integers(-200, 300, size=(32, 32, 6)).astype(np.int16)
+    nib.save(nib.Nifti1Image(voxels, np.diag([0.8, 0.8, 2.0, 1.0])), str(path))
+    return path
+
+
+def _embedder(cache_dir: Path):
+    import torch
+    from monai.transforms import Compose
+
+    from volumes.classification import SliceEmbedder
+    from volumes.data.io import LoadVolumed
+    from volumes.networks import SliceClassifier
+    from volumes.transforms import PrepareSlicesd
+
+    torch.manual_seed(0)
+    network = SliceClassifier(2, aggregator="mean", encoder_kwargs={"model_kwargs": {"depth": 1}})
+    transform = Compose([LoadVolumed("image"), PrepareSlicesd("image", size=28)])
+    return SliceEmbedder(network, transform, {"size": 28}, cache_dir=cache_dir, progress=False)
+
+
+def test_a_second_run_finds_the_file_without_loading_it(tmp_path, monkeypatch):
+    import torch
+
+    from volumes.classification import SliceEmbedder
+
+    item = {"image": str(_nifti(tmp_path / "a.nii.gz", seed=0)), "case_id": "a"}
+    first = _embedder(tmp_path / "cache")
+    computed = first.embed_item(item)["embedding"]
+    assert (first.cache.stats["misses"], first.cache.stats["writes"]) == (1, 2)  # voxel entry + source entry
+
+    def no_loading(self, data):
+        raise AssertionError("the volume was loaded although its file's entry is cached")
+
+    second = _embedder(tmp_path / "cache")
+    monkeypatch.setattr(second, "transform", no_loading.__get__(second))
+    monkeypatch.setattr(SliceEmbedder, "_compute", lambda self, image: pytest.fail("encoded again"))
+    torch.testing.assert_close(second.embed_item(item)["embedding"], computed)
+    assert (second.cache.stats["hits"], second.cache.stats["misses"]) == (1, 0)
+    monkeypatch.undo()
+
+    # the same voxels under another name: the file is new, the voxels are not (no encoding)
+    copy = tmp_path / "copy.nii.gz"
+    copy.write_bytes(Path(item["image"]).read_bytes())
+    third = _embedder(tmp_path / "cache")
+    monkeypatch.setattr(SliceEmbedder, "_compute", lambda self, image: pytest.fail("encoded again"))
+    torch.testing.assert_close(third.embed_item({"image": str(copy)})["embedding"], computed)
+    assert (third.cache.stats["hits"], third.cache.stats["writes"]) == (1, 1)  # the copy's source entry
+    monkeypatch.undo()
+
+    # the file changes: its source key changes with it, and the new voxels are encoded
+    _nifti(Path(item["image"]), seed=1)
+    fourth = _embedder(tmp_path / "cache")
+    changed = fourth.embed_item(item)["embedding"]
+    assert fourth.cache.stats["misses"] == 1 and not torch.allclose(changed, computed)
+
+
+def test_source_keys_off_and_in_memory_images_use_voxel_keys_only(tmp_path):
+    embedder = _embedder(tmp_path / "cache")
+    embedder.source_keys = False
+    embedder.embed_item({"image": str(_nifti(tmp_path / "a.nii.gz", seed=0))})
+    assert embedder.cache.stats["writes"] == 1
+    embedder.source_keys = True
+    from volumes.data.io import load_volume
+
+    assert embedder.source_key_of({"image": load_volume(tmp_path / "a.nii.gz")}) is None
+    assert embedder.source_key_of({"image": str(tmp_path / "missing.nii.gz")}) is None

@@ -45,9 +45,13 @@ def test_train_writes_a_checkpoint_and_fills_the_cache(trained):
     state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
     # The whole network is saved: a random-initialised encoder is part of what was trained on.
     assert any(k.startswith("encoder.backbone.") for k in state) and any(k.startswith("aggregator.") for k in state)
-    entries = list((trained / "cache").rglob("*.npz"))
+    entries = [json.loads(p.with_suffix(".json").read_text()) for p in (trained / "cache").rglob("*.npz")]
     datalist = json.loads((trained / "data" / "phantoms" / "datalist.json").read_text())
-    assert len(entries) == len(datalist["training"]) + len(datalist["validation"])
+    cases = len(datalist["training"]) + len(datalist["validation"])
+    # one entry per case keyed by its voxels, and one keyed by its file's bytes (no loading next time)
+    assert sum("source" not in e for e in entries) == cases
+    assert sorted(Path(e["source"]).name for e in entries if "source" in e) == sorted(
+        Path(item["image"]).name for item in datalist["training"] + datalist["validation"])
 
 
 def test_second_training_run_reads_embeddings_from_the_cache(trained, monkeypatch):

@@ -584,9 +584,10 @@ def bench_cache(args: argparse.Namespace, device=None) -> dict[str, Any]:
     """Classify ``--cache-cases`` distinct CTs twice through a fresh embedding cache: cold, then warm.
 
     The classification bundle's network with a :class:`~volumes.classification.SliceEmbedder`
-    (the bundle's preprocessing, a temporary cache folder): per case, load and prepare the
-    volume, hash it for the cache key, encode (cold) or read the cache (warm), then the
-    aggregator's logits and slice importance. Repeated with a new cache folder each time;
+    (the bundle's preprocessing, a temporary cache folder): per case, hash the file for its
+    source key; cold: load and prepare the volume, hash its voxels for the content key,
+    encode and store both entries; warm: read the source entry. Then the aggregator's
+    logits and slice importance. Repeated with a new cache folder each time;
     a first untimed pass warms the file system and the encoder.
     """
     import torch
@@ -619,13 +620,14 @@ def bench_cache(args: argparse.Namespace, device=None) -> dict[str, Any]:
                                  cache_dir=cache_dir, device=device, progress=False)
         embedder.transform = prepare = _TimedCall(embedder.transform, device)
         embedder.cache_key_of = key = _TimedCall(embedder.cache_key_of, device)
+        embedder.source_key_of = source = _TimedCall(embedder.source_key_of, device)
         embedder._compute = encode = _TimedCall(embedder._compute, device)
         synchronize(device)
         start = time.perf_counter()
         classify = classify_all(embedder)
         total = time.perf_counter() - start
-        stages = {"load_preprocess": prepare.seconds, "hash": key.seconds, "encode": encode.seconds,
-                  "classify": classify}
+        stages = {"source_hash": source.seconds, "load_preprocess": prepare.seconds, "voxel_hash": key.seconds,
+                  "encode": encode.seconds, "classify": classify}
         stages["cache_io"] = max(0.0, total - sum(stages.values()))
         return {"total_s": total, "stages_s": stages, "hits": embedder.cache.stats.get("hits"),
                 "misses": embedder.cache.stats.get("misses")}
@@ -1032,7 +1034,7 @@ def section_markdown(key: str, s: Mapping[str, Any]) -> list[str]:
                  f"{_num(s['peak_per_volume_slope'], '{:.2f}')}.", "", s["table"]]
         return lines + ([""] + s["errors"] if s["errors"] else [])
     if key == "d":
-        names = ["load_preprocess", "hash", "encode", "cache_io", "classify"]
+        names = ["source_hash", "load_preprocess", "voxel_hash", "encode", "cache_io", "classify"]
         rows = [[run, f"{s[run]['total_s']:.3f}", *(f"{s[run]['stages_s'][n]:.3f}" for n in names),
                  f"{s[run]['hits']} / {s[run]['misses']}"] for run in ("cold", "warm")]
         return [title, "",

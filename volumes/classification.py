@@ -5,6 +5,12 @@ computed once (and kept in a persistent :class:`volumes.cache.EmbeddingCache`, k
 by the volume's content, the encoder's parameters and the preprocessing) and the
 aggregator trains on them: no encoder pass after the first epoch, or the first run.
 
+A second key, from the input file's bytes (or the DICOM series' files), lets a later
+run skip loading and preprocessing as well: it hashes the file, finds the entry and
+never decodes the volume. The content key still decides what is computed, so the same
+voxels in two files are encoded once; the source key is a second, small entry holding
+the same arrays.
+
 The pieces plug into MONAI's ignite engines (see the classification bundle):
 
 * :class:`SliceEmbedder` turns datalist items into ``{"embedding", "positions",
@@ -17,6 +23,7 @@ The pieces plug into MONAI's ignite engines (see the classification bundle):
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -39,7 +46,12 @@ class SliceEmbedder:
         cache_dir: a persistent cache folder, or None to keep embeddings in memory only.
         label_key: the item key of the class label.
         device: where the encoder runs.
+        source_keys: also key entries by the input file's bytes, so a later run that
+            finds them skips loading and preprocessing (see the module docstring).
     """
+
+    #: part of every source key: bump when loading changes what a file becomes
+    SOURCE_KEY_VERSION = "source-v1"
 
     def __init__(
         self,
@@ -50,6 +62,7 @@ class SliceEmbedder:
         label_key: str = "class_label",
         device: str | torch.device = "cpu",
         progress: bool = True,
+        source_keys: bool = True,
     ):
         if not network.encoder.frozen:
             raise ValueError("cached slice embeddings need a frozen encoder (encoder mode 'frozen')")
@@ -59,6 +72,7 @@ class SliceEmbedder:
         self.label_key = label_key
         self.device = torch.device(device)
         self.progress = progress
+        self.source_keys = source_keys
         self.cache = None
         if cache_dir is not None:
             from volumes.cache import EmbeddingCache
@@ -97,15 +111,47 @@ class SliceEmbedder:
         return {"case_id": item.get("case_id", str(item.get("image"))), "encoder": self.network.encoder.name,
                 "weights_id": self.network.encoder.weights_id, "preprocessing": self.preprocessing}
 
+    def source_key_of(self, item: Mapping[str, Any]) -> str | None:
+        """The cache key of an item's input bytes (file or DICOM series), or None without one.
+
+        None when source keys are off, there is no cache, or ``image`` is not a path to an
+        existing file or folder (an image already in memory has no source bytes).
+        """
+        image = item.get("image")
+        if not self.source_keys or self.cache is None or not isinstance(image, (str, Path)):
+            return None
+        if not Path(image).exists():
+            return None
+        from volumes import __version__
+        from volumes.cache import cache_key
+        from volumes.data.io import source_sha256
+
+        source = f"{self.SOURCE_KEY_VERSION}:{source_sha256(image, item.get('series_uid'))}"
+        loading = {**self.preprocessing, "loader": f"volumes {__version__}"}
+        return cache_key(source, self.network.encoder.name, self.fingerprint, loading)
+
     def embed_item(self, item: Mapping[str, Any]) -> dict[str, Any]:
         """One datalist item -> an embedding item (see the module docstring)."""
+        source_key = self.source_key_of(item)
+        if source_key is not None and source_key in self.cache:  # `in` leaves the hit/miss counts alone
+            arrays = self.cache.get(source_key)
+            if arrays is not None:
+                return self.output_item(item, arrays)
         data = self.transform(dict(item))
         image = data["image"]
         if self.cache is None:
-            arrays = self._compute(image)
-        else:
-            arrays = self.cache.get_or_compute(self.cache_key_of(image), lambda: self._compute(image),
-                                               meta=self.cache_meta(item))
+            return self.output_item(item, self._compute(image))
+        arrays = self.cache.get_or_compute(self.cache_key_of(image), lambda: self._compute(image),
+                                           meta=self.cache_meta(item))
+        if source_key is not None:
+            try:
+                self.cache.put(source_key, arrays, meta={**self.cache_meta(item), "source": str(item["image"])})
+            except OSError as exc:  # as get_or_compute: a cache that cannot store is not an error
+                from volumes.cache import CacheWarning
+
+                self.cache.stats["write_errors"] += 1
+                warnings.warn(f"embedding cache: could not store {self.cache.path(source_key)}: {exc}",
+                              CacheWarning, stacklevel=2)
         return self.output_item(item, arrays)
 
     def output_item(self, item: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ __all__ = [
     "check_label_matches",
     "load_label",
     "load_volume",
+    "source_sha256",
     "volume_suffix",
 ]
 
@@ -470,6 +471,33 @@ def _to_meta_tensor(path: Path, array: np.ndarray, affine: np.ndarray, meta: dic
     )
     data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.dtype(dtype))[None])
     return MetaTensor(data, meta=meta)
+
+
+def source_sha256(path: str | Path, series_uid: str | None = None) -> str:
+    """SHA-256 of a volume's input bytes: the file, or every file of its DICOM series (by name).
+
+    For a DICOM folder, ``series_uid`` picks one series (as :func:`load_volume` does);
+    without it every file of every series in the folder is hashed.
+    """
+    import hashlib
+
+    path = Path(path)
+    if path.is_dir():
+        from volumes.data.dicom import series_info
+
+        infos = series_info(path)
+        files = next((info.files for info in infos if info.uid == series_uid), None) if series_uid else None
+        if files is None:
+            files = [f for info in infos for f in info.files]
+    else:
+        files = [path]
+    digest = hashlib.sha256()
+    for file in sorted(files, key=lambda f: f.name):
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 # integer dtypes torch flips and converts natively (uint16 / uint32 are not among them)

@@ -189,8 +189,10 @@ class EvaluationEmbedder(SliceEmbedder):
 
         # SliceEmbedder reads the encoder (and the features/planes settings for the key) from a classifier.
         holder = SliceClassifier(2, encoder, "mean")
+        # content keys only: embed_items looks entries up (and encodes the misses) in batches
         super().__init__(holder, transform, {**dict(preprocessing), "evaluation_features": _LAYOUT_TAG},
-                         cache_dir=cache_dir, label_key=label_key, device=device, progress=progress)
+                         cache_dir=cache_dir, label_key=label_key, device=device, progress=progress,
+                         source_keys=False)
         self.encoder = encoder
         self.layout = FeatureLayout.of(encoder)
         self.dedupe_constant_slices = dedupe_constant_slices

@@ -52,27 +52,10 @@ FIGURE = "overview.png"
 
 
 def input_sha256(item: Mapping[str, Any]) -> str:
-    """SHA-256 of a case's input bytes: the volume file, or every file of its DICOM series (by name)."""
-    import hashlib
+    """SHA-256 of a case's input bytes (:func:`volumes.data.io.source_sha256`)."""
+    from volumes.data.io import source_sha256
 
-    path = Path(item["image"])
-    if path.is_dir():
-        from volumes.data.dicom import series_info
-
-        infos = series_info(path)
-        uid = item.get("series_uid")
-        files = next((info.files for info in infos if info.uid == uid), None) if uid is not None else None
-        if files is None:
-            files = [f for info in infos for f in info.files]
-    else:
-        files = [path]
-    digest = hashlib.sha256()
-    for file in sorted(files, key=lambda f: f.name):
-        digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
+    return source_sha256(item["image"], item.get("series_uid"))
 
 
 @dataclass
