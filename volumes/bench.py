@@ -56,6 +56,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from volumes.reporting import available_cores
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("a", "b", "c", "d", "e", "f")
 SECTION_TITLES = {
@@ -84,13 +86,6 @@ def bench_infer_module():
     from volumes import bench_infer
 
     return bench_infer
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def resolve_device(choice: str):

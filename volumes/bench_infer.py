@@ -59,6 +59,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from volumes.reporting import available_cores
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = {
     "seg": ROOT / "bundles" / "dinov2_unet_segmentation",
@@ -378,13 +380,6 @@ def write_report(out: Path, report: dict[str, Any], text: str) -> None:
     data = json.dumps(report, indent=1).encode()
     atomic_write_bytes(out / "bench_infer.json", lambda f: f.write(data))
     atomic_write_bytes(out / "bench_infer.md", lambda f: f.write(text.encode() + b"\n"))
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask on Linux, else all of them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def cpu_model() -> str:
