@@ -383,7 +383,7 @@ def write_report(out: Path, report: dict[str, Any], text: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0].replace("``", ""),
+    parser = argparse.ArgumentParser(prog="python -m volumes.bench_infer", description=__doc__.split("\n", 1)[0].replace("``", ""),
                                      epilog="See the module docstring for what is measured and how.")
     parser.add_argument("--slices", nargs="+", type=int, default=[64, 256, 768],
                         help="slice counts (default 64 256 768)")
