@@ -95,6 +95,15 @@ def test_accelerator_section_is_skipped_without_cuda(tmp_path):
     assert bench.bench_accelerator(_args(tmp_path), torch.device("cpu")) == {"skipped": "no CUDA device"}
 
 
+@pytest.mark.parametrize("roi", ["32", "80"])
+def test_peer_window_errors(tmp_path, roi):
+    from volumes.errors import VolumesError
+
+    args = _args(tmp_path, "--peer-roi", roi)
+    with pytest.raises(VolumesError, match=f"--peer-roi {roi}: SwinUNETR needs a multiple of 32, at least 64"):
+        bench.cmd_bench(args)
+
+
 def test_known_gpu_peaks():
     assert bench.known_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert bench.known_peak_tflops("NVIDIA H100 PCIe") == 756.0
@@ -146,3 +155,38 @@ def test_bench_command_writes_json_and_markdown(tmp_path):
     assert "skipped: no CUDA device" in markdown
     assert "--sections a b f" in report["command"]
     assert markdown in proc.stdout
+
+
+def test_memory_and_peer_sections_measure_in_child_processes(tmp_path):
+    """Sections c and e on tiny volumes: every child reports, and the ratios are its numbers."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "volumes", "bench", "--sections", "c", "e", "--model-kwargs", json.dumps({"depth": 1}),
+         "--bundle-size", "28", "--memory-slices", "4", "8", "--memory-size", "32", "--peer-volume", "32x32x8",
+         "--peer-roi", "64", "--peer-feature-size", "12", "--no-figures", "--threads", "1", "--repeats", "1",
+         "--warmup", "0", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    memory = report["sections"]["c"]
+    assert [row["slices"] for row in memory["rows"]] == [4, 8]
+    for row in memory["rows"]:
+        assert row["done"] == 1 and row["failed"] == 0
+        assert row["growth_mib"] == pytest.approx(row["peak_rss_mib"] - row["baseline_rss_mib"])
+        assert row["volume_mib_float32"] == pytest.approx(32 * 32 * row["slices"] * 4 / 2**20)
+    peers = report["sections"]["e"]["models"]
+    assert set(peers) == {"ours", "swinunetr", "unet3d"}
+    assert peers["ours"]["input_shape"] == [3, 28, 28, 8]  # the bundle's own preprocessing
+    assert peers["swinunetr"]["input_shape"] == peers["unet3d"]["input_shape"] == [1, 32, 32, 8]
+    for name in ("swinunetr", "unet3d"):
+        assert peers[name]["time_vs_ours"] == pytest.approx(peers[name]["infer_s"] / peers["ours"]["infer_s"])
+    assert "| e. swinunetr / ours: time, memory |" in (out / "bench.md").read_text()
+
+
+def test_a_failed_peer_shows_its_error_in_the_summary():
+    sections = {"e": {"models": {"ours": {"infer_s": 1.0, "growth_mib": 10.0},
+                                 "swinunetr": {"error": "the child gave no result (exit code 1): ValueError: x"},
+                                 "unet3d": {"infer_s": 2.0, "time_vs_ours": 2.0, "memory_vs_ours": 1.5}}}}
+    rows = {row[0]: row[1] for row in bench.summary_rows(sections)}
+    assert rows["e. swinunetr / ours: time, memory"] == "error: the child gave no result (exit code 1): ValueError: x"
+    assert rows["e. unet3d / ours: time, memory"] == "2.00x, 1.50x"

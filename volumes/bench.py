@@ -967,9 +967,10 @@ def summary_rows(sections: Mapping[str, Any]) -> list[list[str]]:
     if e and "error" not in e:
         for name in PEERS[1:]:
             peer = e["models"].get(name, {})
-            rows.append([f"e. {name} / ours: time, memory",
-                         f"{_num(peer.get('time_vs_ours'), '{:.2f}x')}, {_num(peer.get('memory_vs_ours'), '{:.2f}x')}",
-                         "-", "-"])
+            failed = peer.get("error") or e["models"].get("ours", {}).get("error")
+            measured = (f"error: {failed}" if failed else
+                        f"{_num(peer.get('time_vs_ours'), '{:.2f}x')}, {_num(peer.get('memory_vs_ours'), '{:.2f}x')}")
+            rows.append([f"e. {name} / ours: time, memory", measured, "-", "-"])
     f = sections.get("f")
     if f and "error" not in f:
         if "skipped" in f:
@@ -1241,7 +1242,7 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--peer-volume", type=parse_volume, default=None,
                        help="e: the CT of the 3D comparison (default --volume; on CPU scaled to --peer-cpu-size)")
     bench.add_argument("--peer-cpu-size", type=_positive, default=192, help="e: in-plane size of the CPU CT")
-    bench.add_argument("--peer-roi", type=_positive, default=96, help="e: sliding-window size (a multiple of 32)")
+    bench.add_argument("--peer-roi", type=_positive, default=96, help="e: sliding-window size (a multiple of 32, at least 64)")
     bench.add_argument("--peer-sw-batch", type=_positive, default=1, help="e: windows per network call")
     bench.add_argument("--peer-feature-size", type=_positive, default=48, help="e: SwinUNETR feature size")
     bench.add_argument("--no-peer-flops", action="store_true", help="e: skip the FLOP count pass")
@@ -1263,10 +1264,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from volumes.errors import VolumesError
 
         raise VolumesError("--warmup must be at least 0")
-    if args.peer_roi % 32:
+    if args.peer_roi % 32 or args.peer_roi < 64:
         from volumes.errors import VolumesError
 
-        raise VolumesError(f"--peer-roi {args.peer_roi}: SwinUNETR needs a multiple of 32")
+        # 32 downsamples it 5 times to 1 voxel, where its instance norm has nothing to normalise
+        raise VolumesError(f"--peer-roi {args.peer_roi}: SwinUNETR needs a multiple of 32, at least 64")
     args.sections = list(dict.fromkeys(args.sections))
     args.bundles = list(dict.fromkeys(args.bundles))
     return bench_main(args)
