@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: train both bundles briefly on phantoms, then volumes infer")
     demo.add_argument("--out", default="runs/demo", help="output folder")
-    demo.add_argument("--quick", action="store_true", help="tiny networks and cohorts (a smoke test, about 2 min)")
+    demo.add_argument("--quick", action="store_true", help="tiny networks and cohorts (a smoke test, under a minute on 2 cores)")
     demo.add_argument("--workers", type=int, default=None,
                       help="prefetch threads of volumes infer (default: 1 on CUDA, 0 on CPU)")
     demo.set_defaults(func=cmd_demo)
