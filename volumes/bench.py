@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from volumes.reporting import available_cores
+from volumes.reporting import available_cores, markdown_table, write_json_and_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("a", "b", "c", "d", "e", "f")
@@ -923,13 +923,6 @@ def _rate(flop_per_s: float | None) -> str:
     return f"{flop_per_s / 1e12:.2f} TFLOP/s" if flop_per_s >= 1e12 else f"{flop_per_s / 1e9:.1f} GFLOP/s"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
-    align = align or "l" + "r" * (len(header) - 1)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _met(value: float | None, goal: float, higher: bool = True) -> str:
     if value is None or value != value:
         return "-"
@@ -1008,8 +1001,8 @@ def section_markdown(key: str, s: Mapping[str, Any]) -> list[str]:
             else:
                 rows.append([name, f"{r['median_s']:.4f}", f"{r['slices_per_s']:.1f}", _rate(r["flop_per_s"]),
                              f"{r['fraction_of_gemm_peak']:.1%}", f"{r['vs_timm_batch']:.3f}x"])
-        return lines + [_table(["variant", "median s", "slices/s", "achieved", "of GEMM peak", "timm batch time / this"],
-                               rows)]
+        header = ["variant", "median s", "slices/s", "achieved", "of GEMM peak", "timm batch time / this"]
+        return lines + [markdown_table(header, rows)]
     if key == "b":
         names = ["hash", "load", "preprocess", "encode", "decode", "aggregate", "invert", "write", "figure", "other"]
         rows = []
@@ -1022,7 +1015,7 @@ def section_markdown(key: str, s: Mapping[str, Any]) -> list[str]:
                 f"One {s['volume']} synthetic CT per run, `BatchInference` (workers 0, figures {s['figures']}), "
                 f"{s['device']}; seconds, median of the repeats. encoded / slices: slices through the encoder "
                 "(sliding slabs overlap) against the volume's slices.", "",
-                _table(["bundle", "end to end s", "pure encoder s", "ratio", "encoded / slices", *names], rows)]
+                markdown_table(["bundle", "end to end s", "pure encoder s", "ratio", "encoded / slices", *names], rows)]
     if key == "c":
         lines = [title, "",
                  f"`volumes.bench_infer` children: bundles {', '.join(s['bundles'])}, {s['cases']} case(s) of "
@@ -1037,7 +1030,7 @@ def section_markdown(key: str, s: Mapping[str, Any]) -> list[str]:
                 f"{s['cases']} distinct {s['volume']} synthetic CTs classified twice through a fresh cache "
                 f"({s['encoder']}, {s['encoder_depth']} blocks, {s['aggregator']} aggregator, {s['device']}); "
                 f"speed-up {s['speedup']:.2f}x.", "",
-                _table(["run", "total s", *(n + " s" for n in names), "hits / misses"], rows)]
+                markdown_table(["run", "total s", *(n + " s" for n in names), "hits / misses"], rows)]
     if key == "e":
         rows = []
         for name, m in s["models"].items():
@@ -1053,7 +1046,7 @@ def section_markdown(key: str, s: Mapping[str, Any]) -> list[str]:
                 f"CT {s['volume']} ({s['volume_source']}), {s['device']}; peers: "
                 f"{s['roi']}^3 windows, sw batch {s['sw_batch']}, SwinUNETR feature size {s['feature_size']}. "
                 "Each model in its own process; growth = peak memory - memory after building the model.", "",
-                _table(["model", "input", "parameters", "GFLOP / volume", "prepare s", "infer s", "growth MiB",
+                markdown_table(["model", "input", "parameters", "GFLOP / volume", "prepare s", "infer s", "growth MiB",
                         "time vs ours", "memory vs ours"], rows)]
     if key == "f":
         rows = []
@@ -1069,7 +1062,7 @@ def section_markdown(key: str, s: Mapping[str, Any]) -> list[str]:
                 f"{s['flops_per_slice'] / 1e9:.1f} GFLOP per slice; peak {_num(s['peak_tflops'], '{:.0f}')} TFLOP/s "
                 f"({s['peak_source']}); measured GEMM bf16 {_rate(s['gemm_bf16']['flop_per_s'])}, "
                 f"fp32 {_rate(s['gemm_fp32']['flop_per_s'])}.", "",
-                _table(["variant", "median s", "slices/s", "achieved", "MFU", "of bf16 GEMM", "peak MiB"], rows)]
+                markdown_table(["variant", "median s", "slices/s", "achieved", "MFU", "of bf16 GEMM", "peak MiB"], rows)]
     return [title]
 
 
@@ -1100,7 +1093,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"- reproduce: `{report['command']}`",
         f"- timing: {report['settings']['warmup']} warm-up, median of {report['settings']['repeats']} repeats",
         "", "## Summary", "",
-        _table(["measurement", "measured", "goal", "met"], summary_rows(report["sections"]), align="lrll"),
+        markdown_table(["measurement", "measured", "goal", "met"], summary_rows(report["sections"]), align="lrll"),
     ]
     for key, section in report["sections"].items():
         lines += [""] + section_markdown(key, section)
@@ -1146,12 +1139,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
 
 
 def write_report(out: Path, report: Mapping[str, Any]) -> str:
-    from volumes.atomic import atomic_write_bytes
-
     text = markdown(report)
-    data = json.dumps(report, indent=1, default=str).encode()
-    atomic_write_bytes(out / "bench.json", lambda f: f.write(data))
-    atomic_write_bytes(out / "bench.md", lambda f: f.write(text.encode()))
+    write_json_and_markdown(out, "bench", report, text)
     return text
 
 

@@ -59,7 +59,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from volumes.reporting import available_cores
+from volumes.reporting import available_cores, markdown_table, write_json_and_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = {
@@ -339,7 +339,7 @@ COLUMNS = ["slices", "volume MiB (float32)", "cases/min (run)", "cases/min (wall
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """The markdown table of the measured rows."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" for _ in COLUMNS) + "|"]
+    cells_by_row = []
     for row in rows:
         if "baseline_rss_mib" not in row:
             cells = [str(row["slices"]), f"{row['volume_mib_float32']:.1f}"] + ["-"] * (len(COLUMNS) - 2)
@@ -349,8 +349,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
                      f"{row['cases_per_min_wall']:.2f}", f"{row['baseline_rss_mib']:.0f}",
                      f"{row['peak_rss_mib']:.0f}", f"{row['growth_mib']:.0f}", f"{row['growth_per_volume']:.1f}",
                      *(f"{stages[s]:.2f}" if s in stages else "-" for s in STAGES)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells_by_row.append(cells)
+    return markdown_table(COLUMNS, cells_by_row, align="r" * len(COLUMNS))
 
 
 def notes(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -372,14 +372,6 @@ def reproduce_command(args: argparse.Namespace) -> str:
              "--device", args.device, "--out", str(args.out)]
     argv += ["--no-figures"] if args.no_figures else []
     return shlex.join(argv)
-
-
-def write_report(out: Path, report: dict[str, Any], text: str) -> None:
-    from volumes.atomic import atomic_write_bytes
-
-    data = json.dumps(report, indent=1).encode()
-    atomic_write_bytes(out / "bench_infer.json", lambda f: f.write(data))
-    atomic_write_bytes(out / "bench_infer.md", lambda f: f.write(text.encode() + b"\n"))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -462,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             table(report["rows"]),
             *([""] + notes(report["rows"]) if notes(report["rows"]) else []),
         ])
-        write_report(out, report, text)
+        write_json_and_markdown(out, "bench_infer", report, text + "\n")
     print()
     print(text)
     print(f"\nwrote {out / 'bench_infer.json'} and {out / 'bench_infer.md'}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import Any, Sequence
 
 
 def available_cores() -> int:
@@ -13,6 +14,25 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+    """A markdown table; ``align`` has one ``l`` or ``r`` per column (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json_and_markdown(out: Path, stem: str, report: Any, text: str) -> None:
+    """``OUT/STEM.json`` (the report) and ``OUT/STEM.md`` (the text), each written atomically."""
+    import json
+
+    from volumes.atomic import atomic_write_bytes
+
+    data = json.dumps(report, indent=1, default=str).encode()
+    atomic_write_bytes(out / f"{stem}.json", lambda f: f.write(data))
+    atomic_write_bytes(out / f"{stem}.md", lambda f: f.write(text.encode()))
 
 
 def cpu_model() -> str:
