@@ -10,6 +10,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Compose
 
 from volumes.data.io import load_volume
+from volumes.decoders import InstanceNorm2d, InstanceNorm3d
 from volumes.data.phantoms import PhantomConfig, generate_phantom, write_case
 from volumes.errors import ConfigError, VolumeReadError
 from volumes.networks import SliceSegmenter
@@ -20,6 +21,7 @@ from volumes.segmentation import (
     per_case_metrics,
     segmentation_postprocessing,
     segmentation_transforms,
+    SlabInferer,
     slab_inferer,
     to_original_orientation,
     write_label_map,
@@ -80,6 +82,102 @@ def test_sliding_slabs_along_the_slices_equal_whole_volume_without_refinement():
         via_inferer = slab_inferer(4, overlap=0.25)(volume, model)
     torch.testing.assert_close(windows, whole, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(via_inferer, whole, atol=1e-4, rtol=1e-4)
+
+
+def _refined_segmenter(seed: int = 0) -> SliceSegmenter:
+    torch.manual_seed(seed)
+    model = SliceSegmenter(4, encoder_kwargs=TINY, feature_size=8, refine=True).eval()
+    with torch.no_grad():  # a refinement that does something: its last layer starts at zero
+        model.refine.body[-1].weight.normal_(0, 0.5)
+    return model
+
+
+def _count_encoded_slices(model: SliceSegmenter) -> list[int]:
+    seen: list[int] = []
+    model.encoder.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    return seen
+
+
+@pytest.mark.parametrize("batch, depth, slab, overlap, sw_batch_size", [
+    (1, 11, 4, 0.25, 1),  # the windows' last start is pulled back to fit: uneven overlaps
+    (2, 9, 4, 0.5, 2),  # two cases, two windows per call
+    (1, 3, 4, 0.25, 1),  # fewer slices than a slab: MONAI pads the volume
+])
+def test_slab_inferer_encodes_each_slice_once_and_equals_monai_sliding_window(batch, depth, slab, overlap,
+                                                                              sw_batch_size):
+    model = _refined_segmenter()
+    volume = torch.randn(batch, 3, 42, 28, depth, generator=torch.Generator().manual_seed(depth))
+    inferer = slab_inferer(slab, overlap=overlap, sw_batch_size=sw_batch_size)
+    seen = _count_encoded_slices(model)
+    with torch.no_grad():
+        reference = sliding_window_inference(volume, roi_size=(-1, -1, slab), sw_batch_size=sw_batch_size,
+                                             predictor=model, overlap=overlap, mode="gaussian")
+        monai_slices = sum(seen)
+        seen.clear()
+        shared = inferer(volume, model)
+    torch.testing.assert_close(shared, reference, atol=1e-5, rtol=1e-4)
+    padded = max(depth, slab)
+    assert sum(seen) == inferer.last_encoded == batch * padded
+    if depth > slab:
+        assert monai_slices > batch * padded  # MONAI's windows overlap, so it encodes slices again
+        # the refinement mixes slices: a whole-volume forward is not what slabs give
+        with torch.no_grad():
+            assert not torch.allclose(model(volume), reference, atol=1e-3)
+
+
+def test_slab_inferer_runs_other_networks_through_monai_unchanged():
+    conv = torch.nn.Conv3d(3, 2, kernel_size=3, padding=1).eval()
+    volume = torch.randn(1, 3, 12, 10, 9)
+    inferer = slab_inferer(4)
+    with torch.no_grad():
+        out = inferer(volume, conv)
+        reference = sliding_window_inference(volume, (-1, -1, 4), 1, conv, overlap=0.25, mode="gaussian")
+    torch.testing.assert_close(out, reference)
+    assert inferer.last_encoded is None
+    assert isinstance(inferer, SlabInferer)
+
+
+@pytest.mark.parametrize("ours, theirs, shape", [
+    (InstanceNorm2d, torch.nn.InstanceNorm2d, (3, 5, 9, 7)),
+    (InstanceNorm3d, torch.nn.InstanceNorm3d, (2, 5, 6, 7, 4)),
+])
+@pytest.mark.parametrize("affine", [False, True])
+def test_group_norm_instance_norms_equal_pytorch_in_values_gradients_and_state(ours, theirs, shape, affine):
+    torch.manual_seed(0)
+    reference, fast = theirs(5, affine=affine), ours(5, affine=affine)
+    if affine:
+        with torch.no_grad():
+            reference.weight.normal_(), reference.bias.normal_()
+    fast.load_state_dict(reference.state_dict())  # same keys: checkpoints load either way
+    x = (torch.randn(shape) * 3 + 2).requires_grad_()
+    layout = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x_last = x.detach().contiguous(memory_format=layout).requires_grad_()
+    out_ref, out_fast = reference(x), fast(x_last)
+    torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
+    assert out_fast.is_contiguous(memory_format=layout)  # no copy to the contiguous layout
+    weights = torch.randn(shape)
+    (out_ref * weights).sum().backward()
+    (out_fast * weights).sum().backward()
+    torch.testing.assert_close(x_last.grad, x.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_uses_the_fast_norms_and_old_checkpoints_load(tiny_segmenter):
+    norms = [m for m in tiny_segmenter.modules() if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm)]
+    assert norms and all(type(m) in (InstanceNorm2d, InstanceNorm3d) for m in norms)
+    # a model built with PyTorch's own instance norms has the same state dict keys
+    plain = {k for k, v in tiny_segmenter.state_dict().items()}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        other = SliceSegmenter(7, encoder_kwargs=TINY, feature_size=8).eval()
+        for parent in list(other.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) in (InstanceNorm2d, InstanceNorm3d):
+                    base = torch.nn.InstanceNorm2d if type(child) is InstanceNorm2d else torch.nn.InstanceNorm3d
+                    setattr(parent, name, base(child.num_features, affine=child.affine))
+        assert set(other.state_dict()) == plain
+        other.load_state_dict(tiny_segmenter.state_dict())
+        volume = torch.randn(1, 3, 42, 28, 3)
+        torch.testing.assert_close(other(volume), tiny_segmenter(volume), atol=1e-5, rtol=1e-4)
 
 
 def test_torchscript_trace_matches_eager_for_any_slice_count_and_size(tiny_segmenter):

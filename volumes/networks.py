@@ -188,16 +188,40 @@ class SliceSegmenter(nn.Module):
         grids = self.encoder(slices, with_grids=True).patch_grids
         return self.decoder(grids, slices)
 
-    def _slice_features(self, volume: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W, D]`` -> decoder features per slice ``[B*D, F, H, W]`` (``chunk_size`` slices at a time)."""
+    def per_slice(self, slices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slices ``[n, 3, H, W]`` -> decoder features ``[n, F, H, W]`` and 2D logits ``[n, K, H, W]``.
+
+        ``chunk_size`` slices at a time. Each slice's results depend on that slice alone
+        (the encoder and the 2D decoder see one slice; their norms are per slice), so
+        they can be computed once and shared between overlapping slabs
+        (:class:`volumes.segmentation.SlabInferer`).
+        """
+        slices = slices.float()
+        if torch.jit.is_tracing():  # one pass: a traced loop would fix the slice count
+            features = self._decode(slices)
+        else:
+            features = torch.cat([self._decode(part) for part in slices.split(self.chunk_size)])
+        return features, self.head(features)
+
+    def combine(self, features: torch.Tensor, logits: torch.Tensor, batch: int) -> torch.Tensor:
+        """Per-slice results of :meth:`per_slice` for ``batch`` cases (batch-major) -> logits ``[B, K, H, W, D]``.
+
+        The 2D logits stacked along the slices, plus the 3D refinement over all ``D``
+        slices given (its instance norm sees all of them, so it depends on the slab).
+        """
+        stacked = self._stack(logits, batch)
+        if self.refine is not None:
+            stacked = stacked + self.refine(self._stack(features, batch))
+        return stacked
+
+    @staticmethod
+    def volume_slices(volume: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W, D]`` -> slices ``[B*D, 3, H, W]`` (batch-major)."""
         raw = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
         if raw.ndim != 5 or raw.shape[1] != 3:
             raise ValueError(f"SliceSegmenter expects volumes [B, 3, H, W, D]; got shape {tuple(raw.shape)}")
         b, c, h, w, d = raw.shape
-        slices = raw.permute(0, 4, 1, 2, 3).reshape(b * d, c, h, w).float()
-        if torch.jit.is_tracing():  # one pass: a traced loop would fix the slice count
-            return self._decode(slices)
-        return torch.cat([self._decode(part) for part in slices.split(self.chunk_size)])
+        return raw.permute(0, 4, 1, 2, 3).reshape(b * d, c, h, w)
 
     @staticmethod
     def _stack(per_slice: torch.Tensor, batch: int) -> torch.Tensor:
@@ -206,9 +230,4 @@ class SliceSegmenter(nn.Module):
         return per_slice.reshape(batch, n // batch, c, h, w).permute(0, 2, 3, 4, 1)
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
-        features = self._slice_features(volume)
-        batch = volume.shape[0]
-        logits = self._stack(self.head(features), batch)
-        if self.refine is not None:
-            logits = logits + self.refine(self._stack(features, batch))
-        return logits
+        return self.combine(*self.per_slice(self.volume_slices(volume)), volume.shape[0])

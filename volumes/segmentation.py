@@ -5,6 +5,8 @@ The pieces the segmentation bundle's configs assemble, usable from Python too:
 * :func:`segmentation_transforms` loads an image and its label map (checked to lie on
   the same grid), keeps the label in its original space under ``label_orig`` and
   prepares both for the encoder; :func:`training_crops` adds random slabs of slices.
+* :class:`SlabInferer` (:func:`slab_inferer`) runs sliding slabs of whole slices, each
+  slice through the encoder and the 2D decoder once however much the slabs overlap.
 * :func:`segmentation_postprocessing` turns logits into a label map in the input's
   original geometry (``Invertd``), one-hot for the metrics.
 * :class:`HausdorffDistanceMM` is MONAI's HD95 handler with each volume's own voxel
@@ -18,11 +20,12 @@ The pieces the segmentation bundle's configs assemble, usable from Python too:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 import torch
+from torch import nn
 from monai.handlers import IgniteMetricHandler
 from monai.inferers import SlidingWindowInferer
 from monai.metrics import HausdorffDistanceMetric, compute_dice, compute_hausdorff_distance
@@ -80,10 +83,75 @@ def training_crops(slab: int, num_samples: int = 4, pos: float = 2.0, neg: float
     ])
 
 
-def slab_inferer(slab: int = 16, overlap: float = 0.25, sw_batch_size: int = 1) -> SlidingWindowInferer:
-    """Sliding windows of whole slices along the slice axis (``roi_size = (-1, -1, slab)``)."""
-    return SlidingWindowInferer(roi_size=(-1, -1, slab), sw_batch_size=sw_batch_size, overlap=overlap,
-                                mode="gaussian")
+class _SharedSliceFeatures:
+    """A sliding-window predictor that runs each slice through the 2D network once.
+
+    MONAI's sliding window calls it with the window ``[n, 3, H, W, d]`` and the window's
+    coordinates in the (padded) input. The network's per-slice results (decoder
+    features and 2D logits, :meth:`~volumes.networks.SliceSegmenter.per_slice`) are kept
+    by (case, in-plane box, slice index) for as long as the current windows use them, so
+    a slice shared by two overlapping slabs goes through the encoder and the decoder
+    once; the 3D refinement then runs on each slab
+    (:meth:`~volumes.networks.SliceSegmenter.combine`), as the network's forward does.
+    """
+
+    def __init__(self, network: nn.Module):
+        self.network = network
+        self.kept: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.encoded = 0  # slices that went through the encoder and the decoder
+
+    def __call__(self, window: torch.Tensor, coords: Sequence[Sequence[slice]]) -> torch.Tensor:
+        keys = [key for (case, _, rows, cols, depth) in coords
+                for key in ((case.start, rows.start, rows.stop, cols.start, cols.stop, z)
+                            for z in range(depth.start, depth.stop))]
+        depth = window.shape[-1]
+        missing = {key: divmod(n, depth) for n, key in enumerate(keys) if key not in self.kept}
+        if missing:
+            raw = window.as_tensor() if hasattr(window, "as_tensor") else window
+            features, logits = self.network.per_slice(torch.stack([raw[i, ..., j] for i, j in missing.values()]))
+            self.kept.update(zip(missing, zip(features, logits)))
+            self.encoded += len(missing)
+        features = torch.stack([self.kept[key][0] for key in keys])
+        logits = torch.stack([self.kept[key][1] for key in keys])
+        # windows advance along the slices: the next ones need only slices of these
+        self.kept = {key: self.kept[key] for key in keys}
+        return self.network.combine(features, logits, window.shape[0])
+
+
+class SlabInferer(SlidingWindowInferer):
+    """Sliding windows of whole slices along the slice axis (``roi_size = (-1, -1, slab)``).
+
+    For a network with ``per_slice`` and ``combine`` (a
+    :class:`volumes.networks.SliceSegmenter`), every slice goes through the encoder and
+    the 2D decoder once however much the slabs overlap; only the 3D refinement runs per
+    slab. The result equals MONAI's sliding window over ``network(window)`` (up to float
+    rounding): the same windows, the same Gaussian blending. Other networks run through
+    MONAI's sliding window unchanged. ``last_encoded`` is the number of slices the last
+    call ran through the 2D network (None for other networks).
+    """
+
+    def __init__(self, slab: int = 16, overlap: float = 0.25, sw_batch_size: int = 1, *, share_slices: bool = True,
+                 **kwargs: Any):
+        kwargs.setdefault("mode", "gaussian")
+        super().__init__(roi_size=(-1, -1, slab), sw_batch_size=sw_batch_size, overlap=overlap, with_coord=True,
+                         **kwargs)
+        self.share_slices = share_slices
+        self.last_encoded: int | None = None
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any):
+        target = network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
+        self.last_encoded = None
+        if self.share_slices and hasattr(target, "per_slice") and hasattr(target, "combine"):
+            predictor = _SharedSliceFeatures(target)
+            out = super().__call__(inputs, predictor, *args, **kwargs)
+            self.last_encoded = predictor.encoded
+            return out
+        return super().__call__(inputs, lambda window, coords, *a, **k: network(window, *a, **k), *args, **kwargs)
+
+
+def slab_inferer(slab: int = 16, overlap: float = 0.25, sw_batch_size: int = 1) -> SlabInferer:
+    """Sliding windows of whole slices along the slice axis, each slice encoded once (:class:`SlabInferer`)."""
+    return SlabInferer(slab, overlap=overlap, sw_batch_size=sw_batch_size)
 
 
 def segmentation_postprocessing(transform: Compose, num_classes: int, *, metrics: bool = True) -> Compose:
@@ -252,6 +320,7 @@ __all__ = [
     "segmentation_transforms",
     "training_crops",
     "slab_inferer",
+    "SlabInferer",
     "segmentation_postprocessing",
     "HausdorffDistanceMM",
     "per_case_metrics",

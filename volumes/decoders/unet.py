@@ -6,6 +6,12 @@ are brought up to ``8/p`` by transposed convolutions (the shallower the layer, t
 upsampling steps, as UNETR's skip path), merged from the deepest one up, then resized to
 half the slice size and merged with a shallow convolutional stem on the raw slice, which
 is the high-resolution skip. ``p`` can be any patch size (14 for DINOv2, 16 for DINOv3).
+
+Speed: the decoder runs channels-last (oneDNN and cuDNN convolutions prefer it) and
+its instance norms run as group norms with one group per channel
+(:class:`InstanceNorm2d` / :class:`InstanceNorm3d`: the same arithmetic, but PyTorch's
+instance norm copies a channels-last input to a contiguous one first). On 2 CPU cores
+this made the decoder about twice as fast; ``python -m volumes bench`` measures it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,46 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
+
+
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` computed as a group norm with one group per channel.
+
+    Same parameters, state dict and result (up to float rounding); keeps a channels-last
+    input channels-last instead of copying it. With ``track_running_stats`` (running
+    statistics in eval mode) it falls back to PyTorch's instance norm.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.track_running_stats or x.dim() != self._get_no_batch_dim() + 1:
+            return super().forward(x)
+        return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+
+
+class InstanceNorm3d(nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` computed as a group norm with one group per channel (see :class:`InstanceNorm2d`)."""
+
+    forward = InstanceNorm2d.forward
+
+
+def use_fast_instance_norms(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.InstanceNorm2d``/``3d`` in ``module`` with :class:`InstanceNorm2d`/``3d``, in place.
+
+    MONAI's blocks build their norms by name; this swaps the ones they made. Parameters
+    and buffers carry over, so checkpoints load either way.
+    """
+    fast = {nn.InstanceNorm2d: InstanceNorm2d, nn.InstanceNorm3d: InstanceNorm3d}
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            kind = fast.get(type(child))
+            if kind is None:
+                continue
+            new = kind(child.num_features, eps=child.eps, momentum=child.momentum, affine=child.affine,
+                       track_running_stats=child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(parent, name, new)
+    return module
 
 
 class SliceUNetDecoder(nn.Module):
@@ -51,6 +97,7 @@ class SliceUNetDecoder(nn.Module):
         ])
         self.stem = UnetrBasicBlock(2, in_channels, f, kernel_size=3, stride=1, norm_name=norm_name, res_block=res_block)
         self.final = UnetrUpBlock(in_channels=2 * f, out_channels=f, res_block=res_block, **kw)  # H/2 -> H
+        use_fast_instance_norms(self)
 
     def forward(self, grids: Sequence[torch.Tensor], slices: torch.Tensor) -> torch.Tensor:
         if len(grids) != 4:
@@ -58,6 +105,9 @@ class SliceUNetDecoder(nn.Module):
         h, w = slices.shape[-2:]
         if h % 2 or w % 2:
             raise ValueError(f"SliceUNetDecoder needs even slice sizes, got {h}x{w}")
+        # channels-last throughout (free for the ViT's grids, whose tokens are stored that way)
+        grids = [g.contiguous(memory_format=torch.channels_last) for g in grids]
+        slices = slices.contiguous(memory_format=torch.channels_last)
         x = grids[3]
         for up, skip, grid in zip(self.up, reversed(self.skips), reversed(grids[:3])):
             x = up(x, skip(grid))
@@ -82,7 +132,7 @@ class Refine3D(nn.Module):
         hidden = int(hidden or feature_size)
         self.body = nn.Sequential(
             nn.Conv3d(feature_size, hidden, kernel_size=3, padding=1, bias=False),
-            nn.InstanceNorm3d(hidden, affine=True),
+            InstanceNorm3d(hidden, affine=True),
             nn.LeakyReLU(0.01, inplace=True),
             nn.Conv3d(hidden, num_classes, kernel_size=1),
         )
@@ -90,7 +140,7 @@ class Refine3D(nn.Module):
         nn.init.zeros_(self.body[-1].bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.body(features)
+        return self.body(features.contiguous(memory_format=torch.channels_last_3d))
 
 
-__all__ = ["SliceUNetDecoder", "Refine3D"]
+__all__ = ["SliceUNetDecoder", "Refine3D", "InstanceNorm2d", "InstanceNorm3d", "use_fast_instance_norms"]
