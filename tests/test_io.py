@@ -52,6 +52,26 @@ def world_of_max(volume) -> np.ndarray:
 # ----------------------------------------------------------------- round trips
 
 
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+def test_gzipped_nifti_read_through_isal_equals_nibabel_with_scaling(tmp_path, monkeypatch, byte_order):
+    import volumes.data.io as io
+
+    pytest.importorskip("isal")
+    stored = np.random.default_rng(3).integers(-1000, 2000, (7, 6, 5)).astype(byte_order + "i2")
+    image = nib.Nifti1Image(stored, lps_affine())
+    image.header.set_slope_inter(0.5, -3.0)  # scaled integers, as many CT exports store them
+    path = tmp_path / "scaled.nii.gz"
+    nib.save(image, path)
+    expected = nib.load(path).get_fdata(dtype=np.float64)
+    assert io.igzip is not None
+    fast = load_volume(path, orientation=None)
+    monkeypatch.setattr(io, "igzip", None)  # nibabel's own zlib path
+    slow = load_volume(path, orientation=None)
+    np.testing.assert_allclose(fast[0].numpy(), expected, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(fast.numpy(), slow.numpy())
+    np.testing.assert_array_equal(fast.affine.numpy(), slow.affine.numpy())
+
+
 @pytest.mark.parametrize("make_affine", [lps_affine, permuted_affine], ids=["LPS", "SLA"])
 def test_nifti_is_oriented_to_ras_keeping_world_positions(tmp_path, make_affine):
     affine = make_affine()

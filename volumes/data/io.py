@@ -5,8 +5,9 @@ bytes on disk, an upper bound on the voxel count) and only then allocates the
 voxel array, so a corrupt or hostile header gives a readable
 :class:`~volumes.errors.VolumeReadError` instead of a memory error.
 
-Readers: NIfTI through MONAI's ``NibabelReader``; NRRD, MetaImage and DICOM
-series through SimpleITK (GDCM decodes compressed DICOM). World coordinates are
+Readers: NIfTI through MONAI's ``NibabelReader`` (gzipped voxels decompressed by
+python-isal's ``igzip`` when installed: about twice as fast as zlib); NRRD, MetaImage
+and DICOM series through SimpleITK (GDCM decodes compressed DICOM). World coordinates are
 RAS+ (nibabel's convention, MONAI's ``space="RAS"``) whatever the file stores.
 """
 
@@ -24,10 +25,16 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelReader
 from monai.transforms import MapTransform, Orientation, Spacing
 from monai.utils import ensure_tuple_rep
+from nibabel.arrayproxy import ArrayProxy
 
 from volumes.data.dicom import check_dicom_series, read_series_uid
 from volumes.data.discovery import ITK_SUFFIXES, NIFTI_SUFFIXES, VOLUME_SUFFIXES, volume_suffix
 from volumes.errors import ConfigError, VolumeReadError
+
+try:  # Intel ISA-L's gzip: the same format, decompressed about twice as fast as zlib
+    from isal import igzip
+except ImportError:  # pragma: no cover - isal is a dependency; zlib (through nibabel) still works
+    igzip = None
 
 __all__ = [
     "MAX_VOXELS",
@@ -314,9 +321,23 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
 # ----------------------------------------------------------------- NIfTI
 
 
+class _NiftiReader(NibabelReader):
+    """MONAI's ``NibabelReader``, reading ``.nii.gz`` voxels through ``isal.igzip`` when installed."""
+
+    def _get_array_data(self, img, filename):
+        proxy = img.dataobj
+        if igzip is None or not str(filename).lower().endswith(".gz") or not isinstance(proxy, ArrayProxy):
+            return super()._get_array_data(img, filename)
+        with igzip.open(filename, "rb") as stream:
+            # nibabel's own proxy on the isal stream: the same offset, order and scaling
+            fast = ArrayProxy(stream, (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter),
+                              mmap=False, order=proxy.order)
+            return np.asanyarray(fast)
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """``[X, Y, Z]`` array, RAS affine and header meta of a NIfTI file."""
-    reader = NibabelReader()
+    reader = _NiftiReader()
     try:
         image = reader.read(str(path))  # lazy: reads the header only
     except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, zlib.error...
