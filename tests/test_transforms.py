@@ -382,6 +382,12 @@ def test_resize_in_plane_is_the_same_in_chunks_and_keeps_voxel_centres():
     chunked, _ = resize_in_plane(volume, (20, 15), "trilinear", chunk=3)
     assert whole.shape == (2, 20, 15, 10)
     assert torch.equal(whole.as_tensor(), chunked.as_tensor())
+    # the same voxels in NIfTI's Fortran order (x fastest, as load_volume keeps them)
+    # take the other GEMM order: equal up to float rounding
+    fortran = MetaTensor(volume.as_tensor().permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1), affine=volume.affine)
+    assert fortran.stride(1) == 1
+    from_fortran, _ = resize_in_plane(fortran, (20, 15), "trilinear", chunk=3)
+    torch.testing.assert_close(from_fortran.as_tensor(), whole.as_tensor(), atol=1e-6, rtol=1e-5)
     # halving the grid: voxel (0, 0) of the output is centred between input voxels 0 and 1
     expected = torch.tensor([[4.0, 0, 0, 1.0], [0, 6.0, 0, 1.5], [0, 0, 5.0, 0], [0, 0, 0, 1]], dtype=torch.float64)
     assert torch.allclose(whole.affine.double(), expected)

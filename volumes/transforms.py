@@ -527,11 +527,19 @@ def resize_in_plane(img: torch.Tensor, size: Sequence[int], mode: str = "triline
     if two_d == "bilinear":
         # blur + linear interpolation as matrices: out = Wx @ slice @ Wy^T, batched over slices
         wx, wy = (_bilinear_matrix(before, after, sigma) for (before, after), sigma in zip(((x, h), (y, w)), sigmas))
+        # volumes read from NIfTI keep its Fortran order (x fastest): interpolate along the
+        # fastest axis first, so the large GEMM reads memory in place instead of a transposed copy
+        x_fastest = plain.stride(1) < plain.stride(2)
         for start in range(0, z, chunk):
             part = plain[..., start:start + chunk].permute(3, 0, 1, 2).float()  # [n, C, X, Y]
             n = part.shape[0]
-            along_y = (part.reshape(-1, y) @ wy.T).reshape(n * c, x, w)  # one large 2D GEMM first
-            out[..., start:start + chunk] = (wx @ along_y).reshape(n, c, h, w).permute(1, 2, 3, 0)
+            if x_fastest:  # out^T = Wy @ slice^T @ Wx^T
+                along_x = (part.transpose(2, 3).reshape(-1, x) @ wx.T).reshape(n * c, y, h)
+                resized = (wy @ along_x).reshape(n, c, w, h).transpose(2, 3)
+            else:
+                along_y = (part.reshape(-1, y) @ wy.T).reshape(n * c, x, w)  # one large 2D GEMM first
+                resized = (wx @ along_y).reshape(n, c, h, w)
+            out[..., start:start + chunk] = resized.permute(1, 2, 3, 0)
         chunk_loop = range(0)
     else:
         chunk_loop = range(0, z, chunk)
@@ -558,7 +566,9 @@ def _permute_spatial(img: torch.Tensor, permutation: Sequence[int]) -> torch.Ten
 
     MONAI's ``Transpose`` leaves the affine alone, hence this helper.
     """
-    out = img.permute(0, *(a + 1 for a in permutation)).contiguous()
+    out = img.permute(0, *(a + 1 for a in permutation))
+    if tuple(permutation) != tuple(range(len(permutation))):
+        out = out.contiguous()  # the identity (axial slices) keeps the input's memory order: no copy
     if not isinstance(img, MetaTensor):
         return out
     # output index i is input index permutation[i]: world = A_in @ P @ index_out
