@@ -135,7 +135,7 @@ def test_bench_command_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, "-m", "volumes", "bench", "--sections", "a", "b", "f", "--model-kwargs",
-         json.dumps({"depth": 1}), "--slices", "4", "--size", "28", "--volume", "64x64x6", "--bundle-size", "28",
+         json.dumps({"depth": 1}), "--slices", "4", "--size", "28", "--volume", "64x64x30", "--bundle-size", "28",
          "--no-figures", "--gemm-size", "64", "--threads", "1", "--repeats", "1", "--warmup", "0", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -145,11 +145,14 @@ def test_bench_command_writes_json_and_markdown(tmp_path):
     pipeline = report["sections"]["b"]["bundles"]
     assert set(pipeline) == {"seg", "cls"}
     for entry in pipeline.values():
-        assert entry["slices"] == 6 and entry["slice_size"] == [28, 28]
+        assert entry["slices"] == 30 and entry["slice_size"] == [28, 28]
         assert entry["ratio"] == pytest.approx(entry["wall_s"] / entry["pure_encoder"]["median_s"])
+        assert entry["network_ratio"] == pytest.approx(entry["wall_s"] / entry["pure_network"]["median_s"])
         assert entry["stages_s"]["encode"] > 0
         assert sum(entry["stages_s"].values()) == pytest.approx(entry["wall_s"], rel=1e-6)
-    assert pipeline["cls"]["encoded_slices"] == 6  # classification encodes each slice once
+        # each slice through the encoder once: classification, and segmentation's three
+        # overlapping 16-slice slabs (starts 0, 12, 14) that share their slices' features
+        assert entry["encoded_slices"] == 30
     markdown = (out / "bench.md").read_text()
     assert "| a. SliceEncoder throughput / timm forward_features |" in markdown
     assert "skipped: no CUDA device" in markdown
