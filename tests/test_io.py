@@ -72,6 +72,22 @@ def test_gzipped_nifti_read_through_isal_equals_nibabel_with_scaling(tmp_path, m
     np.testing.assert_array_equal(fast.affine.numpy(), slow.affine.numpy())
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_save_nifti_writes_standard_gzip_that_nibabel_reads_back(tmp_path, order):
+    from volumes.data.io import save_nifti
+
+    labels = np.asarray(np.random.default_rng(4).integers(0, 7, (9, 8, 7)), dtype=np.uint8, order=order)
+    image = nib.Nifti1Image(labels, lps_affine())
+    path = save_nifti(image, tmp_path / "labels.nii.gz")
+    with gzip.open(path, "rb") as stream:  # plain zlib can read what ISA-L wrote
+        assert len(stream.read()) == 352 + labels.size
+    back = nib.load(path)
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj), labels)
+    np.testing.assert_allclose(back.affine, lps_affine())
+    assert back.get_data_dtype() == np.uint8
+    assert save_nifti(image, tmp_path / "plain.nii").stat().st_size == 352 + labels.size
+
+
 @pytest.mark.parametrize("make_affine", [lps_affine, permuted_affine], ids=["LPS", "SLA"])
 def test_nifti_is_oriented_to_ras_keeping_world_positions(tmp_path, make_affine):
     affine = make_affine()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Compose
 
@@ -290,10 +293,13 @@ def test_write_label_map_is_atomic_and_leaves_no_temporary_file(tmp_path, monkey
     write_label_map(np.ones((3, 3, 3)), np.eye(4), target)
     before = target.read_bytes()
 
-    def fail(*args, **kwargs):
+    def fail(image, path):  # a writer that dies half way through
+        Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(nib, "save", fail)
+    import volumes.segmentation as segmentation
+
+    monkeypatch.setattr(segmentation, "save_nifti", fail)
     with pytest.raises(OSError, match="disk full"):
         write_label_map(np.zeros((3, 3, 3)), np.eye(4), target)
     assert target.read_bytes() == before  # the old file is intact
@@ -330,6 +336,26 @@ def test_per_case_metrics_and_organ_volumes_have_known_values():
     assert row["dice_liver"] == pytest.approx(2 * 48 / (48 + 64))
     assert row["dice_spleen"] == pytest.approx(1.0) and row["hd95_mm_spleen"] == pytest.approx(0.0)
     assert organ_volumes_ml(label, (2.0, 2.0, 2.0), names) == pytest.approx({"liver": 0.512, "spleen": 0.064})
+    # uint8 maps are counted in one pass, other integers organ by organ: the same numbers
+    assert organ_volumes_ml(label.astype(np.int16), (2.0, 2.0, 2.0), names) == pytest.approx(
+        {"liver": 0.512, "spleen": 0.064})
+    assert organ_volumes_ml(np.asfortranarray(label), (2.0, 2.0, 2.0), names) == pytest.approx(
+        {"liver": 0.512, "spleen": 0.064})
+
+
+def test_argmax_labels_equals_torch_argmax_with_ties_and_keeps_metadata():
+    from volumes.segmentation import argmax_labels
+
+    logits = torch.randn(5, 6, 7, 8, generator=torch.Generator().manual_seed(0))
+    logits[:, 0, 0, 0] = 1.0  # a tie: the first channel wins, as in torch.argmax
+    logits[2:4, 1, 1, 1] = 9.0
+    image = MetaTensor(logits, affine=torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0])))
+    labels = argmax_labels(image)
+    assert labels.dtype == torch.uint8 and labels.shape == (1, 6, 7, 8)
+    assert torch.equal(labels.as_tensor().long(), torch.argmax(logits, dim=0, keepdim=True))
+    assert labels[0, 0, 0, 0] == 0 and labels[0, 1, 1, 1] == 2
+    torch.testing.assert_close(labels.affine, image.affine)
+    assert torch.equal(argmax_labels(logits), labels.as_tensor())  # plain tensors too
 
 
 def test_bad_loader_and_cohort_settings_fail_clearly(tmp_path):

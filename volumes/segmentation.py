@@ -26,12 +26,13 @@ import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
+from monai.data import MetaTensor, get_track_meta
 from monai.handlers import IgniteMetricHandler
 from monai.inferers import SlidingWindowInferer
 from monai.metrics import HausdorffDistanceMetric, compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
+from monai.utils import convert_to_tensor
 from monai.transforms import (
-    Activationsd,
     AsDiscreted,
     Compose,
     CopyItemsd,
@@ -43,7 +44,7 @@ from monai.transforms import (
 )
 
 from volumes.atomic import atomic_path
-from volumes.data.io import LoadVolumed
+from volumes.data.io import LoadVolumed, save_nifti
 from volumes.data.phantoms import LABEL_NAMES
 from volumes.transforms import preprocessing
 
@@ -154,6 +155,39 @@ def slab_inferer(slab: int = 16, overlap: float = 0.25, sw_batch_size: int = 1) 
     return SlabInferer(slab, overlap=overlap, sw_batch_size=sw_batch_size)
 
 
+def argmax_labels(logits: torch.Tensor) -> torch.Tensor:
+    """Logits ``[K, *spatial]`` -> label map ``[1, *spatial]`` (uint8 for K <= 256), metadata kept.
+
+    The same labels as ``torch.argmax(logits, 0)`` (the first of equal maxima), by a
+    running maximum over the K channel planes: ``torch.argmax`` across the channel axis
+    of a CT-sized map is about 10x slower on a CPU (0.45 s against 0.04 s for 7 x 112 x
+    112 x 200 on 2 cores), and the map is 1 byte per voxel from the start.
+    """
+    raw = logits.as_tensor() if isinstance(logits, MetaTensor) else logits
+    if raw.shape[0] > 256:
+        labels = raw.argmax(0, keepdim=True)
+    else:
+        best = raw[0].clone()
+        labels = torch.zeros(raw.shape[1:], dtype=torch.uint8, device=raw.device)
+        for k in range(1, raw.shape[0]):
+            labels.masked_fill_(raw[k] > best, k)
+            torch.maximum(best, raw[k], out=best)
+        labels = labels[None]
+    if isinstance(logits, MetaTensor):
+        return MetaTensor(labels, meta=logits.meta, applied_operations=logits.applied_operations)
+    return labels
+
+
+class ArgmaxLabelsd(MapTransform):
+    """:func:`argmax_labels` on ``keys`` (logits ``[K, ...]`` -> uint8 label map ``[1, ...]``)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = argmax_labels(convert_to_tensor(d[key], track_meta=get_track_meta()))
+        return d
+
+
 def segmentation_postprocessing(transform: Compose, num_classes: int, *, metrics: bool = True) -> Compose:
     """Logits ``pred [K, H, W, D]`` -> label map in the input's original geometry.
 
@@ -162,11 +196,10 @@ def segmentation_postprocessing(transform: Compose, num_classes: int, *, metrics
     ``[K, X, Y, Z]``, for metric handlers reading ``from_engine(["pred", "reference"])``;
     without, ``pred`` is the label map ``[1, X, Y, Z]`` (uint8) ready for ``SaveImaged``.
     """
-    steps: list = [Activationsd("pred", softmax=True), AsDiscreted("pred", argmax=True)]
-    if not metrics:
-        # uint8 before inverting: the nearest-neighbour inverse keeps the dtype, so the map
-        # put back to the input's size costs 1 byte per voxel instead of 4
-        steps.append(EnsureTyped("pred", dtype=torch.uint8))
+    # argmax of the logits (softmax would not change it) straight to uint8: the
+    # nearest-neighbour inverse keeps the dtype, so the map put back to the input's size
+    # costs 1 byte per voxel
+    steps: list = [ArgmaxLabelsd("pred")]
     steps.append(Invertd("pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True))
     if metrics:
         # a new key: MONAI engines keep keys created by postprocessing in engine.state.output
@@ -227,8 +260,12 @@ def organ_volumes_ml(label_map: np.ndarray | torch.Tensor, spacing: Sequence[flo
     """Volume in mL of every labelled organ in ``label_map [X, Y, Z]`` (background skipped)."""
     values = _as_numpy(label_map)
     voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
-    # one comparison per organ: no int64 copy of a CT-sized map (np.bincount would make one)
-    return {name: float(np.count_nonzero(values == i) * voxel_ml) for i, name in enumerate(labels) if i > 0}
+    if values.dtype == np.uint8:  # one pass, no int64 copy (np.bincount would make one)
+        counts = torch.bincount(torch.from_numpy(np.ascontiguousarray(values.ravel(order="K"))),
+                                minlength=len(labels)).numpy()
+    else:  # one comparison per organ
+        counts = [np.count_nonzero(values == i) for i in range(len(labels))]
+    return {name: float(counts[i] * voxel_ml) for i, name in enumerate(labels) if i > 0}
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -254,7 +291,8 @@ def to_original_orientation(label_map: np.ndarray, affine: np.ndarray, original_
             "the label map's grid is not a reorientation of the input's original grid "
             f"(affine after reordering:\n{new_affine}\noriginal:\n{original_affine})"
         )
-    return np.ascontiguousarray(out), original_affine
+    # Fortran order, NIfTI's own: nibabel then writes the voxels without transposing them
+    return np.asfortranarray(out), original_affine
 
 
 def write_label_map(label_map: Any, affine: Any, path: str | Path, *, original_affine: Any | None = None,
@@ -274,11 +312,11 @@ def write_label_map(label_map: Any, affine: Any, path: str | Path, *, original_a
     if original_affine is not None:
         array, affine = to_original_orientation(array, affine, _as_numpy(original_affine))
     path = Path(path)
-    image = nib.Nifti1Image(array.astype(dtype), affine)
+    image = nib.Nifti1Image(array.astype(dtype, copy=False), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     with atomic_path(path, suffix=".nii.gz") as tmp:
-        nib.save(image, tmp)
+        save_nifti(image, tmp)
     return path
 
 
@@ -322,6 +360,8 @@ __all__ = [
     "slab_inferer",
     "SlabInferer",
     "segmentation_postprocessing",
+    "argmax_labels",
+    "ArgmaxLabelsd",
     "HausdorffDistanceMM",
     "per_case_metrics",
     "organ_volumes_ml",

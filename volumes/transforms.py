@@ -447,7 +447,8 @@ def _undo_resize(img: torch.Tensor, resize_info: Mapping) -> torch.Tensor:
     if z != img.shape[-1]:
         raise ValueError(f"cannot undo an in-plane resize: {img.shape[-1]} slices, {z} recorded")
     # in chunks of slices like the forward resize; a nearest-mode label map keeps its dtype
-    out, _ = resize_in_plane(img, (x, y), "nearest-exact" if nearest else mode, antialias=not nearest)
+    # a label map comes back in NIfTI's memory order, the order it is written in
+    out, _ = resize_in_plane(img, (x, y), "nearest-exact" if nearest else mode, antialias=not nearest, fortran=nearest)
     return out
 
 
@@ -502,7 +503,7 @@ def _bilinear_matrix(size_in: int, size_out: int, sigma: float, truncated: float
 
 
 def resize_in_plane(img: torch.Tensor, size: Sequence[int], mode: str = "trilinear", *, antialias: bool = True,
-                    chunk: int = RESIZE_CHUNK) -> tuple[torch.Tensor, dict | None]:
+                    chunk: int = RESIZE_CHUNK, fortran: bool = False) -> tuple[torch.Tensor, dict | None]:
     """``[C, X, Y, Z]`` -> ``[C, h, w, Z]``: every slice resized in its plane, ``chunk`` slices at a time.
 
     torch's ``interpolate`` on 2D slices, after MONAI's anti-aliasing when shrinking (a
@@ -512,6 +513,8 @@ def resize_in_plane(img: torch.Tensor, size: Sequence[int], mode: str = "triline
     on a 512 x 512 x 768 CT in three channels needs tens of GB. The affine follows (voxel
     centres aligned, ``align_corners=False``). Returns the image and a trace entry in the
     layout of MONAI's ``Resize`` (original size, mode) for :func:`_undo_resize`.
+    With ``fortran`` the output's memory is in NIfTI's order (x fastest, one slice after
+    another), so a label map is written to disk without a transposing copy.
     """
     if mode not in _IN_PLANE_MODES:
         raise ConfigError("resize mode", mode, sorted(_IN_PLANE_MODES))
@@ -523,7 +526,8 @@ def resize_in_plane(img: torch.Tensor, size: Sequence[int], mode: str = "triline
     # MONAI's anti-aliasing: a Gaussian of sigma (scale - 1) / 2 along each shrinking axis
     sigmas = [(before / after - 1.0) / 2.0 if antialias and not nearest and before > after else 0.0
               for before, after in ((x, h), (y, w))]
-    out = torch.empty((c, h, w, z), dtype=plain.dtype if nearest else torch.float32)
+    dtype = plain.dtype if nearest else torch.float32
+    out = torch.empty((c, z, w, h), dtype=dtype).permute(0, 3, 2, 1) if fortran else torch.empty((c, h, w, z), dtype=dtype)
     if two_d == "bilinear":
         # blur + linear interpolation as matrices: out = Wx @ slice @ Wy^T, batched over slices
         wx, wy = (_bilinear_matrix(before, after, sigma) for (before, after), sigma in zip(((x, h), (y, w)), sigmas))
