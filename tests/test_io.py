@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from volumes.data.io import LoadVolumed, check_label_matches, load_label, load_volume
 from volumes.errors import ConfigError, VolumeReadError
@@ -70,6 +71,20 @@ def test_gzipped_nifti_read_through_isal_equals_nibabel_with_scaling(tmp_path, m
     np.testing.assert_allclose(fast[0].numpy(), expected, rtol=0, atol=1e-4)
     np.testing.assert_array_equal(fast.numpy(), slow.numpy())
     np.testing.assert_array_equal(fast.affine.numpy(), slow.affine.numpy())
+
+
+def test_dtype_none_keeps_compact_stored_types_and_floats_the_rest(tmp_path):
+    ct = np.random.default_rng(5).integers(-1024, 2000, (6, 7, 8)).astype(np.int16)
+    path = save_nifti(tmp_path / "ct.nii.gz", ct, lps_affine())
+    as_stored = load_volume(path, dtype=None)
+    assert as_stored.dtype == torch.int16  # half the memory of float32
+    np.testing.assert_array_equal(as_stored.numpy(), load_volume(path).numpy())  # same values, same RAS order
+    # resampling makes new values: float32 then, except nearest-neighbour
+    assert load_volume(path, dtype=None, spacing=1.0).dtype == torch.float32
+    assert load_volume(path, dtype=None, spacing=1.0, mode="nearest").dtype == torch.int16
+    wide = save_nifti(tmp_path / "wide.nii.gz", ct.astype(np.float64))
+    assert load_volume(wide, dtype=None).dtype == torch.float32
+    assert LoadVolumed("image", dtype=None)({"image": path})["image"].dtype == torch.int16
 
 
 @pytest.mark.parametrize("order", ["C", "F"])

@@ -405,3 +405,19 @@ def test_resize_in_plane_keeps_label_values_and_dtype():
     up, _ = resize_in_plane(labels, (24, 16), "nearest", antialias=True)
     assert up.dtype == torch.uint8
     assert torch.equal(up[:, ::2, ::2], labels)  # nearest-exact doubling repeats every voxel
+
+
+def test_prepare_slices_of_int16_voxels_equals_float32_voxels():
+    """Batch inference loads CT as stored (int16); the prepared slices are the same as from float32."""
+    from monai.data import MetaTensor
+
+    from volumes.transforms import preprocessing
+
+    ct = torch.randint(-1024, 2000, (1, 50, 40, 6), generator=torch.Generator().manual_seed(0), dtype=torch.int16)
+    affine = torch.diag(torch.tensor([0.8, 0.8, 2.0, 1.0], dtype=torch.float64))
+    for preset, mode in (("ct_three_windows", "windows"), ("soft_tissue", "repeat"), ("mr", "repeat")):
+        prep = preprocessing(("image",), preset=preset, channel_mode=mode, size=28)
+        from_int = prep({"image": MetaTensor(ct, affine=affine)})["image"]
+        from_float = prep({"image": MetaTensor(ct.float(), affine=affine)})["image"]
+        assert from_int.dtype == torch.float32
+        torch.testing.assert_close(from_int.as_tensor(), from_float.as_tensor(), atol=1e-5, rtol=1e-5)

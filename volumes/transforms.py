@@ -381,6 +381,9 @@ class PrepareSlicesd(MapTransform, InvertibleTransform):
         for key in self.key_iterator(d):
             is_label = key in self.label_keys
             img = self._geometry(d[key], is_label)
+            if not is_label and not torch.is_floating_point(img):
+                # a volume loaded as stored (int16 CT): float from here, on the resized slices
+                img = img.float()
             if not is_label:
                 if self.intensity is not None:
                     img = self.intensity.apply(img)

@@ -81,7 +81,9 @@ def load_volume(
             ``"RAS"``; None keeps the stored voxel order.
         spacing: resample to this voxel size in mm (one number = isotropic);
             None keeps the stored grid.
-        dtype: numpy dtype of the returned voxels.
+        dtype: numpy dtype of the returned voxels; None keeps the stored one when it
+            is compact (uint8, int8, int16, float32: a CT's int16 voxels take half the
+            memory of float32) and gives float32 otherwise.
         series_uid: for a DICOM folder holding several series, the
             SeriesInstanceUID to load (``Case.extra["series_uid"]`` from
             discovery). Ignored for files.
@@ -115,6 +117,9 @@ def load_volume(
                 path, f"unknown file type (expected one of {', '.join(VOLUME_SUFFIXES)} or a DICOM series folder)"
             )
     _check_finite(path, array)
+    if dtype is None:  # the stored type if compact, unless resampling makes new values
+        native = array.dtype.newbyteorder("=")
+        dtype = native if native in _COMPACT and (pixdim is None or mode == "nearest") else np.dtype(np.float32)
     # Reorient small integer voxels before the float conversion: the flip then copies
     # int16 (2 bytes per voxel), not float32, and the conversion is the last full copy.
     stored = array.dtype
@@ -202,7 +207,7 @@ class LoadVolumed(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.orientation = _check_orientation(orientation)
         self.spacing = _check_spacing(spacing)
-        self.dtype = np.dtype(dtype)
+        self.dtype = None if dtype is None else np.dtype(dtype)
         self.mode = ensure_tuple_rep(mode, len(self.keys))
         self.series_uid_key = series_uid_key
         self.label_keys = tuple(label_keys) if isinstance(label_keys, (list, tuple)) else (label_keys,)
@@ -548,6 +553,8 @@ def source_sha256(path: str | Path, series_uid: str | None = None) -> str:
 
 # integer dtypes torch flips and converts natively (uint16 / uint32 are not among them)
 _TORCH_INTEGERS = tuple(np.dtype(t) for t in ("uint8", "int8", "int16", "int32"))
+# stored dtypes that load_volume(dtype=None) keeps
+_COMPACT = tuple(np.dtype(t) for t in ("uint8", "int8", "int16", "float32"))
 
 
 def _first_line(exc: BaseException) -> str:

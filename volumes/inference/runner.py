@@ -179,7 +179,9 @@ class BatchInference:
         self.progress = progress
         from volumes.data.io import LoadVolumed
 
-        self.loader = LoadVolumed("image")
+        # voxels as stored (int16 for CT: half of float32); each bundle's preprocessing
+        # makes floats of its resized slices, so no float copy of the full volume exists
+        self.loader = LoadVolumed("image", dtype=None)
         self._rank = 0
 
     # ------------------------------------------------------------------ per case
