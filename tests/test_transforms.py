@@ -421,3 +421,21 @@ def test_prepare_slices_of_int16_voxels_equals_float32_voxels():
         from_float = prep({"image": MetaTensor(ct.float(), affine=affine)})["image"]
         assert from_int.dtype == torch.float32
         torch.testing.assert_close(from_int.as_tensor(), from_float.as_tensor(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset, mode", [("ct_three_windows", "windows"), ("soft_tissue", "repeat"),
+                                          ("soft_tissue", "2.5d"), ("mr", "repeat")])
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_prepare_slices_never_writes_into_its_input(preset, mode, as_numpy):
+    """The ImageNet normalisation runs in place on the prepared tensor, never on the caller's voxels,
+    even when no resize or padding makes a copy (28 x 28 slices at patch size 14, no size)."""
+    from monai.data import MetaTensor
+
+    from volumes.transforms import preprocessing
+
+    values = torch.rand(1, 28, 28, 5, generator=torch.Generator().manual_seed(0)) * 400 - 100
+    original = values.clone()
+    image = values.numpy() if as_numpy else MetaTensor(values)
+    out = preprocessing(("image",), preset=preset, channel_mode=mode, size=None)({"image": image})["image"]
+    assert out.shape == (3, 28, 28, 5)
+    torch.testing.assert_close(values, original, rtol=0, atol=0)

@@ -59,9 +59,9 @@ class SegmentationPredictor:
         """Returns ``{"label_map": MetaTensor [1, X, Y, Z] uint8}`` on the loaded volume's grid."""
         image = data["image"]
         with torch.inference_mode():
-            logits = self.inferer(_batch(image, self.device), self.network)[0]
-        out = self.postprocessing({"image": image, "pred": logits.cpu()})
-        return {"label_map": out["pred"]}
+            step = {"image": image, "pred": self.inferer(_batch(image, self.device), self.network)[0].cpu()}
+        # no other reference to the logits: the postprocessing frees them once the label map exists
+        return {"label_map": self.postprocessing(step)["pred"]}
 
 
 class ClassificationPredictor:

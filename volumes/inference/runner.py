@@ -81,7 +81,7 @@ class InferenceSummary:
 
 @dataclass
 class _Prepared:
-    """A case after the background stages: hashed, loaded, preprocessed for every bundle."""
+    """A case after the background stages: hashed, loaded, and (when prefetching) preprocessed for every bundle."""
 
     item: dict
     input_sha256: str | None = None
@@ -218,17 +218,25 @@ class BatchInference:
             prepared.timings["load"] = time.perf_counter() - start
             prepared.volume = volume
             stage = "preprocess"
-            for model in self.models:
-                start = time.perf_counter()
-                data = dict(item, image=_fresh(volume))
-                data.pop("label", None)
-                prepared.data[model.bundle_id] = model.predictor.prepare(data)
-                prepared.timings[f"preprocess:{model.bundle_id}"] = time.perf_counter() - start
+            if self.workers:
+                # ahead of the networks, on the prefetch thread; without prefetching each
+                # bundle prepares its input just before its network runs (_run_models), so
+                # one bundle's prepared slices are not held during another's network
+                for model in self.models:
+                    self._preprocess(prepared, model)
         except Exception as exc:  # one bad case never stops the batch
             prepared.failure = {"stage": stage, "error": _reason(item, exc)}
             prepared.volume = None
             prepared.data = {}
         return prepared
+
+    @staticmethod
+    def _preprocess(prepared: _Prepared, model: Any) -> None:
+        start = time.perf_counter()
+        data = dict(prepared.item, image=_fresh(prepared.volume))
+        data.pop("label", None)
+        prepared.data[model.bundle_id] = model.predictor.prepare(data)
+        prepared.timings[f"preprocess:{model.bundle_id}"] = time.perf_counter() - start
 
     def _prefetched(self, items: Sequence[dict]) -> Iterator[_Prepared]:
         """Prepared cases in order, ``workers`` cases ahead of the caller."""
@@ -261,6 +269,11 @@ class BatchInference:
         figure_mask, figure_labels, importance, top = None, (), None, ()
         for model in self.models:
             bid = model.bundle_id
+            if bid not in prepared.data:
+                try:
+                    self._preprocess(prepared, model)
+                except Exception as exc:
+                    raise _StageError("preprocess", exc) from exc
             timings = {"hash": prepared.timings.get("hash", 0.0), "load": prepared.timings.get("load", 0.0),
                        "preprocess": prepared.timings.get(f"preprocess:{bid}", 0.0)}
             try:
