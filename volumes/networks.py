@@ -16,7 +16,7 @@ from torch import nn
 
 from volumes.aggregators import build_aggregator, concat_planes
 from volumes.decoders import Refine3D, SliceUNetDecoder
-from volumes.encoders import SliceEncoder
+from volumes.encoders import SliceEncoder, volume_to_slices
 from volumes.errors import ConfigError
 
 FEATURES = ("cls", "cls_patch_mean")
@@ -215,13 +215,12 @@ class SliceSegmenter(nn.Module):
         return stacked
 
     @staticmethod
-    def volume_slices(volume: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W, D]`` -> slices ``[B*D, 3, H, W]`` (batch-major)."""
+    def _slices_of(volume: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W, D]`` -> slices ``[B*D, 3, H, W]`` (batch-major), after checking the shape."""
         raw = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
         if raw.ndim != 5 or raw.shape[1] != 3:
             raise ValueError(f"SliceSegmenter expects volumes [B, 3, H, W, D]; got shape {tuple(raw.shape)}")
-        b, c, h, w, d = raw.shape
-        return raw.permute(0, 4, 1, 2, 3).reshape(b * d, c, h, w)
+        return volume_to_slices(raw)
 
     @staticmethod
     def _stack(per_slice: torch.Tensor, batch: int) -> torch.Tensor:
@@ -230,4 +229,4 @@ class SliceSegmenter(nn.Module):
         return per_slice.reshape(batch, n // batch, c, h, w).permute(0, 2, 3, 4, 1)
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
-        return self.combine(*self.per_slice(self.volume_slices(volume)), volume.shape[0])
+        return self.combine(*self.per_slice(self._slices_of(volume)), volume.shape[0])
