@@ -110,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     embedding = None
     results = []
-    frozen = [p for p in args.protocol if p not in METHODS]
+    frozen = [p for p in args.protocol if p not in (*METHODS, "attention")]
     if frozen:
         embedding = evaluator.embed()
         print(f"embeddings: {embedding['seconds']:.1f} s, {embedding['encoded_slices']} slices encoded, "
@@ -124,6 +124,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             results += evaluator.fewshot(args.shots, draws=args.draws, features=kinds[0], l2=args.fewshot_l2)
         elif protocol == "linear":
             results += evaluator.linear(kinds, l2_grid=args.l2_grid or _default_l2_grid())
+        elif protocol == "attention":
+            from volumes.evaluation.attention_head import AttentionHeadConfig
+
+            head = AttentionHeadConfig(pool=args.head_pool, depth=args.head_depth, dim=args.head_dim,
+                                       epochs=args.head_epochs, batch_size=args.batch_size)
+            results.append(evaluator.attention_head(head, seeds=args.seeds))
         else:
             config = FinetuneConfig(
                 method=protocol, epochs=args.epochs, batch_size=args.batch_size, head_lr=args.head_lr,
@@ -159,14 +165,14 @@ def _default_l2_grid() -> list[float]:
 
 
 def _add_evaluate_parser(sub) -> None:
-    protocols = ["knn", "fewshot", "linear", "finetune", "lora", "bitfit"]
+    protocols = ["knn", "fewshot", "linear", "attention", "finetune", "lora", "bitfit"]
     ev = sub.add_parser(
-        "evaluate", help="kNN / few-shot / linear probe / fine-tune / LoRA / BitFit evaluation of an encoder",
+        "evaluate", help="kNN / few-shot / linear probe / attention head / fine-tune / LoRA / BitFit evaluation of an encoder",
         description="Foundation-model evaluation protocols on volume labels (slice features pooled or aggregated) "
                     "or per-slice labels (--task slice). Frozen protocols read the embedding cache.",
     )
     ev.add_argument("--protocol", nargs="+", required=True, choices=protocols, help="one or more protocols")
-    ev.add_argument("--encoder", default="vit_small_patch14_dinov2", help="timm DINOv2/DINOv3 ViT or CNN (e.g. resnet50)")
+    ev.add_argument("--encoder", default="vit_small_patch14_dinov2", help="timm DINOv2/DINOv3 ViT, CNN (e.g. resnet50) or zoo model (samvit_base_patch16, vit_base_patch16_clip_224, ...)")
     ev.add_argument("--weights", default=None, help="local weights file or Hugging Face dir (default: random init)")
     ev.add_argument("--pretrained", action="store_true", help="timm hub weights (needs network)")
     ev.add_argument("--model-kwargs", default=None, help='JSON for timm.create_model, e.g. \'{"depth": 4}\'')
@@ -203,6 +209,10 @@ def _add_evaluate_parser(sub) -> None:
     ev.add_argument("--lora-rank", type=int, default=8)
     ev.add_argument("--lora-alpha", type=float, default=16.0)
     ev.add_argument("--aggregator", default="mean", help="volume aggregator for end-to-end training")
+    ev.add_argument("--head-pool", type=int, default=4, help="attention head: patch-grid cells per side per slice")
+    ev.add_argument("--head-depth", type=int, default=1, help="attention head: transformer layers")
+    ev.add_argument("--head-dim", type=int, default=128, help="attention head: width")
+    ev.add_argument("--head-epochs", type=int, default=20, help="attention head: epochs (best validation epoch kept)")
     ev.add_argument("--max-train", type=int, default=None, help="end to end: stratified subset of the training set")
     ev.add_argument("--cache-dir", default=None, help="embedding cache (default: $VOLUMES_CACHE_DIR or ~/.cache/...)")
     ev.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
