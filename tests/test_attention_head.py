@@ -101,3 +101,23 @@ def test_evaluate_command_runs_the_attention_head_with_a_zoo_encoder(datalist, t
     assert protocols == ["knn", "attention"]
     assert report["results"][1]["trainable_params"] > 0
     assert "attention" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_end_to_end_methods_run_on_a_zoo_encoder(datalist, method):
+    from volumes.evaluation.finetune import FinetuneConfig, _layer_id
+
+    data = load_evaluation_data(datalist, task="slice", slice_label="liver", preset="liver", size=32)
+    spec = EncoderSpec("samvit_base_patch16", model_kwargs=SAM_TINY)
+    evaluator = Evaluator(data, spec, progress=False)
+    result = evaluator.finetune(FinetuneConfig(method=method, epochs=1, batch_size=16), max_train=64)
+    run = result.runs[0]
+    assert 0.0 <= run["test_auc"] <= 1.0 and run["final_loss"] == run["final_loss"]  # finite loss
+    encoder = spec.build("finetune")
+    if method == "lora":
+        assert result.details["lora_targets"] == 6  # qkv, fc1, fc2 of both blocks
+    else:  # BitFit: the biases of every block, the patch embedding and the neck's convs / norms
+        biases = sum(p.numel() for n, p in encoder.backbone.named_parameters() if n.endswith("bias"))
+        assert result.details["encoder_trainable_params"] == biases
+    clip = EncoderSpec("vit_base_patch16_clip_224", model_kwargs=CLIP_TINY).build("finetune")
+    assert _layer_id(clip, "norm_pre.weight") == (0, 3) and _layer_id(clip, "blocks.1.attn.qkv.weight") == (2, 3)
