@@ -47,7 +47,7 @@ from torch import nn
 from volumes.encoders import pos_embed
 from volumes.encoders.sam import SamTokenViT, to_token_vit
 from volumes.encoders.slice_encoder import MODES, SliceEncoder
-from volumes.encoders.weights import file_sha256, load_checkpoint_into
+from volumes.encoders.weights import load_checkpoint_into
 from volumes.encoders.zoo_weights import ZooCheckpoint, read_zoo_checkpoint
 from volumes.errors import ConfigError
 
@@ -157,8 +157,7 @@ class ZooSliceEncoder(SliceEncoder):
         self.pos_embed_interpolation = pos_embed_interpolation
         if family != "sam":
             pos_embed.install(self.backbone, pos_embed_interpolation)  # SAM resamples its NHWC grid itself
-        self.weights_id = ("sha256:" + file_sha256(weights)) if weights is not None else (
-            f"timm-hub:{self.backbone.pretrained_cfg.get('tag') or name}" if pretrained else "random")
+        self.weights_id = self._weights_id(pretrained, weights)
 
         depth = len(self.backbone.blocks)
         if any(not -depth <= i < depth for i in (layers or ())):
