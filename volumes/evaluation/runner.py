@@ -45,7 +45,7 @@ class EncoderSpec:
     """How to build the encoder (again, for every end-to-end run).
 
     Attributes:
-        name: timm DINOv2/DINOv3 ViT or CNN name (see :func:`volumes.encoders.build_slice_encoder`).
+        name: timm DINOv2/DINOv3 ViT, CNN or zoo name (SAM, CLIP, BLIP, ...; see :func:`volumes.encoders.build_slice_encoder`).
         weights: local weights file; ``None`` with ``pretrained=False`` means random initialisation.
         pretrained: timm hub weights (needs network access).
         model_kwargs: passed to ``timm.create_model`` (e.g. ``{"depth": 4}``).
