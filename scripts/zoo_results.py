@@ -273,8 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             child = [sys.executable, str(Path(__file__).resolve()), *argv, "--one", key, "--record", str(record_path)]
             if cohort is not None:
                 child += ["--cohort", str(cohort)]
-            subprocess.run(child, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            done = subprocess.run(child, env={**os.environ, "PYTHONPATH": str(REPO)})
+            if done.returncode != 0:  # one encoder failing (or killed) leaves the others' columns
+                print(f"{key}: exit status {done.returncode}; left out of the tables", flush=True)
+                continue
             records.append(json.loads(record_path.read_text()))
+        if not records:
+            raise SystemExit("no encoder finished")
     total = time.perf_counter() - started
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     ctx = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "total": total,
