@@ -228,3 +228,36 @@ def test_a_case_that_keeps_killing_its_worker_becomes_a_failure(material, tmp_pa
     failure = json.loads((tmp_path / "out" / "p1" / "failure.json").read_text())
     assert failure["stage"] == "worker" and "died 2 times" in failure["error"] and source in failure["error"]
     assert not (tmp_path / "out" / "p1" / "record.json").exists()
+
+
+def test_a_case_that_keeps_killing_its_loading_worker_becomes_a_failure(material, tmp_path):
+    from volumes.inference.ray_engine import CaseLoader, _Ledger, _load_row
+
+    loader, ledger = CaseLoader(tmp_path / "out", {"b": "key"}), tmp_path / "ledger"
+    source = str(material["inputs"] / "p0.nii.gz")
+    row = {"case": json.dumps({"case_id": "p0", "image": source})}
+    loaded = _load_row(row, loader=loader, ledger=str(ledger), max_attempts=2)["prepared"]
+    assert loaded.failure is None and sorted(loaded.volume.shape[1:]) == sorted(nib.load(source).shape)
+    _Ledger(ledger).write("p0", {"loads": 2})  # two loading workers died on it
+    failed = _load_row(row, loader=loader, ledger=str(ledger), max_attempts=2)["prepared"]
+    assert failed.volume is None and failed.failure["stage"] == "read"
+    assert "died 2 times" in failed.failure["error"] and source in failed.failure["error"]
+
+
+def test_bench_rates_from_completion_times(tmp_path):
+    from volumes.apps.bench_ray import efficiencies, steady_rate
+
+    for index, seconds in enumerate([100.0, 101.0, 130.0, 160.0, 190.0]):  # completions, 30 s apart after 2
+        record = tmp_path / f"c{index}" / "record.json"
+        record.parent.mkdir()
+        record.write_text("{}")
+        os.utime(record, (seconds, seconds))
+    ids = [f"c{i}" for i in range(5)]
+    assert steady_rate(tmp_path, ids, 1) == pytest.approx(4 / 90 * 60)
+    assert steady_rate(tmp_path, ids, 2) == pytest.approx(3 / 89 * 60)
+    assert steady_rate(tmp_path, ids, 5) is None
+    rows = [{"engine": "ray", "workers": 1, "cases_per_min_run": 2.0, "cases_per_min_steady": 3.0},
+            {"engine": "ray", "workers": 2, "cases_per_min_run": 3.0, "cases_per_min_steady": None}]
+    efficiencies(rows)
+    assert rows[1]["efficiency_run"] == pytest.approx(0.75) and rows[1]["efficiency_steady"] is None
+    assert rows[0]["efficiency_run"] == pytest.approx(1.0)

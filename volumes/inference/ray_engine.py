@@ -13,11 +13,12 @@ One Ray Data dataset, streamed (no stage waits for the previous one to finish)::
 Every case is its own batch, and each actor takes one at a time, so a free actor takes
 the next case (work stealing) and a slow node delays only the case it holds. Ray Data
 restarts an actor that dies and gives its task to a live one; a load task whose worker
-dies is retried too. A per-run ledger on the shared output folder
-(``OUTPUT/.ray-run-<id>/<case-id>.json``) makes retries exactly-once: an attempt that
-finished before its worker died is not run again, and a case that kills its worker
-``max_attempts`` times (out of memory, a crash in a native library) is written to
-``failure.json`` instead of being retried for ever. The ledger is removed at the end.
+dies is retried too (Ray Data retries both without limit). A per-run ledger on the shared
+output folder (``OUTPUT/.ray-run-<id>/<case-id>.json``) makes the retries exactly-once
+and bounded: an attempt that finished before its worker died is not run again, and a
+case that kills its loading or model worker ``max_attempts`` times (out of memory, a
+crash in a native library) is written to ``failure.json`` instead of being retried for
+ever. The ledger is removed at the end.
 
 Outputs, ``--resume`` and the per-case fault isolation are those of
 :class:`~volumes.inference.runner.BatchInference`, because this module calls its
@@ -101,6 +102,8 @@ class RayConfig:
         load_cpus: CPUs per load task (hash and load one case).
         load_tasks: most load tasks at once (``None``: as many as free CPUs allow; Ray Data's
             backpressure bounds how far loading runs ahead of the actors).
+        load_memory: bytes of RAM reserved per load task, so that Ray does not start more
+            loads on a node than its memory holds (a 512 x 512 x 1000 int16 CT is 0.5 GiB).
         max_attempts: attempts of a case whose worker process dies before it is recorded
             as failed.
         local_cpus: logical CPUs of a private instance (``None``: the machine's cores, at
@@ -113,6 +116,7 @@ class RayConfig:
     num_cpus: float = 1.0
     load_cpus: float = 1.0
     load_tasks: int | None = None
+    load_memory: int = 1 << 30
     max_attempts: int = 3
     local_cpus: int | None = None
 
@@ -125,17 +129,27 @@ class RayConfig:
             raise VolumesError(f"CPUs per actor and per load task must be > 0, got {self.num_cpus}, {self.load_cpus}")
         if self.load_tasks is not None and self.load_tasks < 1:
             raise VolumesError(f"load_tasks must be >= 1, got {self.load_tasks}")
+        if self.load_memory <= 0:
+            raise VolumesError(f"load_memory must be > 0 bytes, got {self.load_memory}")
         if self.max_attempts < 1:
             raise VolumesError(f"max_attempts must be >= 1, got {self.max_attempts}")
 
 
 @dataclass
 class RaySummary(InferenceSummary):
-    """:class:`InferenceSummary` plus, per case, how many attempts it took and which worker ran it."""
+    """:class:`InferenceSummary` plus, per case, how many attempts it took and which worker ran it.
+
+    ``connect_s``, ``stream_s`` and ``merge_s`` split :attr:`seconds`: joining or starting
+    Ray, the streamed pipeline (actor start-up included), and the driver's merge - the
+    serial part that does not shrink with more workers.
+    """
 
     attempts: dict[str, int] = field(default_factory=dict)
     workers: dict[str, str] = field(default_factory=dict)
     loaded_by: dict[str, str] = field(default_factory=dict)
+    connect_s: float = 0.0
+    stream_s: float = 0.0
+    merge_s: float = 0.0
 
     @property
     def retried(self) -> dict[str, int]:
@@ -164,17 +178,31 @@ class _Ledger:
         try:
             return json.loads(self._path(case_id).read_text())
         except (OSError, ValueError):
-            return {"attempts": 0}
+            return {}
 
     def write(self, case_id: str, entry: Mapping[str, Any]) -> None:
         data = json.dumps(dict(entry)).encode()
         atomic_write_bytes(self._path(case_id), lambda f: f.write(data))
 
 
-def _load_row(row: dict[str, Any], *, loader: CaseLoader) -> dict[str, Any]:
-    """Ray Data ``map``: a case as JSON -> the loaded :class:`PreparedCase` (a Python object column)."""
+def _load_row(row: dict[str, Any], *, loader: CaseLoader, ledger: str, max_attempts: int) -> dict[str, Any]:
+    """Ray Data ``map``: a case as JSON -> the loaded :class:`PreparedCase` (a Python object column).
+
+    A case whose loading killed its worker ``max_attempts`` times is passed on as a failure.
+    """
     item = json.loads(row["case"])
-    return {"case_id": item["case_id"], "prepared": loader.load(item), "loaded_by": _where()}
+    book = _Ledger(Path(ledger))
+    entry = book.read(str(item["case_id"]))
+    loads = int(entry.get("loads", 0)) + 1
+    book.write(str(item["case_id"]), {**entry, "loads": loads})
+    if loads > max_attempts:
+        died = loads - 1
+        prepared = PreparedCase(item=item, failure={"stage": "read", "error": (
+            f"{item['image']}: the process loading this case died {died} time{'s' if died > 1 else ''} "
+            f"(out of memory?); not retried again")})
+    else:
+        prepared = loader.load(item)
+    return {"case_id": item["case_id"], "prepared": prepared, "loaded_by": _where()}
 
 
 class CaseWorker:
@@ -213,8 +241,8 @@ class CaseWorker:
         entry = self.ledger.read(case_id)
         if "outcome" in entry:  # an earlier attempt finished, its worker died before reporting it
             return entry["outcome"], entry["attempts"]
-        attempt = int(entry["attempts"]) + 1
-        self.ledger.write(case_id, {"attempts": attempt})
+        attempt = int(entry.get("attempts", 0)) + 1
+        self.ledger.write(case_id, {**entry, "attempts": attempt})
         if attempt > self.max_attempts:
             died = attempt - 1
             prepared.failure = {"stage": "worker", "error": (
@@ -222,7 +250,7 @@ class CaseWorker:
                 f"running this case (out of memory? a crash in a native library?); not retried again")}
             prepared.skip, prepared.volume = False, None
         outcome = self.runner.finish_case(prepared)
-        self.ledger.write(case_id, {"attempts": attempt, "outcome": outcome})
+        self.ledger.write(case_id, {**entry, "attempts": attempt, "outcome": outcome})
         return outcome, attempt
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -289,6 +317,10 @@ class RayInference:
             workers = max(1, int(gpus_in_cluster // per_actor)) if per_actor > 0 else 1
         if per_actor > gpus_in_cluster and self.config.address in (None, "local"):
             raise VolumesError(f"--ray-num-gpus {per_actor}: this machine's Ray instance has {gpus_in_cluster:g} GPUs")
+        memory = float(ray.cluster_resources().get("memory", 0))
+        if memory and self.config.load_memory > memory:
+            raise VolumesError(f"load tasks reserve {self.config.load_memory / 2**30:.1f} GiB each; the cluster "
+                               f"has {memory / 2**30:.1f} GiB for tasks: lower load_memory")
         return workers, per_actor
 
     # ------------------------------------------------------------------ batch
@@ -305,8 +337,10 @@ class RayInference:
         ledger = self.output_dir / f".ray-run-{uuid.uuid4().hex[:12]}"
         ledger.mkdir()
         started = self._connect(ray)
+        connected = time.perf_counter()
         try:
             results = self._stream(ray, items, ledger) if items else []
+            streamed = time.perf_counter()
         except Exception as exc:
             if isinstance(exc, VolumesError):
                 raise
@@ -319,14 +353,17 @@ class RayInference:
         missing = [item["case_id"] for item in items if item["case_id"] not in by_case]
         if missing or len(results) != len(items):
             raise VolumesError(f"Ray returned {len(results)} outcomes for {len(items)} cases (missing: {missing[:5]})")
+        merging = time.perf_counter()  # after ray.shutdown of a private instance
         shutil.rmtree(ledger, ignore_errors=True)
         self.runner.merge(items)
+        end = time.perf_counter()
         counts = {o: sum(r["outcome"] == o for r in results) for o in ("done", "skipped", "failed")}
         return RaySummary(total=len(items), succeeded=counts["done"], skipped=counts["skipped"],
-                          failed=counts["failed"], seconds=time.perf_counter() - start, output_dir=self.output_dir,
+                          failed=counts["failed"], seconds=end - start, output_dir=self.output_dir,
                           attempts={c: int(r["attempt"]) for c, r in by_case.items()},
                           workers={c: r["worker"] for c, r in by_case.items()},
-                          loaded_by={c: r["loaded_by"] for c, r in by_case.items()})
+                          loaded_by={c: r["loaded_by"] for c, r in by_case.items()},
+                          connect_s=connected - start, stream_s=streamed - connected, merge_s=end - merging)
 
     def _stream(self, ray, items: list[dict], ledger: Path) -> list[dict]:
         import ray.data
@@ -337,11 +374,12 @@ class RayInference:
         rows = [{"case": json.dumps(item, default=str)} for item in items]
         # one block per case, so the load tasks run side by side instead of one task per block of cases
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-        # max_retries on the load tasks: retried when their worker dies; it also makes their
-        # remote arguments differ from the actors', so Ray Data does not fuse loading into the
-        # actors (the loads would then run on the model workers, one at a time)
-        dataset = dataset.map(functools.partial(_load_row, loader=self.runner.case_loader()),
-                              num_cpus=self.config.load_cpus, max_retries=self.config.max_attempts,
+        # the memory reservation of the load tasks also makes their remote arguments differ
+        # from the actors', so Ray Data does not fuse loading into the actors (the loads would
+        # then run on the model workers, one at a time, instead of ahead of them)
+        load = functools.partial(_load_row, loader=self.runner.case_loader(), ledger=str(ledger),
+                                 max_attempts=self.config.max_attempts)
+        dataset = dataset.map(load, num_cpus=self.config.load_cpus, memory=self.config.load_memory,
                               compute=ray.data.TaskPoolStrategy(size=self.config.load_tasks))
         worker_args = {
             "bundles": self.bundles, "output_dir": str(self.output_dir), "model_keys": self.runner.model_keys(),
