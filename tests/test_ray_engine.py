@@ -261,3 +261,27 @@ def test_bench_rates_from_completion_times(tmp_path):
     efficiencies(rows)
     assert rows[1]["efficiency_run"] == pytest.approx(0.75) and rows[1]["efficiency_steady"] is None
     assert rows[0]["efficiency_run"] == pytest.approx(1.0)
+
+
+def test_a_private_instance_needs_token_authentication(monkeypatch):
+    from volumes.errors import VolumesError
+    from volumes.inference.ray_engine import check_private_auth
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    check_private_auth()
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    check_private_auth()  # Ray's default for a new local instance: token
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(VolumesError, match="token authentication"):
+        check_private_auth()
+
+
+def test_engine_ray_rejects_local_engine_options(tmp_path, capsys):
+    pytest.importorskip("ray", reason="the Ray engine needs Ray Data (pip install 'volumes[ray]')")
+    base = ["infer", "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--engine", "ray",
+            "--bundle", str(BUNDLES["dinov2_unet_segmentation"])]
+    assert main([*base, "--workers", "2"]) == 2
+    assert "--workers (prefetch threads) is for --engine local" in capsys.readouterr().err
+    assert main([*base, "--device", "cpu", "--ray-num-gpus", "1"]) == 2
+    assert "--device cpu with --ray-num-gpus 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

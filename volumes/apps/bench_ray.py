@@ -117,7 +117,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from volumes.apps.bench_infer import BUNDLE_NAMES, bundle_path, cached_ct, case_folder, write_weights
-    from volumes.inference.ray_engine import BundleSource, RayConfig, RayInference, require_ray
+    from volumes.inference.ray_engine import BundleSource, RayConfig, RayInference, check_private_auth, require_ray
     from volumes.reporting import cpu_model
 
     ray = require_ray()
@@ -174,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.address:
             ray.init(address=args.address, include_dashboard=False, configure_logging=False)
         else:
+            check_private_auth()
             ray.init(address="local", num_cpus=max(args.workers) * args.threads + 1, include_dashboard=False,
                      _node_ip_address="127.0.0.1", configure_logging=False)
         started = True

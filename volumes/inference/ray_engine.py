@@ -11,9 +11,10 @@ One Ray Data dataset, streamed (no stage waits for the previous one to finish)::
                                    report.html, in the order of the cases
 
 Every case is its own batch, and each actor takes one at a time, so a free actor takes
-the next case (work stealing) and a slow node delays only the case it holds. Ray Data
-restarts an actor that dies and gives its task to a live one; a load task whose worker
-dies is retried too (Ray Data retries both without limit). A per-run ledger on the shared
+the next case (work stealing) and a slow node delays only the case it holds. Ray
+restarts an actor that dies (elsewhere when its node is gone) and runs its case again on
+it; a load task whose worker dies is retried on any worker (Ray Data retries both
+without limit). A per-run ledger on the shared
 output folder (``OUTPUT/.ray-run-<id>/<case-id>.json``) makes the retries exactly-once
 and bounded: an attempt that finished before its worker died is not run again, and a
 case that kills its loading or model worker ``max_attempts`` times (out of memory, a
@@ -45,7 +46,7 @@ from volumes.atomic import atomic_write_bytes
 from volumes.errors import VolumesError
 from volumes.inference.runner import BatchInference, CaseLoader, InferenceSummary, PreparedCase, normalize_items
 
-__all__ = ["BundleSource", "CaseWorker", "RayConfig", "RayInference", "RaySummary", "require_ray"]
+__all__ = ["BundleSource", "CaseWorker", "check_private_auth", "RayConfig", "RayInference", "RaySummary", "require_ray"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,20 @@ def require_ray():
         raise VolumesError(f"--engine ray needs Ray Data, which is not installed ({exc}); "
                            f"install it with: {INSTALL}") from exc
     return ray
+
+
+def check_private_auth() -> None:
+    """Refuse a private Ray instance without Ray's token authentication.
+
+    Ray's gRPC servers listen on every interface even when the node's address is
+    127.0.0.1 (Ray has no option to bind them to the loopback interface), so the token is
+    what keeps other machines out. Ray enables it for new local instances unless
+    ``RAY_AUTH_MODE`` says otherwise.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        raise VolumesError(f"RAY_AUTH_MODE={mode}: a private Ray instance listens on every network interface, "
+                           f"so it runs only with Ray's token authentication (unset RAY_AUTH_MODE or set it to token)")
 
 
 @dataclass(frozen=True)
@@ -300,7 +315,8 @@ class RayInference:
         if config.address in (None, "local"):
             need = config.workers or 1
             cpus = config.local_cpus or max(os.cpu_count() or 1, int(need * config.num_cpus + config.load_cpus + 0.999))
-            # a private instance on the loopback interface only: nothing beyond this machine can join
+            check_private_auth()
+            # the node's address is the loopback interface; the token keeps other machines out
             ray.init(address="local", num_cpus=cpus, _node_ip_address="127.0.0.1", **common)
         else:
             ray.init(address=config.address, **common)
