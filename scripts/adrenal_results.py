@@ -5,7 +5,7 @@ On the official MedMNIST train/val/test split, for each aggregator (``transforme
 ``gnn``, ``mean``, ``attention_mil``) and each seed:
 
 1. slice embeddings of every volume come from a frozen DINOv2 ViT (computed once, for
-   all aggregators and seeds, through :class:`volumes.classification.SliceEmbedder`
+   all aggregators and seeds, through :class:`volumes.embedding.SliceEmbedder`
    and kept in a :class:`volumes.cache.EmbeddingCache`);
 2. the aggregator trains with MONAI's ``SupervisedTrainer``; a ``SupervisedEvaluator``
    with the ``ROCAUC`` handler scores the validation split after every epoch, and the
@@ -133,7 +133,7 @@ def make_embedder_class():
     import torch
     from monai.data import MetaTensor
 
-    from volumes.classification import SliceEmbedder
+    from volumes.embedding import SliceEmbedder
     from volumes.networks import slice_spacing_mm
 
     class BlankSharingEmbedder(SliceEmbedder):
@@ -404,7 +404,7 @@ Per run:
 - Slice embeddings: encoder `{ctx['encoder']}` ({encoder_state}), frozen; each of the {ctx['volume_size']} slices resized to
   {ctx['slice_size']}×{ctx['slice_size']} px ({ctx['slice_size'] // ctx['patch']}×{ctx['slice_size'] // ctx['patch']} patches) by
   `volumes.transforms.PrepareSlicesd` (trilinear, 3 channels by repetition, ImageNet normalisation); class token per
-  slice, `[{ctx['volume_size']}, {ctx['embed_dim']}]` per volume. Computed through `volumes.classification.SliceEmbedder`
+  slice, `[{ctx['volume_size']}, {ctx['embed_dim']}]` per volume. Computed through `volumes.embedding.SliceEmbedder`
   (a subclass that encodes the all-background slices once: the encoder sees each slice alone, so their embedding is
   always the same) and kept in a `volumes.cache.EmbeddingCache`.
 - Aggregators: `volumes.aggregators.build_aggregator` defaults (transformer: 2 blocks, dim 256, sinusoidal positions

@@ -55,6 +55,7 @@ from monai.transforms import (
 from monai.transforms.inverse import TraceableTransform
 from monai.utils import TraceKeys, convert_to_dst_type, convert_to_tensor
 
+from volumes.arrays import as_numpy
 from volumes.errors import ConfigError
 
 __all__ = [
@@ -145,7 +146,7 @@ def mr_normalize(
     if not 0.0 <= lower_pct < upper_pct <= 100.0:
         raise ValueError(f"need 0 <= lower_pct < upper_pct <= 100, got {lower_pct}, {upper_pct}")
     # numpy for the statistics: torch.quantile refuses inputs above 2**24 voxels
-    values = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    values = as_numpy(x)
     values = values.astype(np.float32, copy=False)
     foreground = values != 0
     out = np.zeros_like(values, dtype=np.float32)

@@ -24,7 +24,7 @@ b. :func:`bench_pipeline` - one bundle at a time over a synthetic CT of ``--volu
 c. :func:`bench_memory` - ``volumes.apps.bench_infer``'s child-process measurement of peak
    RSS against the RSS after the models are built, for 64 / 256 / 768 slices of 512 x 512.
 d. :func:`bench_cache` - classification of a few distinct CTs through the embedding cache
-   (:class:`volumes.classification.SliceEmbedder` on a fresh cache folder): first run
+   (:class:`volumes.embedding.SliceEmbedder` on a fresh cache folder): first run
    (cold: encodes and stores) against the second (warm: reads).
 e. :func:`bench_peers` - the segmentation bundle against MONAI SwinUNETR (feature size 48)
    and a MONAI 3D UNet with ``sliding_window_inference`` (96^3 windows) on one synthetic CT,
@@ -577,7 +577,7 @@ def bench_memory(args: argparse.Namespace, device=None) -> dict[str, Any]:
 def bench_cache(args: argparse.Namespace, device=None) -> dict[str, Any]:
     """Classify ``--cache-cases`` distinct CTs twice through a fresh embedding cache: cold, then warm.
 
-    The classification bundle's network with a :class:`~volumes.classification.SliceEmbedder`
+    The classification bundle's network with a :class:`~volumes.embedding.SliceEmbedder`
     (the bundle's preprocessing, a temporary cache folder): per case, hash the file for its
     source key; cold: load and prepare the volume, hash its voxels for the content key,
     encode and store both entries; warm: read the source entry. Then the aggregator's
@@ -586,7 +586,7 @@ def bench_cache(args: argparse.Namespace, device=None) -> dict[str, Any]:
     """
     import torch
 
-    from volumes.classification import SliceEmbedder
+    from volumes.embedding import SliceEmbedder
 
     device = device or resolve_device(args.device)
     dims = args.cache_volume or args.volume

@@ -7,7 +7,7 @@
 * :mod:`~volumes.inference.report`: figures and ``report.html``.
 """
 
-from volumes.inference.bundles import BundleModel, load_bundle, sha256_file
+from volumes.inference.bundles import BundleModel, load_bundle
 from volumes.inference.predictors import ClassificationPredictor, SegmentationPredictor
 from volumes.inference.runner import BatchInference, InferenceSummary, input_sha256
 
@@ -19,5 +19,4 @@ __all__ = [
     "SegmentationPredictor",
     "input_sha256",
     "load_bundle",
-    "sha256_file",
 ]
