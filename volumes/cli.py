@@ -11,6 +11,8 @@
     python -m volumes evaluate --protocol knn --encoder NAME --data DATALIST
                                                     kNN / few-shot / linear probe / fine-tune /
                                                     LoRA / BitFit on volume or slice labels
+    python -m volumes pacs listen|pull|run|status --config node.yaml
+                                                    DICOM node: receive or pull studies, send SEG + SR back
     python -m volumes bench [--sections a b c d e f] [--out runs/bench]
                                                     speed and memory: encoder vs timm, pipeline,
                                                     memory, cache, 3D peers, CUDA variants
@@ -240,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     from volumes.bench import add_bench_parser
 
     add_bench_parser(sub)
+    from volumes.pacs.command import add_parser as add_pacs_parser
+
+    add_pacs_parser(sub)
     return parser
 
 
