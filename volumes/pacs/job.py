@@ -28,7 +28,7 @@ from volumes.errors import VolumesError
 from volumes.pacs.audit import AuditLog
 from volumes.pacs.config import PacsConfig
 from volumes.pacs.ledger import Ledger
-from volumes.pacs.rules import min_slices, preflight, select, summarize_series
+from volumes.pacs.rules import min_slices, non_image_reason, preflight, select, summarize_series
 from volumes.pacs.send import SendError, confirm, store, with_retries
 from volumes.pacs.sr import build_sr, mark_seg
 from volumes.pacs.uids import instance_set_sha256, job_key
@@ -132,6 +132,9 @@ class PacsNode:
             (chosen.append(model) if ok else reasons.__setitem__(model.bundle_id, reason))
         base = dict(study_uid=study_uid, series_uid=series_uid, instances_sha256=instances,
                     n_instances=len(summary.files))
+        non_image = non_image_reason(summary)
+        if non_image is not None:
+            chosen, reasons = [], {m.bundle_id: non_image for m in self.models}
         key = job_key(series_uid, instances, [m.model_key for m in chosen])
         row = self.ledger.series(key)
         if row is not None and row["state"] in ("confirmed", "skipped"):

@@ -44,7 +44,7 @@ import numpy as np
 from volumes.data.dicom import SPACING_TOLERANCE
 from volumes.errors import VolumesError
 
-__all__ = ["SeriesSummary", "summarize_series", "select", "preflight", "SUPPORTED_TRANSFER_SYNTAXES"]
+__all__ = ["SeriesSummary", "summarize_series", "select", "preflight", "non_image_reason", "SUPPORTED_TRANSFER_SYNTAXES"]
 
 SUPPORTED_TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2": "Implicit VR Little Endian",
@@ -118,6 +118,17 @@ def summarize_series(folder: str | Path) -> SeriesSummary:
     attributes = {"Orientation": _orientation(first) if first is not None else None, "NumberOfInstances": len(files)}
     return SeriesSummary(folder=folder, files=files, series_uid=series_uid, sop_instance_uids=uids,
                          header=first, attributes=attributes)
+
+
+def non_image_reason(summary: SeriesSummary) -> str | None:
+    """Why a series is not an image series (SR, PDF, presentation states...), or None."""
+    header = summary.header
+    if header is None:
+        return f"{summary.folder.name}: no readable instance"
+    if "Rows" not in header or "ImagePositionPatient" not in header:
+        sop = getattr(header, "SOPClassUID", None)
+        return f"non-image object ({getattr(sop, 'name', str(sop))}, Modality {header.get('Modality', '?')})"
+    return None
 
 
 # ---------------------------------------------------------------------- selection

@@ -98,8 +98,8 @@ class StorageSCP:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Bind and serve on background threads (returns at once)."""
+        from pydicom.uid import AllTransferSyntaxes
         from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.presentation import ALL_TRANSFER_SYNTAXES
         from pynetdicom.sop_class import Verification
 
         self.storage.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ class StorageSCP:
         ae.dimse_timeout = self.config.timeout_s
         ae.acse_timeout = self.config.timeout_s
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, list(AllTransferSyntaxes))
         ae.add_supported_context(Verification)
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
