@@ -80,7 +80,8 @@ def find_studies(source: Endpoint, query: StudyQuery, *, calling_ae: str, timeou
             from dicomweb_client.api import DICOMwebClient
 
             client = DICOMwebClient(url=source.url, timeout=timeout)
-            results = client.search_for_studies(search_filters=filters, get_remaining=True)
+            # no get_remaining: Orthanc's plugin ignores offset, so paging would repeat the first page forever
+            results = client.search_for_studies(search_filters=filters)
             uids = [r["0020000D"]["Value"][0] for r in results if r.get("0020000D", {}).get("Value")]
         else:
             uids = _c_find_studies(source, filters, calling_ae, timeout)

@@ -247,10 +247,13 @@ def preflight(summary: SeriesSummary, *, min_slices: int = 3) -> str | None:
         except Exception as exc:
             return f"{path.name}: unreadable or truncated instance ({type(exc).__name__}: {str(exc)[:120]})"
         syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", ""))
-        if "PixelData" not in ds or "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+        absent = [k for k in ("PixelData", "ImagePositionPatient", "ImageOrientationPatient") if k not in ds]
+        if absent:
             sop = getattr(ds, "SOPClassUID", None)
-            name = getattr(sop, "name", str(sop))
-            return f"{path.name}: non-image object ({name}), not a slice of an image series"
+            if sop is not None and str(sop) != str(getattr(header, "SOPClassUID", "")):
+                return f"{path.name}: non-image object ({getattr(sop, 'name', str(sop))}) in an image series"
+            # pydicom stops quietly where a file ends: what is missing says it was cut short
+            return f"{path.name}: unreadable or truncated instance (no {', '.join(absent)})"
         if syntax not in SUPPORTED_TRANSFER_SYNTAXES:
             name = getattr(pydicom.uid.UID(syntax), "name", syntax)
             return f"{path.name}: unsupported transfer syntax {syntax} ({name})"

@@ -154,14 +154,14 @@ class StorageSCP:
                              reason="calling AE title or address not in the configured peers")
             logger.warning("refused association from %s at %s: not a configured peer", calling, address)
             assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
-            assoc.is_rejected = True
+            assoc.kill()  # as pynetdicom's own rejections do: waits until the reject PDU has left
             return
         free = free_mb(self.storage)
         if free < self.config.min_free_mb:
             self.audit.event("association_refused", calling_ae=calling, address=address,
                              reason=f"free disk {free:.0f} MiB below {self.config.min_free_mb:.0f} MiB")
             assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, presentation, local limit exceeded
-            assoc.is_rejected = True
+            assoc.kill()
             return
         folder = self.partial / str(id(assoc))
         with self._lock:

@@ -188,6 +188,8 @@ def _find_dicomweb(endpoint: Endpoint, study_uid: str, series_uid: str, timeout:
 def store(endpoint: Endpoint, files: Sequence[Path], *, calling_ae: str, timeout: float = 30.0) -> list[StoreResult]:
     """Store ``files`` at ``endpoint`` (one association / one STOW-RS request); raises :class:`SendError`."""
     files = [Path(f) for f in files]
+    if not files:
+        return []
     if endpoint.kind == "dicomweb":
         return _store_dicomweb(endpoint, files, timeout)
     return _store_dimse(endpoint, files, calling_ae, timeout)
