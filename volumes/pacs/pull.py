@@ -24,7 +24,7 @@ from volumes.errors import VolumesError
 from volumes.pacs.audit import hash_patient_id
 from volumes.pacs.config import Endpoint
 from volumes.pacs.scp import valid_uid
-from volumes.pacs.send import SendError, _associate
+from volumes.pacs.send import SendError, _associate, dicomweb_client
 
 __all__ = ["StudyQuery", "read_accessions", "find_studies", "pull_dimse", "pull_dicomweb"]
 
@@ -77,9 +77,7 @@ def find_studies(source: Endpoint, query: StudyQuery, *, calling_ae: str, timeou
     found: list[str] = []
     for filters in query.filters():
         if source.kind == "dicomweb":
-            from dicomweb_client.api import DICOMwebClient
-
-            client = DICOMwebClient(url=source.url, timeout=timeout)
+            client = dicomweb_client(source, timeout)
             # no get_remaining: Orthanc's plugin ignores offset, so paging would repeat the first page forever
             results = client.search_for_studies(search_filters=filters)
             uids = [r["0020000D"]["Value"][0] for r in results if r.get("0020000D", {}).get("Value")]
@@ -154,11 +152,8 @@ def pull_dimse(node: Any, scp: Any, study_uids: list[str], *, wait_s: float = 30
 
 def pull_dicomweb(node: Any, study_uids: list[str]) -> list[str]:
     """WADO-RS each study (stored transfer syntax) into the storage folder; returns the studies fetched."""
-    import pydicom
-    from dicomweb_client.api import DICOMwebClient
-
     cfg = node.config
-    client = DICOMwebClient(url=cfg.source.url, timeout=cfg.timeout_s)
+    client = dicomweb_client(cfg.source, cfg.timeout_s)
     fetched = []
     for study_uid in study_uids:
         datasets = client.retrieve_study(study_uid, media_types=(("application/dicom", "*"),))

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from volumes.pacs.audit import AuditLog
 from volumes.pacs.config import Endpoint
 
-__all__ = ["SendError", "StoreResult", "store", "confirm", "with_retries", "WARNING_STATUSES"]
+__all__ = ["dicomweb_client", "SendError", "StoreResult", "store", "confirm", "with_retries", "WARNING_STATUSES"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -131,10 +131,14 @@ def _find_dimse(endpoint: Endpoint, calling_ae: str, study_uid: str, series_uid:
 
 
 # ---------------------------------------------------------------------- DICOMweb
-def _client(endpoint: Endpoint, timeout: float) -> Any:
+def dicomweb_client(endpoint: Endpoint, timeout: float) -> Any:
+    """A DICOMwebClient for ``endpoint`` without the client's own retries."""
     from dicomweb_client.api import DICOMwebClient
 
-    return DICOMwebClient(url=endpoint.url, timeout=timeout)
+    client = DICOMwebClient(url=endpoint.url, timeout=timeout)
+    # one retry policy, ours (with_retries: audited, back-off from the config), not the client's own
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def _http_error(endpoint: Endpoint, what: str, exc: Exception) -> SendError:
@@ -153,7 +157,7 @@ def _store_dicomweb(endpoint: Endpoint, files: Sequence[Path], timeout: float) -
 
     datasets = [pydicom.dcmread(f) for f in files]
     try:
-        response = _client(endpoint, timeout).store_instances(datasets)
+        response = dicomweb_client(endpoint, timeout).store_instances(datasets)
     except (requests.RequestException, OSError) as exc:
         raise _http_error(endpoint, "STOW-RS", exc) from exc
     failed = {str(item.ReferencedSOPInstanceUID): int(item.get("FailureReason", 0xC000))
@@ -177,7 +181,7 @@ def _find_dicomweb(endpoint: Endpoint, study_uid: str, series_uid: str, timeout:
     import requests
 
     try:
-        found = _client(endpoint, timeout).search_for_instances(study_instance_uid=study_uid,
+        found = dicomweb_client(endpoint, timeout).search_for_instances(study_instance_uid=study_uid,
                                                                 series_instance_uid=series_uid)
     except (requests.RequestException, OSError) as exc:
         raise _http_error(endpoint, "QIDO-RS", exc) from exc
