@@ -416,9 +416,11 @@ def test_sr_reports_organ_volumes_referencing_seg_segments_and_the_classificatio
     from volumes.data.phantoms import LABEL_NAMES
 
     for group in groups:
-        segment = group.referenced_segment
-        assert segment.referenced_sop_instance_uid == seg_uid
-        name = LABEL_NAMES[segment.referenced_segment_number]
+        # the reference to the SEG: an IMAGE content item naming the SEG instance and its segment number
+        (reference,) = [item.ReferencedSOPSequence[0] for item in group.referenced_segment
+                        if item.ValueType == "IMAGE"]
+        assert reference.ReferencedSOPInstanceUID == seg_uid
+        name = LABEL_NAMES[int(reference.ReferencedSegmentNumber)]
         (measurement,) = group.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))
         assert measurement.unit.value == "mL"
         assert measurement.value == pytest.approx(volumes[name], abs=1e-3)
