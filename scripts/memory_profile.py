@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-import volumes.bench_infer as bench_infer
+import volumes.apps.bench_infer as bench_infer
 import volumes.data.io as io
 import volumes.inference.report as report
 import volumes.segmentation as segmentation
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    models = [load_bundle(bench_infer.BUNDLES[key], device="cpu", weights=args.weights / f"{name}.pt")
+    models = [load_bundle(bench_infer.bundle_path(key), device="cpu", weights=args.weights / f"{name}.pt")
               for key, name in (("seg", "dinov2_unet_segmentation"), ("cls", "dinov2_slice_classification"))]
     marks: list[tuple[float, str]] = []
     samples: list[tuple[float, float]] = []

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from volumes import bench
+from volumes.apps import bench
+from volumes.cli import bench as bench_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"depth": 2, "embed_dim": 96, "num_heads": 2}
@@ -101,7 +102,7 @@ def test_peer_window_errors(tmp_path, roi):
 
     args = _args(tmp_path, "--peer-roi", roi)
     with pytest.raises(VolumesError, match=f"--peer-roi {roi}: SwinUNETR needs a multiple of 32, at least 64"):
-        bench.cmd_bench(args)
+        bench_command.run(args)
 
 
 def test_known_gpu_peaks():

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from volumes.cli import main as cli_main
 from volumes.cache import (
     CacheWarning,
     EmbeddingCache,
     cache_key,
-    cache_main,
     config_hash,
     default_cache_dir,
     encoder_weights_id,
@@ -230,7 +230,7 @@ def test_entry_without_sidecar_is_valid(tmp_path):
 
 def _concurrent_writer(root: str, writer: int, barrier, shared_key: str, own_key: str, rounds: int) -> None:
     """Runs in a spawned process: write the shared key repeatedly, then a key of its own."""
-    import volumes.embedding  # noqa: F401 - pay the torch import before the race, not during it
+    import torch  # noqa: F401 - pay the torch import before the race, not during it
 
     cache = EmbeddingCache(root)
     payload = {"cls": np.full((64, 1024), writer, dtype=np.float32), "writer": np.array([writer])}
@@ -340,35 +340,35 @@ def test_info_counts(tmp_path):
 
 
 # --------------------------------------------------------------------------- command line
-def test_cache_main_info(tmp_path, capsys):
+def test_cache_command_info(tmp_path, capsys):
     _filled(tmp_path, encoders=("vit_s", "vit_b", "vit_b"))
-    assert cache_main(["info", "--dir", str(tmp_path)]) == 0
+    assert cli_main(["cache", "info", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path) in out and "entries: 3" in out and " MB" in out
     assert "vit_b (2)" in out and "vit_s (1)" in out
 
-    assert cache_main(["info", "--dir", str(tmp_path), "--json"]) == 0
+    assert cli_main(["cache", "info", "--dir", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["entries"] == 3
 
 
-def test_cache_main_prune(tmp_path, capsys):
+def test_cache_command_prune(tmp_path, capsys):
     cache, keys = _filled(tmp_path)
-    assert cache_main(["prune", "--dir", str(tmp_path), "--encoder", "vit_b", "--dry-run"]) == 0
+    assert cli_main(["cache", "prune", "--dir", str(tmp_path), "--encoder", "vit_b", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "would remove 2 entries" in out and keys[2] in out and len(cache.keys()) == 4
 
-    assert cache_main(["prune", "--dir", str(tmp_path), "--max-gb", "0"]) == 0
+    assert cli_main(["cache", "prune", "--dir", str(tmp_path), "--max-gb", "0"]) == 0
     out = capsys.readouterr().out
     assert "removed 4 entries" in out and "0 entries, 0.0 MB remain" in out
     assert cache.keys() == []
 
 
-def test_cache_main_errors(tmp_path, capsys):
-    assert cache_main(["prune", "--dir", str(tmp_path / "nope"), "--max-gb", "1"]) == 2
+def test_cache_command_errors(tmp_path, capsys):
+    assert cli_main(["cache", "prune", "--dir", str(tmp_path / "nope"), "--max-gb", "1"]) == 2
     assert "no cache folder" in capsys.readouterr().err
     tmp_path.joinpath("c").mkdir()
-    assert cache_main(["prune", "--dir", str(tmp_path / "c"), "--max-gb", "-1"]) == 2
-    assert cache_main(["frobnicate"]) == 2
+    assert cli_main(["cache", "prune", "--dir", str(tmp_path / "c"), "--max-gb", "-1"]) == 2
+    assert cli_main(["cache", "frobnicate"]) == 2
 
 
 # ------------------------------------------------------------ source keys (SliceEmbedder)

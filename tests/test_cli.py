@@ -21,7 +21,7 @@ def cohort(tmp_path_factory):
 
 def test_quick_demo_trains_both_bundles_and_runs_batch_inference(tmp_path, capsys):
     """The main job end to end with tiny networks: train, infer on phantoms (NIfTI and DICOM), score."""
-    from volumes.demo import SHARED
+    from volumes.apps.demo import SHARED
 
     assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
     printed = capsys.readouterr().out

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from volumes.cli import main as cli_main
 from volumes.data.phantoms import (
     HU_RANGES,
     LABEL_NAMES,
@@ -19,7 +20,6 @@ from volumes.data.phantoms import (
     PhantomConfig,
     case_seed,
     generate_phantom,
-    phantoms_main,
     write_case,
     write_cohort,
 )
@@ -296,13 +296,13 @@ def test_write_cohort_datalist_and_stability(tmp_path):
 
 
 def test_cli_writes_a_cohort_and_summarises(tmp_path, capsys):
-    rc = phantoms_main(["--out", str(tmp_path / "c"), "--n", "3", "--seed", "1", "--task", "lesion",
+    rc = cli_main(["phantoms", "--out", str(tmp_path / "c"), "--n", "3", "--seed", "1", "--task", "lesion",
                         "--prevalence", "0.7", "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "datalist.json" in text and "lesion" in text and "3 synthetic CT phantoms" in text
     assert json.loads((tmp_path / "c" / "datalist.json").read_text())["task"] == "lesion"
-    assert phantoms_main(["--out", str(tmp_path / "d"), "--n", "2", "--prevalence", "2"]) == 2
+    assert cli_main(["phantoms", "--out", str(tmp_path / "d"), "--n", "2", "--prevalence", "2"]) == 2
 
 
 def test_config_is_validated():

@@ -31,7 +31,7 @@ _LAZY = {
 # Submodules resolve as attributes too, so bundle configs can write `$import volumes`
 # and then `volumes.transforms.preprocessing(...)`.
 _SUBMODULES = (
-    "aggregators", "bundle", "cache", "classification", "cli", "data", "decoders", "embedding", "encoders",
+    "aggregators", "apps", "bundle", "cache", "classification", "cli", "data", "decoders", "encoders",
     "evaluation", "inference", "networks", "segmentation", "transforms",
 )
 

@@ -17,7 +17,7 @@ Layout on disk (``root`` is :func:`default_cache_dir` unless given)::
 
 Decisions worth knowing:
 
-- Writes go through :func:`volumes.embedding.atomic_write_bytes` (temporary file
+- Writes go through :func:`volumes.atomic.atomic_write_bytes` (temporary file
   in the same folder, then ``os.replace``), the npz first and the sidecar last.
   A reader therefore sees either no entry or a complete one, and two processes
   writing the same key both succeed: the last rename wins, and both wrote a
@@ -43,7 +43,6 @@ typing (``.detach().cpu().numpy()``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import enum
 import hashlib
@@ -51,7 +50,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -60,6 +58,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from volumes.atomic import atomic_write_bytes
 
 __all__ = [
     "CacheWarning",
@@ -236,13 +236,6 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds")
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    # Imported here: volumes.embedding imports torch, which `import volumes.cache` must not.
-    from volumes.atomic import atomic_write_bytes
-
-    atomic_write_bytes(path, write)
-
-
 @dataclass
 class _Entry:
     """One cached entry as found on disk."""
@@ -393,7 +386,7 @@ class EmbeddingCache:
             raise ValueError("embedding cache: nothing to store (no arrays)")
 
         # npz first, sidecar last: an entry is usable the moment its npz exists.
-        _atomic_write(npz_path, lambda stream: np.savez(stream, **plain))
+        atomic_write_bytes(npz_path, lambda stream: np.savez(stream, **plain))
         record: dict[str, Any] = {"encoder": None, "weights_id": None, "preprocessing": None, "case_id": None}
         record.update(_jsonable(dict(meta or {})))
         record.update(
@@ -405,7 +398,7 @@ class EmbeddingCache:
             format=_SIDECAR_FORMAT,
         )
         text = json.dumps(record, indent=1, sort_keys=True)
-        _atomic_write(npz_path.with_suffix(".json"), lambda stream: stream.write(text.encode()))
+        atomic_write_bytes(npz_path.with_suffix(".json"), lambda stream: stream.write(text.encode()))
         self.stats["writes"] += 1
         return npz_path
 
@@ -527,11 +520,13 @@ class EmbeddingCache:
         entries until the rest take at most ``max_bytes``. ``dry_run`` removes
         nothing and returns what would go.
         """
-        return [path for path, _ in self._prune(max_bytes, older_than_days, encoder, dry_run)]
+        return [path for path, _ in self.prune_with_sizes(max_bytes, older_than_days, encoder, dry_run)]
 
-    def _prune(
-        self, max_bytes: int | None, older_than_days: float | None, encoder: str | None, dry_run: bool
+    def prune_with_sizes(
+        self, max_bytes: int | None = None, older_than_days: float | None = None, encoder: str | None = None,
+        dry_run: bool = False,
     ) -> list[tuple[Path, int]]:
+        """:meth:`prune`, returning ``(path, bytes)`` of each removed file (what ``volumes cache prune`` prints)."""
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"prune: max_bytes must be >= 0, got {max_bytes}")
         if older_than_days is not None and not (older_than_days >= 0 and math.isfinite(older_than_days)):
@@ -617,86 +612,3 @@ def _jsonable(obj: Any) -> Any:
         if isinstance(obj, (list, tuple)):
             return [_jsonable(v) for v in obj]
         return str(obj)
-
-
-# --------------------------------------------------------------------------- command line
-def _human_bytes(n: float) -> str:
-    """Decimal MB below 1 GB, GB above."""
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
-def _print_info(info: Mapping[str, Any]) -> None:
-    print(f"embedding cache: {info['root']}" + ("" if info["exists"] else " (does not exist)"))
-    print(f"entries: {info['entries']}, {_human_bytes(info['total_bytes'])}")
-    if info["entries"]:
-        print(f"created: {info['oldest_created']} .. {info['newest_created']}")
-        print(f"last used: {info['least_recent_use']} .. {info['most_recent_use']}")
-        print("encoders: " + ", ".join(f"{name} ({count})" for name, count in info["encoders"].items()))
-    if info["stray_tmp_files"] or info["orphan_sidecars"]:
-        print(f"stray files: {info['stray_tmp_files']} temporary, {info['orphan_sidecars']} sidecars without npz")
-
-
-def build_cache_parser(prog: str = "volumes cache") -> argparse.ArgumentParser:
-    """The ``info`` / ``prune`` command line (``python -m volumes cache ...``)."""
-    parser = argparse.ArgumentParser(prog=prog, description="Inspect and prune the slice-embedding cache.")
-    sub = parser.add_subparsers(dest="action", required=True)
-    dir_help = "cache folder (default: $VOLUMES_CACHE_DIR or ~/.cache/volumes/embeddings)"
-
-    info = sub.add_parser("info", help="entries, size, age and encoders of the cache")
-    info.add_argument("--dir", default=None, help=dir_help)
-    info.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-    prune = sub.add_parser("prune", help="remove entries by size (least recently used first), age or encoder")
-    prune.add_argument("--dir", default=None, help=dir_help)
-    prune.add_argument("--max-gb", type=float, default=None, help="keep at most this many GB (10^9 bytes)")
-    prune.add_argument("--older-than-days", type=float, default=None, help="remove entries not used for N days")
-    prune.add_argument("--encoder", default=None, help="remove the entries of this encoder name")
-    prune.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
-    return parser
-
-
-def cache_main(argv: list[str] | None = None) -> int:
-    """``volumes cache info|prune``; returns the exit status (2 for bad arguments or a missing folder)."""
-    parser = build_cache_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits on --help and on errors; callers want a status
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    cache = EmbeddingCache(args.dir)
-
-    if args.action == "info":
-        summary = cache.info()
-        if args.json:
-            print(json.dumps(summary, indent=2))
-        else:
-            _print_info(summary)
-        return 0
-
-    if not cache.root.is_dir():
-        print(f"volumes cache prune: no cache folder at {cache.root}", file=sys.stderr)
-        return 2
-    for name, value in (("--max-gb", args.max_gb), ("--older-than-days", args.older_than_days)):
-        if value is not None and not (value >= 0 and math.isfinite(value)):
-            print(f"volumes cache prune: {name} must be a number >= 0, got {value}", file=sys.stderr)
-            return 2
-    max_bytes = None if args.max_gb is None else int(args.max_gb * 1e9)
-    removed = cache._prune(max_bytes, args.older_than_days, args.encoder, args.dry_run)
-    verb = "would remove" if args.dry_run else "removed"
-    if args.dry_run:
-        for path, size in removed:
-            print(f"  {path}  {_human_bytes(size)}")
-    entries = sum(1 for path, _ in removed if path.suffix == ".npz")
-    stray = len(removed) - entries
-    print(
-        f"{verb} {entries} entries ({_human_bytes(sum(size for _, size in removed))})"
-        + (f" and {stray} stray files" if stray else "")
-        + f" from {cache.root}"
-    )
-    if not args.dry_run:
-        after = cache.info()
-        print(f"{after['entries']} entries, {_human_bytes(after['total_bytes'])} remain")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(cache_main())

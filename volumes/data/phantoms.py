@@ -83,7 +83,6 @@ Typical use::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -1193,10 +1192,8 @@ def write_cohort(out_dir: str | Path, n: int, seed: int, config: PhantomConfig |
     return datalist_path
 
 
-# ---------------------------------------------------------------------- CLI --
-
-
-def _summary(datalist_path: Path) -> str:
+def cohort_summary(datalist_path: Path) -> str:
+    """One paragraph on a cohort written by :func:`write_cohort`: classes, splits, geometry, files."""
     datalist = json.loads(datalist_path.read_text())
     out = datalist_path.parent
     cases = json.loads((out / "cases.json").read_text())
@@ -1218,39 +1215,3 @@ def _summary(datalist_path: Path) -> str:
         text += f" {len(datalist['dicom'])} case(s) also written as DICOM series under {out / 'dicom'}."
     text += f" Datalist (MONAI decathlon format): {datalist_path}; per-case table: {out / 'cohort.csv'}."
     return text
-
-
-def phantoms_main(argv: list[str] | None = None) -> int:
-    """``python -m volumes phantoms``: write a synthetic cohort; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="volumes phantoms",
-        description="Write a cohort of synthetic abdominal CT phantoms (NIfTI + organ labels + a volume-level class) "
-                    "with a MONAI datalist.json.",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--n", required=True, type=int, help="number of cases")
-    parser.add_argument("--seed", type=int, default=0, help="cohort seed (case i uses seed (seed, i))")
-    parser.add_argument("--task", choices=TASKS, default="splenomegaly", help="what class_label means")
-    parser.add_argument("--prevalence", type=float, default=0.5, help="probability of a positive case")
-    parser.add_argument("--realistic", action="store_true",
-                        help="clinical geometry: 0.6-1.0 mm pixels, 512x512, 1.5-5 mm slices (slower, larger files)")
-    parser.add_argument("--dicom", type=int, default=0, metavar="K", help="also write K cases as DICOM series")
-    parser.add_argument("--splits", type=float, nargs=3, default=(0.6, 0.2, 0.2),
-                        metavar=("TRAIN", "VAL", "TEST"), help="split fractions (stratified by class)")
-    parser.add_argument("--name", default=None, help="datalist name")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        factory = PhantomConfig.realistic if args.realistic else PhantomConfig
-        config = factory(task=args.task, prevalence=args.prevalence)
-        path = write_cohort(args.out, args.n, args.seed, config, splits=tuple(args.splits), dicom_cases=args.dicom,
-                            name=args.name, progress=False if args.no_progress else None)
-    except (ConfigError, ImportError) as exc:
-        print(f"volumes phantoms: {exc}", file=sys.stderr)
-        return 2
-    print(_summary(path))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(phantoms_main())

@@ -13,6 +13,6 @@ Modules (each small, each usable alone):
     send      C-STORE SCU / STOW-RS with status checks, retries, confirmation
     job       one study: select, pre-flight, BatchInference, mark, SR, send, confirm
 
-The network runs on :class:`volumes.inference.runner.BatchInference`: a study's selected
+The command line is :mod:`volumes.cli.pacs`. The network runs on :class:`volumes.inference.runner.BatchInference`: a study's selected
 series are folders of the received files, and the SEG it writes is what is sent.
 """

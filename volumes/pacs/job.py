@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 def load_models(config: PacsConfig) -> list[Any]:
     """The config's bundles as :class:`~volumes.inference.bundles.BundleModel` (on its device)."""
-    from volumes.embedding import resolve_device
+    from volumes.devices import resolve_device
     from volumes.inference.bundles import load_bundle
 
     if not config.bundles:

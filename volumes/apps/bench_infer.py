@@ -1,7 +1,7 @@
 """Throughput and memory of ``python -m volumes infer`` on CT-sized volumes of several slice counts.
 
-    .venv/bin/python -m volumes.bench_infer                      # 64, 256, 768 slices of 512 x 512
-    .venv/bin/python -m volumes.bench_infer --slices 8 16 --size 128 --depth 2 --threads 1   # a quick check
+    .venv/bin/python -m volumes.apps.bench_infer                      # 64, 256, 768 slices of 512 x 512
+    .venv/bin/python -m volumes.apps.bench_infer --slices 8 16 --size 128 --depth 2 --threads 1   # a quick check
 
 (``python -m volumes bench --sections c`` runs the same measurement as part of the benchmark.)
 
@@ -59,13 +59,17 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from volumes.paths import CHECKOUT
 from volumes.reporting import available_cores, markdown_table, write_json_and_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = {
-    "seg": ROOT / "bundles" / "dinov2_unet_segmentation",
-    "cls": ROOT / "bundles" / "dinov2_slice_classification",
-}
+BUNDLE_NAMES = {"seg": "dinov2_unet_segmentation", "cls": "dinov2_slice_classification"}
+
+
+def bundle_path(key: str) -> Path:
+    """The shipped bundle of ``key`` (``seg`` or ``cls``)."""
+    from volumes.paths import bundle_dir
+
+    return bundle_dir(BUNDLE_NAMES[key])
 SPACING_MM = (0.8, 0.8, 1.5)
 GENERATOR_VERSION = 1  # part of the cache file name: bump when the phantom changes
 CHUNK_SLICES = 16  # slices generated at once (bounds the float32 temporaries)
@@ -194,11 +198,11 @@ def write_weights(folder: Path, bundles: Sequence[str], overrides: dict[str, Any
     paths = []
     for name in bundles:
         parser = ConfigParser()
-        parser.read_config(str(BUNDLES[name] / "configs" / "inference.json"))
+        parser.read_config(str(bundle_path(name) / "configs" / "inference.json"))
         for key, value in overrides.items():
             parser[key] = value
         torch.manual_seed(0)
-        path = folder / f"{BUNDLES[name].name}.pt"
+        path = folder / f"{BUNDLE_NAMES[name]}.pt"
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, path)
         paths.append(path)
@@ -230,11 +234,11 @@ def child(spec: dict[str, Any]) -> int:
 
     from volumes.data.discovery import discover_cases
     from volumes.inference import BatchInference, load_bundle
-    from volumes.inference.command import _device
+    from volumes.devices import resolve_device
 
     torch.set_num_threads(spec["threads"])
     startup = _rss_mib()
-    device = _device(spec["device"])
+    device = resolve_device(spec["device"], distributed=True)
     models = [load_bundle(root, device=device, weights=w, overrides=spec["overrides"])
               for root, w in zip(spec["bundles"], spec["weights"])]
     baseline, build_peak = _rss_mib(), _peak_rss_mib()
@@ -282,7 +286,7 @@ def run_size(args: argparse.Namespace, slices: int, weights: list[Path], overrid
     inputs = case_folder(folder / "input", volume, args.cases)
     output = folder / "output"
     shutil.rmtree(output, ignore_errors=True)
-    bundles = [str(BUNDLES[name]) for name in args.bundles]
+    bundles = [str(bundle_path(name)) for name in args.bundles]
     spec = {"bundles": bundles, "weights": [str(w) for w in weights], "overrides": overrides, "input": str(inputs),
             "output": str(output), "workers": args.workers, "figures": not args.no_figures, "device": args.device,
             "threads": args.threads}
@@ -301,9 +305,9 @@ def run_size(args: argparse.Namespace, slices: int, weights: list[Path], overrid
     }
     print(f"--- {slices} slices: {args.cases} cases of {args.size} x {args.size} x {slices}", flush=True)
     start = time.perf_counter()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "volumes.bench_infer", "--child", json.dumps(spec)],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "volumes.apps.bench_infer", "--child", json.dumps(spec)],
+                          cwd=CHECKOUT, env=env, stdout=subprocess.PIPE, text=True)
     row["wall_s"] = time.perf_counter() - start
     row["returncode"] = proc.returncode
     result, summary = None, None
@@ -365,7 +369,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
         python = python.relative_to(Path.cwd())
     except ValueError:
         pass
-    argv = [str(python), "-m", "volumes.bench_infer", "--slices", *map(str, args.slices), "--size", str(args.size),
+    argv = [str(python), "-m", "volumes.apps.bench_infer", "--slices", *map(str, args.slices), "--size", str(args.size),
             "--cases", str(args.cases)]
     argv += ["--depth", str(args.depth)] if args.depth is not None else []
     argv += ["--bundles", *args.bundles, "--workers", str(args.workers), "--threads", str(args.threads),
@@ -375,7 +379,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m volumes.bench_infer", description=__doc__.split("\n", 1)[0].replace("``", ""),
+    parser = argparse.ArgumentParser(prog="python -m volumes.apps.bench_infer", description=__doc__.split("\n", 1)[0].replace("``", ""),
                                      epilog="See the module docstring for what is measured and how.")
     parser.add_argument("--slices", nargs="+", type=int, default=[64, 256, 768],
                         help="slice counts (default 64 256 768)")
@@ -383,7 +387,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cases", type=int, default=2, help="cases per slice count (default 2)")
     parser.add_argument("--depth", type=int, default=None,
                         help="ViT blocks of the encoders (--set encoder_model_kwargs); default: the bundles' own")
-    parser.add_argument("--bundles", nargs="+", choices=sorted(BUNDLES), default=["seg", "cls"],
+    parser.add_argument("--bundles", nargs="+", choices=sorted(BUNDLE_NAMES), default=["seg", "cls"],
                         help="seg: dinov2_unet_segmentation, cls: dinov2_slice_classification (default both)")
     parser.add_argument("--workers", type=int, default=1, help="infer --workers (default 1)")
     parser.add_argument("--threads", type=int, default=None,
@@ -426,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {"cpu": cpu_model(), "cores": available_cores(), "python": sys.version.split()[0]},
         "torch_version": torch.__version__, "torch_threads": args.threads,
         "settings": {"slices": args.slices, "size": args.size, "spacing_mm": SPACING_MM, "cases": args.cases,
-                     "depth": args.depth, "bundles": [BUNDLES[b].name for b in args.bundles],
+                     "depth": args.depth, "bundles": [BUNDLE_NAMES[b] for b in args.bundles],
                      "workers": args.workers, "threads": args.threads, "device": args.device,
                      "figures": not args.no_figures, "overrides": overrides},
         "rows": [],

@@ -6,7 +6,7 @@
 2. Gather inference inputs under ``OUT/input/``: the held-out test phantoms of both
    cohorts, one of them also written as a DICOM series, and - when ``../shared/data`` is
    beside the checkout - the real example CT (NIfTI) and the real DICOM series.
-3. Run ``volumes infer`` with both bundles (the batch command users run).
+3. Run both bundles with :class:`volumes.inference.BatchInference` (what ``volumes infer`` runs).
 4. Score what can be scored: Dice of the masks against the phantoms' ground truth and
    accuracy/AUC of the classifier on its own held-out phantoms; print where
    ``report.html`` is.
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = ROOT / "bundles"
-SHARED = ROOT.parent / "shared" / "data" / "totalsegmentator_example"
+from volumes.paths import bundle_dir, shared_data_dir
+
+SHARED = shared_data_dir() / "totalsegmentator_example"
 
 # "Briefly": a 4-block encoder for the segmenter, 32 epochs (the segmentation bundle's
 # test reaches Dice 0.88 with exactly this), fewer epochs for the classifier.
@@ -52,7 +52,7 @@ def copy_bundle(name: str, target: Path, settings: dict[str, Any]) -> Path:
     """Copy a bundle (configs, docs) to ``target`` and write ``settings`` into all its configs."""
     if (target / "configs").is_dir():
         shutil.rmtree(target / "configs")
-    shutil.copytree(BUNDLES / name, target, dirs_exist_ok=True,
+    shutil.copytree(bundle_dir(name), target, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("models", "data", "eval", "cache", "runs"))
     for config_file in (target / "configs").glob("*.json"):
         config = json.loads(config_file.read_text())
@@ -139,10 +139,23 @@ def score(output: Path, known: dict[str, dict]) -> dict[str, Any]:
     return result
 
 
-def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None) -> int:
-    """The whole main job; returns the exit code of ``volumes infer`` (0: every case done)."""
-    from volumes.cli import main as cli
+def run_inference(bundles: list[Path], inputs: Path, output: Path, *, workers: int | None = None) -> int:
+    """``volumes infer --bundle ... --input inputs --output output``, called directly."""
+    from volumes.data.discovery import discover_cases
+    from volumes.devices import resolve_device
+    from volumes.inference import BatchInference, load_bundle
 
+    device = resolve_device("auto")
+    models = [load_bundle(bundle, device=device) for bundle in bundles]
+    summary = BatchInference(models, output, workers=workers).run([case.to_dict() for case in discover_cases(inputs)])
+    print(summary.line())
+    if summary.failed:
+        print(f"failed cases are listed in {summary.output_dir / 'failures.csv'}")
+    return 0 if summary.ok else 1
+
+
+def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None) -> int:
+    """The whole main job; returns 0 when every case was done, 1 when some failed (as ``volumes infer``)."""
     out = Path(out)
     start = time.perf_counter()
     seg_settings = QUICK_SEGMENTATION if quick else SEGMENTATION
@@ -160,8 +173,7 @@ def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None
     print(f"[3/4] volumes infer on {len(known)} cases in {inputs} ({real} the real example CT and DICOM series)",
           flush=True)
     output = out / "infer"
-    code = cli(["infer", "--bundle", str(segmentation), "--bundle", str(classification), "--input", str(inputs),
-                "--output", str(output), *(["--workers", str(workers)] if workers is not None else [])])
+    code = run_inference([segmentation, classification], inputs, output, workers=workers)
     print("[4/4] scoring the phantom cases against their ground truth", flush=True)
     result = score(output, known)
     summary = (f"segmentation: mean Dice {result['mean_dice']:.3f} over {result['phantom_cases_scored']} phantom cases"

@@ -17,11 +17,11 @@ a. :func:`bench_encoder` - :class:`~volumes.encoders.SliceEncoder` on ``--slices
    one forward; the analytic ViT count beside it) and the achieved FLOP/s against a
    square matmul timed in the same run.
 b. :func:`bench_pipeline` - one bundle at a time over a synthetic CT of ``--volume``
-   (the generator of ``volumes.bench_infer``) with :class:`volumes.inference.BatchInference`,
+   (the generator of ``volumes.apps.bench_infer``) with :class:`volumes.inference.BatchInference`,
    the code ``volumes infer`` runs; wall time against the encoder alone on the same
    prepared slices, split into hash / load / preprocess / encode / decode or aggregate /
    invert / write / figure / other (merged tables and report).
-c. :func:`bench_memory` - ``volumes.bench_infer``'s child-process measurement of peak
+c. :func:`bench_memory` - ``volumes.apps.bench_infer``'s child-process measurement of peak
    RSS against the RSS after the models are built, for 64 / 256 / 768 slices of 512 x 512.
 d. :func:`bench_cache` - classification of a few distinct CTs through the embedding cache
    (:class:`volumes.classification.SliceEmbedder` on a fresh cache folder): first run
@@ -56,9 +56,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from volumes.devices import resolve_device
+from volumes.paths import CHECKOUT
 from volumes.reporting import available_cores, markdown_table, write_json_and_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("a", "b", "c", "d", "e", "f")
 SECTION_TITLES = {
     "a": "Encoder efficiency", "b": "Pipeline overhead", "c": "Memory", "d": "Embedding cache",
@@ -82,22 +83,10 @@ KNOWN_PEAKS_TFLOPS: tuple[tuple[str, float], ...] = (
 
 # ============================================================================ helpers
 def bench_infer_module():
-    """:mod:`volumes.bench_infer`: the synthetic CT generator, random weights and the memory children."""
-    from volumes import bench_infer
+    """:mod:`volumes.apps.bench_infer`: the synthetic CT generator, random weights and the memory children."""
+    from volumes.apps import bench_infer
 
     return bench_infer
-
-
-def resolve_device(choice: str):
-    import torch
-
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            from volumes.errors import VolumesError
-
-            raise VolumesError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def synchronize(device) -> None:
@@ -313,7 +302,7 @@ def parse_volume(text: str) -> tuple[int, int, int]:
 
 
 def synthetic_ct(folder: Path, dims: Sequence[int], seed: int = 0) -> Path:
-    """A synthetic CT from ``volumes.bench_infer`` (written once, then reused from ``folder``)."""
+    """A synthetic CT from ``volumes.apps.bench_infer`` (written once, then reused from ``folder``)."""
     bi = bench_infer_module()
     size, _, slices = dims
     if seed == 0:
@@ -352,7 +341,7 @@ def _short_hash(text: str) -> str:
 def _load_bundle(args: argparse.Namespace, key: str, weights: Path, device):
     from volumes.inference import load_bundle
 
-    return load_bundle(bench_infer_module().BUNDLES[key], device=device, weights=weights,
+    return load_bundle(bench_infer_module().bundle_path(key), device=device, weights=weights,
                        overrides=bundle_overrides(args))
 
 
@@ -555,7 +544,7 @@ def bench_pipeline(args: argparse.Namespace, device=None) -> dict[str, Any]:
 
 # ============================================================================ c. memory
 def bench_memory(args: argparse.Namespace, device=None) -> dict[str, Any]:
-    """Peak RSS per slice count: ``volumes.bench_infer``'s child processes, one per count.
+    """Peak RSS per slice count: ``volumes.apps.bench_infer``'s child processes, one per count.
 
     Each child builds the bundles, runs ``volumes infer``'s batch on ``--memory-cases``
     copies of a ``--memory-size`` x ``--memory-size`` x N CT and reports its RSS after
@@ -579,7 +568,7 @@ def bench_memory(args: argparse.Namespace, device=None) -> dict[str, Any]:
         mx, my = statistics.fmean(xs), statistics.fmean(ys)
         denominator = sum((x - mx) ** 2 for x in xs)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / denominator if denominator else None
-    return {"size": args.memory_size, "cases": args.memory_cases, "bundles": [bi.BUNDLES[k].name for k in args.bundles],
+    return {"size": args.memory_size, "cases": args.memory_cases, "bundles": [bi.BUNDLE_NAMES[k] for k in args.bundles],
             "overrides": overrides, "rows": rows, "peak_per_volume_slope": slope,
             "table": bi.table(rows), "errors": bi.notes(rows)}
 
@@ -708,11 +697,11 @@ def bench_peers(args: argparse.Namespace, device=None) -> dict[str, Any]:
 
 
 def run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
-    """``python -m volumes.bench --child SPEC``: one measurement in a fresh process (its own peak RSS)."""
+    """``python -m volumes.apps.bench --child SPEC``: one measurement in a fresh process (its own peak RSS)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "volumes.bench", "--child", json.dumps(spec)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "volumes.apps.bench", "--child", json.dumps(spec)], cwd=CHECKOUT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
     for line in proc.stdout.splitlines():
@@ -746,7 +735,7 @@ def child_main(spec: dict[str, Any]) -> int:
     if spec["model"] == "ours":
         from volumes.inference import load_bundle
 
-        bundle = load_bundle(bi.BUNDLES["seg"], device=device, weights=spec["weights"], overrides=spec["overrides"])
+        bundle = load_bundle(bi.bundle_path("seg"), device=device, weights=spec["weights"], overrides=spec["overrides"])
         predictor = bundle.predictor
         network = predictor.network
         prepare = lambda: predictor.prepare({"image": spec["volume"]})  # noqa: E731
@@ -1037,7 +1026,7 @@ def section_markdown(key: str, s: Mapping[str, Any]) -> list[str]:
                                 "end to end / network", "encoded / slices", *names], rows)]
     if key == "c":
         lines = [title, "",
-                 f"`volumes.bench_infer` children: bundles {', '.join(s['bundles'])}, {s['cases']} case(s) of "
+                 f"`volumes.apps.bench_infer` children: bundles {', '.join(s['bundles'])}, {s['cases']} case(s) of "
                  f"{s['size']} x {s['size']} x N; peak RSS slope per MiB of float32 volume: "
                  f"{_num(s['peak_per_volume_slope'], '{:.2f}')}.", "", s["table"]]
         return lines + ([""] + s["errors"] if s["errors"] else [])
@@ -1199,87 +1188,6 @@ def bench_main(args: argparse.Namespace) -> int:
         return 1 if any("error" in s for s in report["sections"].values()) else 0
     finally:
         torch.set_num_threads(threads_before)
-
-
-# ============================================================================ CLI
-def _model_kwargs(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r}: a JSON object, e.g. '{{\"depth\": 2}}'")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return value
-
-
-def add_bench_parser(sub) -> None:
-    bench = sub.add_parser(
-        "bench", help="benchmark: encoder vs timm, pipeline overhead, memory, cache, 3D peers, CUDA variants",
-        description="Speed and memory of slice encoding and of the pipeline around it, every comparison measured "
-                    "side by side in one run (a: encoder efficiency, b: pipeline overhead, c: memory, d: cache, "
-                    "e: 3D peers, f: CUDA variants). Writes OUT/bench.json and OUT/bench.md and prints the "
-                    "table. See volumes/bench.py for what each section measures.",
-    )
-    bench.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="default: all")
-    bench.add_argument("--encoder", default="vit_small_patch14_dinov2", help="timm model of sections a and f")
-    bench.add_argument("--model-kwargs", type=_model_kwargs, default=None,
-                       help='JSON for timm.create_model, every encoder (the bundles\' too), e.g. \'{"depth": 2}\'')
-    bench.add_argument("--slices", type=_positive, default=64, help="slices per batch in sections a and f")
-    bench.add_argument("--size", type=_positive, default=224, help="slice size in sections a and f")
-    bench.add_argument("--chunk-size", type=_positive, default=32, help="SliceEncoder chunk size in section a")
-    bench.add_argument("--autocast", default="auto", choices=["auto", "bf16", "fp32"], help="SliceEncoder autocast (a)")
-    bench.add_argument("--volume", type=parse_volume, default=(512, 512, 200),
-                       help="synthetic CT of sections b, d and e, SIZExSIZExSLICES (default 512x512x200)")
-    bench.add_argument("--bundles", nargs="+", choices=BUNDLE_KEYS, default=list(BUNDLE_KEYS),
-                       help="bundles of sections b and c (seg: segmentation, cls: classification)")
-    bench.add_argument("--bundle-size", type=_positive, default=None,
-                       help="override the bundles' in-plane preprocessing size (default: their own, 112)")
-    bench.add_argument("--no-figures", action="store_true", help="b and c: skip the per-case figure")
-    bench.add_argument("--memory-slices", nargs="+", type=int, default=[64, 256, 768], help="c: slice counts")
-    bench.add_argument("--memory-size", type=_positive, default=512, help="c: in-plane size")
-    bench.add_argument("--memory-cases", type=_positive, default=1, help="c: cases per slice count")
-    bench.add_argument("--cache-cases", type=_positive, default=3, help="d: distinct CTs classified")
-    bench.add_argument("--cache-volume", type=parse_volume, default=None, help="d: their size (default --volume)")
-    bench.add_argument("--peer-volume", type=parse_volume, default=None,
-                       help="e: the CT of the 3D comparison (default --volume; on CPU scaled to --peer-cpu-size)")
-    bench.add_argument("--peer-cpu-size", type=_positive, default=192, help="e: in-plane size of the CPU CT")
-    bench.add_argument("--peer-roi", type=_positive, default=96, help="e: sliding-window size (a multiple of 32, at least 64)")
-    bench.add_argument("--peer-sw-batch", type=_positive, default=1, help="e: windows per network call")
-    bench.add_argument("--peer-feature-size", type=_positive, default=48, help="e: SwinUNETR feature size")
-    bench.add_argument("--no-peer-flops", action="store_true", help="e: skip the FLOP count pass")
-    bench.add_argument("--peak-tflops", type=float, default=None, help="f: peak for MFU (default: known GPU table)")
-    bench.add_argument("--no-compile", action="store_true", help="f: skip torch.compile and CUDA graphs")
-    bench.add_argument("--gemm-size", type=_positive, default=None, help="GEMM size (default 2048 CPU, 8192 CUDA)")
-    bench.add_argument("--threads", type=_positive, default=None, help="torch threads (default: all available cores)")
-    bench.add_argument("--repeats", type=_positive, default=5, help="timed repeats per variant (median reported)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    bench.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md, volumes and runs")
-    bench.set_defaults(func=cmd_bench)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.threads is None:
-        args.threads = available_cores()
-    if args.warmup < 0:
-        from volumes.errors import VolumesError
-
-        raise VolumesError("--warmup must be at least 0")
-    if args.peer_roi % 32 or args.peer_roi < 64:
-        from volumes.errors import VolumesError
-
-        # 32 downsamples it 5 times to 1 voxel, where its instance norm has nothing to normalise
-        raise VolumesError(f"--peer-roi {args.peer_roi}: SwinUNETR needs a multiple of 32, at least 64")
-    args.sections = list(dict.fromkeys(args.sections))
-    args.bundles = list(dict.fromkeys(args.bundles))
-    return bench_main(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``python -m volumes infer``: run one or more bundles over a folder, datalist or CSV of cases."""
+"""``volumes infer``: run one or more bundles over a folder, datalist or CSV of cases."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 from volumes.errors import VolumesError
 
 
-def add_infer_parser(sub) -> None:
+def add_parser(sub) -> None:
     infer = sub.add_parser(
         "infer", help="batch inference with one or more bundles (masks, DICOM SEG, predictions, report)",
         description="Run MONAI bundles over every case of a folder (NIfTI/NRRD/MHA files and DICOM series), "
@@ -35,25 +35,10 @@ def add_infer_parser(sub) -> None:
     infer.add_argument("--no-progress", action="store_true")
     infer.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                        help="override a key of every bundle's inference config, e.g. inference_slab=8")
-    infer.set_defaults(func=cmd_infer)
+    infer.set_defaults(run=run)
 
 
-def _device(choice: str):
-    import torch
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise VolumesError("--device cuda: no CUDA device is available")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local_world > 1:  # processes on one machine share its cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return torch.device("cpu")
-
-
-def _overrides(pairs: list[str]) -> dict:
+def parse_overrides(pairs: list[str]) -> dict:
     import json
 
     out = {}
@@ -68,16 +53,17 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def cmd_infer(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from volumes.data.discovery import discover_cases
+    from volumes.devices import resolve_device
     from volumes.inference import BatchInference, load_bundle
 
     weights = args.weights or [None] * len(args.bundle)
     if len(weights) != len(args.bundle):
         raise VolumesError(f"--weights given {len(weights)} times for {len(args.bundle)} bundles; give one per bundle")
     cases = discover_cases(args.input, section=args.section)
-    device = _device(args.device)
-    overrides = _overrides(args.set)
+    device = resolve_device(args.device, distributed=True)
+    overrides = parse_overrides(args.set)
     models = [load_bundle(root, device=device, weights=w, overrides=overrides) for root, w in zip(args.bundle, weights)]
     runner = BatchInference(models, args.output, resume=args.resume, workers=args.workers,
                             figures=not args.no_figures, progress=not args.no_progress)

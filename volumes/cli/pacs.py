@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
         if name == "run":
             action.add_argument("--study", action="append", default=[], metavar="UID",
                                 help="process this study now (repeatable), even if it failed before")
-    pacs.set_defaults(func=run)
+    pacs.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
