@@ -427,6 +427,7 @@ def test_sr_reports_organ_volumes_referencing_seg_segments_and_the_classificatio
     (image_group,) = report.get_image_measurement_groups()
     (evaluation,) = image_group.get_qualitative_evaluations()
     predicted = by_task["classification"]["predicted"]
+    assert evaluation.name.meaning == "AI volume classification"
     assert evaluation.value.meaning == f"Class {predicted}"
     (probability,) = image_group.get_measurements()
     assert probability.value == pytest.approx(by_task["classification"]["probabilities"][predicted], abs=1e-6)

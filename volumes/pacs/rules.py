@@ -37,7 +37,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -303,9 +303,3 @@ def min_slices(rules: Mapping[str, Any]) -> int:
         return int(rules.get("min_slices", 3))
     except (TypeError, ValueError):
         raise VolumesError(f"rules: min_slices={rules.get('min_slices')!r} must be an integer") from None
-
-
-def bundle_rules_summary(rules: Mapping[str, Any], bundle_ids: Sequence[str]) -> dict[str, Any]:
-    """Which rules apply to each bundle (for the audit log)."""
-    by_bundle = rules.get("bundles") or {}
-    return {b: by_bundle.get(b, by_bundle.get("*")) for b in bundle_ids}

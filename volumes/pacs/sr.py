@@ -34,6 +34,8 @@ AI_PREFIX = "AI-generated"
 MANUFACTURER = "volumes"
 _PRIVATE_SCHEME = "99VOLUMES"  # a private coding scheme (PS3.16 8.2: designators starting with 99)
 _ML = ("mL", "UCUM", "milliliter")
+# TID 1501 reserves "Finding" (DCM 121071) for the finding type, so the evaluation has its own concept name
+_CLASSIFICATION = ("classification", _PRIVATE_SCHEME, "AI volume classification")
 _NO_UNITS = ("1", "UCUM", "no units")
 # A fixed creation time: the same inputs must give the same bytes, not only the same UIDs.
 _FIXED_DATE, _FIXED_TIME = "20000101", "000000"
@@ -152,7 +154,7 @@ def build_sr(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(key, model["bundle"], "tracking"),
                                                          identifier=f"classification ({model['bundle']})"),
             algorithm_id=algorithm,
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=finding)],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=_concept(hd, _CLASSIFICATION), value=finding)],
             measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=round(float(probability), 6),
                                             unit=_concept(hd, _NO_UNITS), algorithm_id=algorithm)]))
     modality = str(getattr(sources[0], "Modality", "CT"))
