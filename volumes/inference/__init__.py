@@ -9,7 +9,7 @@
 
 from volumes.inference.bundles import BundleModel, load_bundle
 from volumes.inference.predictors import ClassificationPredictor, SegmentationPredictor
-from volumes.inference.runner import BatchInference, InferenceSummary, input_sha256
+from volumes.inference.runner import BatchInference, InferenceSummary
 
 __all__ = [
     "BatchInference",
@@ -17,6 +17,5 @@ __all__ = [
     "ClassificationPredictor",
     "InferenceSummary",
     "SegmentationPredictor",
-    "input_sha256",
     "load_bundle",
 ]
