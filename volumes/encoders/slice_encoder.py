@@ -11,7 +11,7 @@ import timm
 import torch
 from torch import nn
 
-from volumes.encoders import pos_embed
+import volumes.encoders.pos_embed as pos_embed
 from volumes.encoders.weights import Checkpoint, load_checkpoint_into, read_checkpoint
 from volumes.hashing import NAMED, sha256_files
 from volumes.errors import ConfigError
