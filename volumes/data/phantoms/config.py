@@ -77,7 +77,7 @@ class PhantomConfig:
     """Ranges the phantom generator samples from (all lengths in mm).
 
     The defaults are the fast "small" preset; :meth:`realistic` gives clinical
-    spacing on a 512 x 512 matrix. See the module docstring for the class rules.
+    spacing on a 512 x 512 matrix. The class rules are in ``docs/PHANTOMS.md``.
 
     Attributes:
         task: ``"splenomegaly"``, ``"lesion"`` or ``"hepatomegaly"``, what ``class_label`` means.
