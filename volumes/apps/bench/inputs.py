@@ -12,7 +12,7 @@ SECTION_TITLES = {
     "a": "Encoder efficiency", "b": "Pipeline overhead", "c": "Memory", "d": "Embedding cache",
     "e": "3D peers", "f": "CUDA",
 }
-BUNDLE_KEYS = ("seg", "cls")  # volumes.bench_infer's names of the two bundles
+BUNDLE_KEYS = ("seg", "cls")  # volumes.apps.bench_infer's names of the two bundles
 
 
 def bench_infer_module():

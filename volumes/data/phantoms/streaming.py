@@ -11,6 +11,7 @@ size shows the same body. See ``docs/PHANTOMS.md``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gzip
 import time
 from pathlib import Path
@@ -78,7 +79,7 @@ class PhantomStream:
         # the same draws in the same order as generate_phantom: textures, noise level, then noise
         self._texture = _draw_texture(case.texture_rng, self._grid)
         self.noise_hu = float(case.texture_rng.uniform(*self.config.noise_hu))
-        self._rng = case.texture_rng
+        self._noise_rng = case.texture_rng  # copied by every chunks() call, so each gives the same volume
         self._psf = _psf_voxels(self.body_spacing)
         self.halo = int(4.0 * self._psf[2] + 0.5)  # scipy's reach of a Gaussian along z (truncate=4)
         self.affine = ct_affine(self.size)
@@ -86,13 +87,14 @@ class PhantomStream:
 
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(image, label)`` per chunk along z: int16 HU and uint8 organ labels, ``[size, size, k]`` LPS-stored."""
+        rng = copy.deepcopy(self._noise_rng)
         for z0 in range(0, self.slices, self.chunk):
             z1 = min(self.slices, z0 + self.chunk)
             lo, hi = max(0, z0 - self.halo), min(self.slices, z1 + self.halo)
             image, label = _paint(self._grid.slab(lo, hi), self._anatomy, self._hu, self._texture)
             # mode "nearest" at the volume's ends, the margin elsewhere: as if blurred whole
             image = ndimage.gaussian_filter(image, self._psf, mode="nearest")[:, :, z0 - lo:z1 - lo]
-            image += self.noise_hu * _correlated_noise(self._rng, image.shape, self.body_spacing, self.config)
+            image += self.noise_hu * _correlated_noise(rng, image.shape, self.body_spacing, self.config)
             # painted RAS (x to the patient's right, y anterior); stored LPS: both in-plane axes reversed
             yield _image_int16(image[::-1, ::-1]), np.ascontiguousarray(label[::-1, ::-1, z0 - lo:z1 - lo])
 
