@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from volumes.reporting import cpu_model, quick_subset
+from volumes.reporting import cpu_model, format_params as fmt_params, quick_subset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file from a checkout without installing
@@ -296,10 +296,6 @@ def count_trainable(network) -> int:
 # --------------------------------------------------------------------------- report
 def fmt(mean_std: tuple[float, float]) -> str:
     return f"{mean_std[0]:.3f} ± {mean_std[1]:.3f}"
-
-
-def fmt_params(n: int) -> str:
-    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
 
 
 def results_table(summaries: list[MethodSummary], embed_seconds: float, majority_acc: float) -> str:

@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from volumes.reporting import cpu_model, quick_subset
+from volumes.reporting import cpu_model, format_params as fmt_params, quick_subset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file from a checkout without installing
@@ -257,14 +257,6 @@ def cell(values: Sequence[float]) -> str:
         return "–"
     mean, std = mean_std(values)
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {std:.3f}"
-
-
-def fmt_params(n: int) -> str:
-    if n >= 1e6:
-        return f"{n / 1e6:.2f} M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f} k"
-    return str(n)
 
 
 def find(records: dict, task: str, backbone: str, protocol: str, variant: str | None) -> dict | None:

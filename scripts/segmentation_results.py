@@ -59,7 +59,7 @@ from typing import Any, Callable, Sequence
 
 from volumes.arrays import spacing_mm
 from volumes.atomic import atomic_write_bytes
-from volumes.reporting import cpu_model
+from volumes.reporting import cpu_model, format_params as fmt_params
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file from a checkout without installing
@@ -426,10 +426,6 @@ def slice_segmenter(num_classes: int, seed: int):
 def count_params(network) -> tuple[int, int]:
     return (sum(p.numel() for p in network.parameters() if p.requires_grad),
             sum(p.numel() for p in network.parameters()))
-
-
-def fmt_params(n: int) -> str:
-    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
 
 
 @dataclass

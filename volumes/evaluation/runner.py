@@ -34,6 +34,7 @@ from volumes.evaluation.fewshot import DEFAULT_DRAWS, DEFAULT_FEWSHOT_L2, DEFAUL
 from volumes.evaluation.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_scores
 from volumes.evaluation.linear import DEFAULT_L2_GRID, fit_logistic, select_logistic
 from volumes.evaluation.metrics import classification_metrics, mean_std
+from volumes.reporting import format_params
 
 __all__ = ["FROZEN_PROTOCOLS", "PROTOCOLS", "Evaluator", "ProtocolResult", "results_markdown"]
 
@@ -78,14 +79,6 @@ def _fmt(mean_std_pair: tuple[float, float], n: int) -> str:
     if np.isnan(mean):
         return "–"
     return f"{mean:.3f}" if n <= 1 else f"{mean:.3f} ± {std:.3f}"
-
-
-def format_params(n: int) -> str:
-    if n >= 1e6:
-        return f"{n / 1e6:.2f} M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f} k"
-    return str(n)
 
 
 def results_markdown(results: Sequence[ProtocolResult]) -> str:
