@@ -55,13 +55,27 @@ def test_train_writes_a_checkpoint_and_fills_the_cache(trained):
 
 
 def test_second_training_run_reads_embeddings_from_the_cache(trained, monkeypatch):
-    from volumes.classification import SliceEmbedder
+    from volumes.embedding import SliceEmbedder
 
     def no_encoder(self, image):
         raise AssertionError("the encoder ran although every embedding was cached")
 
     monkeypatch.setattr(SliceEmbedder, "_compute", no_encoder)
     _run(["train.json"], trained, epochs=1)
+
+
+def test_checkpoint_settings_travel_with_the_weights(trained):
+    """Training writes the network, slice preparation and labels beside model.pt; inference checks them."""
+    from volumes.errors import VolumesError
+
+    settings = json.loads((trained / "models" / "model.settings.json").read_text())
+    assert settings["network"]["encoder"] == "vit_small_patch14_dinov2"
+    assert settings["network"]["encoder_model_kwargs"] == {"depth": 2}
+    assert settings["preprocessing"]["size"] == 56 and settings["labels"] == ["normal_liver", "hepatomegaly"]
+    with pytest.raises(VolumesError, match=r"preprocessing.size: trained with 56, configured 112"):
+        _run(["inference.json"], trained, **{"preprocessing_config#size": 112})
+    with pytest.raises(VolumesError, match=r"network.aggregator: trained with 'transformer', configured 'mean'"):
+        _run(["inference.json"], trained, aggregator="mean")
 
 
 def test_evaluate_on_the_test_split(trained):

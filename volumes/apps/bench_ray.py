@@ -5,7 +5,7 @@
     .venv/bin/python -m volumes.apps.bench_ray --address auto --workers 4 8 --num-gpus 1   # an existing cluster
 
 The cases are ``--cases`` hard links of the synthetic CT of :mod:`volumes.apps.bench_infer`
-(int16 NIfTI, ``size x size x slices``), run through both bundles with random-initialised
+(:mod:`volumes.data.phantoms.streaming`, int16 NIfTI, ``size x size x slices``), run through both bundles with random-initialised
 weights (``--depth`` ViT blocks). Without ``--address`` one private Ray instance on
 127.0.0.1 serves every run, with ``max(workers) * threads + 1`` logical CPUs (one per
 thread of each actor, one for the load tasks); each actor's torch runs ``--threads``
@@ -116,7 +116,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from volumes.apps.bench_infer import BUNDLE_NAMES, bundle_path, cached_ct, case_folder, write_weights
+    from volumes.apps.bench_infer import BUNDLE_NAMES, bundle_path, case_folder, write_weights
+    from volumes.data.phantoms.streaming import cached_ct
     from volumes.inference.ray_engine import BundleSource, RayConfig, RayInference, check_private_auth, require_ray
     from volumes.reporting import cpu_model
 

@@ -3,9 +3,11 @@
 from volumes.encoders.slice_encoder import SliceEncoder, SliceFeatures, default_layers, encoder_names, volume_to_slices
 from volumes.encoders.weights import read_checkpoint
 from volumes.encoders.cnn import CNNSliceEncoder, build_slice_encoder, cnn_encoder_names
+from volumes.encoders.config import EncoderConfig
 
 __all__ = [
     "CNNSliceEncoder",
+    "EncoderConfig",
     "SliceEncoder",
     "SliceFeatures",
     "build_slice_encoder",

@@ -8,9 +8,9 @@
 * :mod:`~volumes.inference.report`: figures and ``report.html``.
 """
 
-from volumes.inference.bundles import BundleModel, load_bundle, sha256_file
+from volumes.inference.bundles import BundleModel, load_bundle
 from volumes.inference.predictors import ClassificationPredictor, SegmentationPredictor
-from volumes.inference.runner import BatchInference, CaseLoader, InferenceSummary, PreparedCase, input_sha256
+from volumes.inference.runner import BatchInference, CaseLoader, InferenceSummary, PreparedCase
 
 __all__ = [
     "BatchInference",
@@ -20,7 +20,5 @@ __all__ = [
     "InferenceSummary",
     "PreparedCase",
     "SegmentationPredictor",
-    "input_sha256",
     "load_bundle",
-    "sha256_file",
 ]

@@ -44,6 +44,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from volumes.arrays import spacing_mm
 from volumes.atomic import atomic_write_bytes
 from volumes.errors import VolumesError
 from volumes.inference.bundles import BundleModel
@@ -142,10 +143,6 @@ def _fresh(volume: Any) -> Any:
         return volume
     return MetaTensor(volume.as_tensor(), meta=copy.deepcopy(dict(volume.meta)),
                       applied_operations=copy.deepcopy(volume.applied_operations))
-
-
-def _spacing(affine: Any) -> list[float]:
-    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0).tolist()
 
 
 def _dist() -> tuple[int, int]:
@@ -357,7 +354,7 @@ class BatchInference:
                     mask, _ = to_original_orientation(np.asarray(label_map[0]), np.asarray(label_map.affine),
                                                       np.asarray(volume.affine))
                     row["organ_volumes_ml"] = {k: round(v, 3) for k, v in organ_volumes_ml(
-                        mask, _spacing(volume.affine), model.predictor.labels).items()}
+                        mask, spacing_mm(volume.affine), model.predictor.labels).items()}
                     if Path(item["image"]).is_dir():
                         from volumes.inference.dicom_seg import write_dicom_seg
 
@@ -390,7 +387,7 @@ class BatchInference:
                 depth = volume.shape[-1]
                 # importance is per slice of the classifier's input: drawn when that is the volume's own slices
                 curve = importance if importance is not None and len(importance) == depth else None
-                figure = case_figure(np.asarray(volume[0]), _spacing(volume.affine), case_dir / FIGURE,
+                figure = case_figure(np.asarray(volume[0]), spacing_mm(volume.affine), case_dir / FIGURE,
                                      label_map=figure_mask, labels=figure_labels, importance=curve,
                                      top_slices=top if curve is not None else (), title=str(item["case_id"]))
                 for row in rows:
