@@ -4,12 +4,12 @@
     .venv/bin/python -m volumes.apps.bench_ray --workers 1 2 4 --cases 16 --size 256 --slices 128
     .venv/bin/python -m volumes.apps.bench_ray --address auto --workers 4 8 --num-gpus 1   # an existing cluster
 
-The cases are ``--cases`` hard links of the synthetic CT of :mod:`volumes.apps.bench_infer`
-(:mod:`volumes.data.phantoms.streaming`, int16 NIfTI, ``size x size x slices``), run through both bundles with random-initialised
-weights (``--depth`` ViT blocks). Without ``--address`` one private Ray instance on
-127.0.0.1 serves every run, with ``max(workers) * threads + 1`` logical CPUs (one per
-thread of each actor, one for the load tasks); each actor's torch runs ``--threads``
-threads. First the local engine runs once in this process with ``--threads`` threads
+The cases are ``--cases`` hard links of the streamed synthetic CT
+(:mod:`volumes.data.phantoms.streaming`, int16 NIfTI, ``size x size x slices``), run
+through both bundles with random-initialised weights (``--depth`` ViT blocks). Without
+``--address`` one private Ray instance on 127.0.0.1 serves every run, with
+``max(workers) * threads + 1`` logical CPUs (one per thread of each actor, one for the
+load tasks); each actor's torch runs ``--threads`` threads. First the local engine runs once in this process with ``--threads`` threads
 (the reference), then for every worker count W a fresh output folder gets a
 :class:`volumes.inference.ray_engine.RayInference` run. Per run:
 
