@@ -20,7 +20,8 @@ load tasks); each actor's torch runs ``--threads`` threads. First the local engi
 * cases/min (steady) from the completion times of the cases (``record.json`` mtimes):
   ``(cases - W) / (t_last - t_W) * 60`` with ``t_W`` the W-th completion, i.e. once every
   actor has delivered its first case - the rate that extrapolates to a long archive;
-* efficiency = cases/min (W) / (W * cases/min (1)), for both rates.
+* efficiency = cases/min (W) / (W * cases/min (1)), for both rates;
+* discovery s: ``discover_cases`` of the input folder, once (serial, on the driver).
 
 Writes ``OUT/bench_ray.json`` and ``OUT/bench_ray.md`` (atomically, after every run) and
 prints the table with the command that reproduces it. On a machine shared with other
@@ -126,7 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {"encoder_model_kwargs": {"depth": args.depth}}
     weights = write_weights(out / "weights", list(BUNDLE_NAMES), overrides)
     inputs = case_folder(out / "input", cached_ct(out / "volumes", args.size, args.slices), args.cases)
-    items = [{"case_id": p.name.split(".")[0], "image": str(p.resolve())} for p in sorted(inputs.iterdir())]
+    from volumes.data.discovery import discover_cases
+
+    start = time.perf_counter()
+    items = [case.to_dict() for case in discover_cases(inputs.resolve())]  # as volumes infer finds them
+    discover_s = time.perf_counter() - start
     case_ids = [item["case_id"] for item in items]
     bundles = [BundleSource(str(bundle_path(key)), str(w), overrides) for key, w in zip(BUNDLE_NAMES, weights)]
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -135,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {"cpu": cpu_model(), "cores": available_cores(), "load_average_at_start": load},
         "settings": {"cases": args.cases, "volume": [args.size, args.size, args.slices], "depth": args.depth,
                      "threads": args.threads, "figures": not args.no_figures, "address": args.address or "private"},
+        "discover_s": discover_s,
     }
 
     def write() -> str:
@@ -146,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{'-' if load is None else ' '.join(f'{x:.1f}' for x in load)}",
             f"- reproduce: `{report['command']}`",
             "- run s includes the actors' start-up (imports, model loading); steady = after every actor's first case",
+            f"- discovering the {args.cases} cases (serial, on the driver): {discover_s:.3f} s",
             "", table(report["rows"])])
         write_json_and_markdown(out, "bench_ray", report, text + "\n")
         return text
