@@ -311,15 +311,20 @@ class RayInference:
         """Initialise Ray unless this process already has; returns whether it did (and must shut it down)."""
         if ray.is_initialized():
             return False
-        config, common = self.config, {"include_dashboard": False, "configure_logging": False}
+        config = self.config
         if config.address in (None, "local"):
             need = config.workers or 1
             cpus = config.local_cpus or max(os.cpu_count() or 1, int(need * config.num_cpus + config.load_cpus + 0.999))
             check_private_auth()
             # the node's address is the loopback interface; the token keeps other machines out
-            ray.init(address="local", num_cpus=cpus, _node_ip_address="127.0.0.1", **common)
-        else:
-            ray.init(address=config.address, **common)
+            ray.init(address="local", num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
+                     configure_logging=False)
+            return True
+        try:
+            ray.init(address=config.address, configure_logging=False)
+        except Exception as exc:  # ConnectionError, a missing token, a version mismatch...
+            raise VolumesError(f"--ray-address {config.address}: cannot join the Ray cluster "
+                               f"({type(exc).__name__}: {exc})") from exc
         return True
 
     def _resources(self, ray) -> tuple[int, float]:
@@ -350,11 +355,11 @@ class RayInference:
                     item[key] = os.path.abspath(item[key])
         start = time.perf_counter()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        ledger = self.output_dir / f".ray-run-{uuid.uuid4().hex[:12]}"
-        ledger.mkdir()
         started = self._connect(ray)
         connected = time.perf_counter()
+        ledger = self.output_dir / f".ray-run-{uuid.uuid4().hex[:12]}"
         try:
+            ledger.mkdir()
             results = self._stream(ray, items, ledger) if items else []
             streamed = time.perf_counter()
         except Exception as exc:
@@ -363,6 +368,7 @@ class RayInference:
             raise VolumesError(f"the Ray run stopped ({type(exc).__name__}: {exc}); cases finished so far keep "
                                f"their outputs: run again with --resume") from exc
         finally:
+            shutil.rmtree(ledger, ignore_errors=True)  # a later run keeps a ledger of its own
             if started:
                 ray.shutdown()
         by_case = {r["case_id"]: r for r in results}
@@ -370,7 +376,6 @@ class RayInference:
         if missing or len(results) != len(items):
             raise VolumesError(f"Ray returned {len(results)} outcomes for {len(items)} cases (missing: {missing[:5]})")
         merging = time.perf_counter()  # after ray.shutdown of a private instance
-        shutil.rmtree(ledger, ignore_errors=True)
         self.runner.merge(items)
         end = time.perf_counter()
         counts = {o: sum(r["outcome"] == o for r in results) for o in ("done", "skipped", "failed")}
