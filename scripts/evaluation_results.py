@@ -399,7 +399,9 @@ def render(records: dict, args: argparse.Namespace, argv: Sequence[str] | None, 
            "Reproduce from the repository root:\n",
            f"```bash\n{command_line(argv)}\n```\n",
            "The same protocols for one encoder and one data set: `python -m volumes evaluate` "
-           "(see the README).\n",
+           "(see the README). The foundation-model zoo (SAM, CLIP, BiomedCLIP's ViT-B, BLIP next to DINOv2 and "
+           "ResNet-50, with the attention-head protocol, peak memory and slices/s per encoder): "
+           "[ZOO_RESULTS.md](ZOO_RESULTS.md), from `scripts/zoo_results.py`.\n",
            random_note + "\n"]
 
     sizes = records["sizes"]

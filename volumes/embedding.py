@@ -95,7 +95,8 @@ class SliceEmbedder:
 
     Args:
         features: a :class:`SliceFeatureSource`, or a :class:`~volumes.networks.SliceClassifier`
-            (then :class:`ClassifierFeatures`: what the classification bundle trains on).
+            (then :class:`ClassifierFeatures`: what the classification bundle trains on);
+            ``network=`` is the same argument under the name bundle configs use.
         transform: loads and prepares an item: ``{"image": path, ...}`` -> ``{"image": [3, H, W, D], ...}``
             (e.g. ``LoadVolumed`` + :func:`volumes.transforms.preprocessing`).
         preprocessing: the settings behind ``transform``, for the cache key.
@@ -112,15 +113,22 @@ class SliceEmbedder:
 
     def __init__(
         self,
-        features: Any,
-        transform: Callable[[dict], dict],
-        preprocessing: Mapping[str, Any],
+        features: Any = None,
+        transform: Callable[[dict], dict] | None = None,
+        preprocessing: Mapping[str, Any] | None = None,
         cache_dir: str | Path | None = None,
         label_key: str = "class_label",
         device: str | torch.device = "cpu",
         progress: bool = True,
         source_keys: bool = True,
+        *,
+        network: Any = None,
     ):
+        if (features is None) == (network is None):
+            raise TypeError("SliceEmbedder needs one of features= (a feature source or classifier) and network=")
+        features = features if features is not None else network  # bundle configs name it "network"
+        if transform is None or preprocessing is None:
+            raise TypeError("SliceEmbedder needs transform= and preprocessing=")
         if not hasattr(features, "compute"):
             features = ClassifierFeatures(features)
         if not features.encoder.frozen:

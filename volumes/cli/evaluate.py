@@ -1,4 +1,4 @@
-"""``volumes evaluate``: kNN / few-shot / linear probe / fine-tune / LoRA / BitFit (:mod:`volumes.evaluation`)."""
+"""``volumes evaluate``: kNN / few-shot / linear probe / attention head / fine-tune / LoRA / BitFit (:mod:`volumes.evaluation`)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    protocols = ["knn", "fewshot", "linear", "finetune", "lora", "bitfit"]
+    protocols = ["knn", "fewshot", "linear", "attention", "finetune", "lora", "bitfit"]
     ev = sub.add_parser(
-        "evaluate", help="kNN / few-shot / linear probe / fine-tune / LoRA / BitFit evaluation of an encoder",
+        "evaluate", help="kNN / few-shot / linear probe / attention head / fine-tune / LoRA / BitFit evaluation of an encoder",
         description="Foundation-model evaluation protocols on volume labels (slice features pooled or aggregated) "
                     "or per-slice labels (--task slice). Frozen protocols read the embedding cache.",
     )
     ev.add_argument("--protocol", nargs="+", required=True, choices=protocols, help="one or more protocols")
-    ev.add_argument("--encoder", default="vit_small_patch14_dinov2", help="timm DINOv2/DINOv3 ViT or CNN (e.g. resnet50)")
+    ev.add_argument("--encoder", default="vit_small_patch14_dinov2", help="timm DINOv2/DINOv3 ViT, CNN (e.g. resnet50) or zoo model (samvit_base_patch16, vit_base_patch16_clip_224, ...)")
     ev.add_argument("--weights", default=None, help="local weights file or Hugging Face dir (default: random init)")
     ev.add_argument("--pretrained", action="store_true", help="timm hub weights (needs network)")
     ev.add_argument("--model-kwargs", default=None, help='JSON for timm.create_model, e.g. \'{"depth": 4}\'')
@@ -50,6 +50,10 @@ def add_parser(sub) -> None:
     ev.add_argument("--lora-rank", type=int, default=8)
     ev.add_argument("--lora-alpha", type=float, default=16.0)
     ev.add_argument("--aggregator", default="mean", help="volume aggregator for end-to-end training")
+    ev.add_argument("--head-pool", type=int, default=4, help="attention head: patch-grid cells per side per slice")
+    ev.add_argument("--head-depth", type=int, default=1, help="attention head: transformer layers")
+    ev.add_argument("--head-dim", type=int, default=128, help="attention head: width")
+    ev.add_argument("--head-epochs", type=int, default=20, help="attention head: epochs (best validation epoch kept)")
     ev.add_argument("--max-train", type=int, default=None, help="end to end: stratified subset of the training set")
     ev.add_argument("--cache-dir", default=None, help="embedding cache (default: $VOLUMES_CACHE_DIR or ~/.cache/...)")
     ev.add_argument("--no-cache", action="store_true", help="keep embeddings in memory only")
@@ -116,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
                       encoder_lr=args.encoder_lr, layer_decay=args.layer_decay, lora_rank=args.lora_rank,
                       lora_alpha=args.lora_alpha, aggregator=args.aggregator),
         seeds=args.seeds, max_train=args.max_train,
+        attention=dict(pool=args.head_pool, depth=args.head_depth, dim=args.head_dim, epochs=args.head_epochs,
+                       batch_size=args.batch_size),
     )
     started = time.perf_counter()
     results, embedding = run_protocols(evaluator, args.protocol, options)

@@ -1,9 +1,11 @@
-"""Slice encoders: timm DINOv2 / DINOv3 ViTs and the weight formats they load, plus a timm CNN adapter."""
+"""Slice encoders: timm DINOv2 / DINOv3 ViTs and the weight formats they load, a timm CNN adapter, and the
+foundation-model zoo (SAM / MedSAM, CLIP / OpenCLIP / BiomedCLIP, BLIP, MAE, ViT IN-21k: :mod:`volumes.encoders.zoo`)."""
 
 from volumes.encoders.slice_encoder import SliceEncoder, SliceFeatures, default_layers, encoder_names, volume_to_slices
 from volumes.encoders.weights import read_checkpoint
 from volumes.encoders.cnn import CNNSliceEncoder, build_slice_encoder, cnn_encoder_names
 from volumes.encoders.config import EncoderConfig
+from volumes.encoders.zoo import ZooSliceEncoder, native_input_size, zoo_encoder_names
 
 __all__ = [
     "CNNSliceEncoder",
@@ -16,4 +18,7 @@ __all__ = [
     "encoder_names",
     "read_checkpoint",
     "volume_to_slices",
+    "ZooSliceEncoder",
+    "native_input_size",
+    "zoo_encoder_names",
 ]

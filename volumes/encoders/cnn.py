@@ -53,10 +53,15 @@ def build_slice_encoder(name: str, **kwargs: Any) -> SliceEncoder:
         return SliceEncoder(name, **kwargs)
     if name in cnn_encoder_names():
         return CNNSliceEncoder(name, **kwargs)
+    from volumes.encoders.zoo import ZooSliceEncoder, is_zoo_name  # SAM, CLIP family, BLIP, MAE, ViT IN-21k
+
+    if is_zoo_name(name):
+        return ZooSliceEncoder(name, **kwargs)
     raise ConfigError(
         "encoder", name,
         "a timm DINOv2/DINOv3 ViT (volumes.encoders.encoder_names(), e.g. vit_small_patch14_dinov2) or a timm CNN "
-        "(volumes.encoders.cnn_encoder_names(), e.g. resnet50)",
+        "(volumes.encoders.cnn_encoder_names(), e.g. resnet50) or a zoo model (volumes.encoders.zoo_encoder_names(), "
+        "e.g. samvit_base_patch16, vit_base_patch16_clip_224)",
     )
 
 

@@ -9,6 +9,8 @@ features pooled or aggregated per volume) and 2D slice classification (per-slice
   seeded draws (:mod:`volumes.evaluation.fewshot`);
 * ``linear``: logistic regression on frozen features (CLS; CLS + mean patch; the last
   four blocks' CLS), regularisation chosen on the validation split (:mod:`volumes.evaluation.linear`);
+* ``attention``: a small transformer head on the frozen encoder's pooled patch tokens
+  (Huix et al. 2024; :mod:`volumes.evaluation.attention_head`);
 * ``finetune`` (layer-wise learning-rate decay), ``lora`` (peft adapters on qkv and MLP)
   and ``bitfit`` (biases only), end to end (:mod:`volumes.evaluation.finetune`).
 
@@ -37,6 +39,9 @@ _LAZY = {
     "fewshot_indices": "volumes.evaluation.fewshot",
     "fit_logistic": "volumes.evaluation.linear",
     "select_logistic": "volumes.evaluation.linear",
+    "AttentionHead": "volumes.evaluation.attention_head",
+    "AttentionHeadConfig": "volumes.evaluation.attention_head",
+    "run_attention_head": "volumes.evaluation.attention_head",
     "EndToEndClassifier": "volumes.evaluation.finetune",
     "FinetuneConfig": "volumes.evaluation.finetune",
     "METHODS": "volumes.evaluation.finetune",

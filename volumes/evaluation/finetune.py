@@ -205,7 +205,8 @@ def _layer_id(encoder: SliceEncoder, name: str) -> tuple[int, int]:
     """(layer index, number of layers) of an encoder parameter for layer-wise decay."""
     if isinstance(encoder, CNNSliceEncoder):
         return encoder.stage_of(name), encoder.depth
-    if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed", "mask_token", "register_tokens")):
+    if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed", "mask_token", "register_tokens",
+                        "norm_pre")):  # norm_pre: CLIP's ln_pre, below the first block
         return 0, encoder.depth + 1
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1, encoder.depth + 1

@@ -39,7 +39,7 @@ from volumes.reporting import format_params
 __all__ = ["FROZEN_PROTOCOLS", "PROTOCOLS", "Evaluator", "ProtocolResult", "results_markdown"]
 
 FROZEN_PROTOCOLS: tuple[str, ...] = ("knn", "fewshot", "linear")
-PROTOCOLS: tuple[str, ...] = (*FROZEN_PROTOCOLS, "finetune", "lora", "bitfit")
+PROTOCOLS: tuple[str, ...] = (*FROZEN_PROTOCOLS, "attention", "finetune", "lora", "bitfit")
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ProtocolResult:
     """One protocol variant's runs.
 
     Attributes:
-        protocol: ``knn``, ``fewshot``, ``linear``, ``finetune``, ``lora`` or ``bitfit``.
+        protocol: ``knn``, ``fewshot``, ``linear``, ``attention``, ``finetune``, ``lora`` or ``bitfit``.
         variant: e.g. ``k=20``, ``n=4``, ``last4_cls``, ``mean aggregator``.
         runs: one dict per run (seed or draw) with at least ``test_auc`` and ``test_acc``.
         trainable_params: parameters the protocol fits (head included).
@@ -261,6 +261,15 @@ class Evaluator:
                 {"features": kind, "dim": dim, "l2": model.l2, "select_metric": select_metric, "sweep": sweep},
             ))
         return out
+
+    def attention_head(self, config: Any = None, *, seeds: Sequence[int] = (0,)) -> ProtocolResult:
+        """Frozen encoder + a small transformer head on its pooled patch tokens (Huix et al.), per seed.
+
+        See :mod:`volumes.evaluation.attention_head`; ``config`` is an ``AttentionHeadConfig``.
+        """
+        from volumes.evaluation.attention_head import run_attention_head
+
+        return ProtocolResult(**run_attention_head(self, config, seeds=seeds))
 
     # ------------------------------------------------------------------ end to end
     def samples(self, split: str) -> list:

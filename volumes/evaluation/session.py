@@ -40,6 +40,7 @@ class ProtocolOptions:
     finetune: dict[str, Any] = field(default_factory=dict)
     seeds: Sequence[int] = (0,)
     max_train: int | None = None
+    attention: dict[str, Any] = field(default_factory=dict)  # AttentionHeadConfig keyword arguments
 
 
 def run_protocols(evaluator: Any, protocols: Sequence[str], options: ProtocolOptions,
@@ -53,7 +54,7 @@ def run_protocols(evaluator: Any, protocols: Sequence[str], options: ProtocolOpt
     from volumes.evaluation.finetune import METHODS, FinetuneConfig
 
     embedding = None
-    if any(p not in METHODS for p in protocols):
+    if any(p not in (*METHODS, "attention") for p in protocols):  # the attention head encodes its own tokens
         embedding = evaluator.embed()
         cache = evaluator.cache_dir
         log(f"embeddings: {embedding['seconds']:.1f} s, {embedding['encoded_slices']} slices encoded, "
@@ -68,6 +69,10 @@ def run_protocols(evaluator: Any, protocols: Sequence[str], options: ProtocolOpt
             results += evaluator.fewshot(options.shots, draws=options.draws, features=kinds[0], l2=options.fewshot_l2)
         elif protocol == "linear":
             results += evaluator.linear(kinds, l2_grid=options.l2_grid)
+        elif protocol == "attention":
+            from volumes.evaluation.attention_head import AttentionHeadConfig
+
+            results.append(evaluator.attention_head(AttentionHeadConfig(**options.attention), seeds=options.seeds))
         else:
             config = FinetuneConfig(method=protocol, **options.finetune)
             results.append(evaluator.finetune(config, seeds=options.seeds, max_train=options.max_train))

@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from volumes.errors import VolumesError
+from volumes.errors import VolumesError, volumes_error_in
 from volumes.hashing import sha256_files
 
 __all__ = ["BundleModel", "load_bundle"]
@@ -88,4 +88,10 @@ def load_bundle(root: str | Path, *, device: Any = "cpu", weights: str | Path | 
         parser["ckpt_path"] = str(weights)
     for key, value in (overrides or {}).items():
         parser[key] = value
-    return parser.get_parsed_content("model")
+    try:
+        return parser.get_parsed_content("model")
+    except Exception as exc:  # monai.bundle wraps errors in RuntimeError: surface ours (path and problem)
+        cause = volumes_error_in(exc)
+        if cause is None:
+            raise
+        raise cause from exc
