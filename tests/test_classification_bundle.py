@@ -137,6 +137,7 @@ def test_torchscript_export_matches_eager(trained, tmp_path):
     parser = monai_bundle.ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
     parser["encoder_model_kwargs"] = {"depth": 2}
+    parser["preprocessing_config#size"] = 56  # as trained: loading the weights checks model.settings.json
     parser["bundle_root"] = str(trained)
     eager = parser.get_parsed_content("network").cpu().eval()
     scripted = torch.jit.load(str(exported))
