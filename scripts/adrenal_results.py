@@ -5,7 +5,7 @@ On the official MedMNIST train/val/test split, for each aggregator (``transforme
 ``gnn``, ``mean``, ``attention_mil``) and each seed:
 
 1. slice embeddings of every volume come from a frozen DINOv2 ViT (computed once, for
-   all aggregators and seeds, through :class:`volumes.classification.SliceEmbedder`
+   all aggregators and seeds, through :class:`volumes.embedding.SliceEmbedder`
    and kept in a :class:`volumes.cache.EmbeddingCache`);
 2. the aggregator trains with MONAI's ``SupervisedTrainer``; a ``SupervisedEvaluator``
    with the ``ROCAUC`` handler scores the validation split after every epoch, and the
@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from volumes.reporting import cpu_model, quick_subset
+from volumes.reporting import cpu_model, format_params as fmt_params, quick_subset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file from a checkout without installing
@@ -133,7 +133,7 @@ def make_embedder_class():
     import torch
     from monai.data import MetaTensor
 
-    from volumes.classification import SliceEmbedder
+    from volumes.embedding import SliceEmbedder
     from volumes.networks import slice_spacing_mm
 
     class BlankSharingEmbedder(SliceEmbedder):
@@ -298,10 +298,6 @@ def fmt(mean_std: tuple[float, float]) -> str:
     return f"{mean_std[0]:.3f} ± {mean_std[1]:.3f}"
 
 
-def fmt_params(n: int) -> str:
-    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
-
-
 def results_table(summaries: list[MethodSummary], embed_seconds: float, majority_acc: float) -> str:
     n_seeds = len(summaries[0].runs) if summaries else 0
     lines = [
@@ -404,7 +400,7 @@ Per run:
 - Slice embeddings: encoder `{ctx['encoder']}` ({encoder_state}), frozen; each of the {ctx['volume_size']} slices resized to
   {ctx['slice_size']}×{ctx['slice_size']} px ({ctx['slice_size'] // ctx['patch']}×{ctx['slice_size'] // ctx['patch']} patches) by
   `volumes.transforms.PrepareSlicesd` (trilinear, 3 channels by repetition, ImageNet normalisation); class token per
-  slice, `[{ctx['volume_size']}, {ctx['embed_dim']}]` per volume. Computed through `volumes.classification.SliceEmbedder`
+  slice, `[{ctx['volume_size']}, {ctx['embed_dim']}]` per volume. Computed through `volumes.embedding.SliceEmbedder`
   (a subclass that encodes the all-background slices once: the encoder sees each slice alone, so their embedding is
   always the same) and kept in a `volumes.cache.EmbeddingCache`.
 - Aggregators: `volumes.aggregators.build_aggregator` defaults (transformer: 2 blocks, dim 256, sinusoidal positions

@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from volumes.reporting import cpu_model, quick_subset
+from volumes.reporting import cpu_model, format_params as fmt_params, quick_subset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file from a checkout without installing
@@ -204,7 +204,8 @@ def load_task(task: Task, args: argparse.Namespace, cohorts: dict[str, Path], pa
 # --------------------------------------------------------------------------- running
 def run_all(args: argparse.Namespace, cache_dir: Path, cohorts: dict[str, Path], say) -> dict[str, Any]:
     from volumes.evaluation.finetune import FinetuneConfig
-    from volumes.evaluation.runner import EncoderSpec, Evaluator
+    from volumes.encoders import EncoderConfig
+    from volumes.evaluation.runner import Evaluator
 
     backbones = [b for b in BACKBONES if b.key in args.backbones]
     tasks = [t for t in TASKS if t.key in args.tasks]
@@ -213,9 +214,9 @@ def run_all(args: argparse.Namespace, cache_dir: Path, cohorts: dict[str, Path],
         for backbone in backbones:
             weights = args.weight_files.get(backbone.key)
             real = weights is not None or args.pretrained
-            spec = EncoderSpec(backbone.timm_name, weights=weights, pretrained=args.pretrained,
+            spec = EncoderConfig(backbone.timm_name, weights=weights, pretrained=args.pretrained,
                                model_kwargs={} if real else dict(backbone.random_kwargs), seed=args.encoder_seed)
-            encoder = spec.build("frozen")
+            encoder = spec.build(mode="frozen")
             data = load_task(task, args, cohorts, encoder.patch_size)
             records["sizes"][(task.key, backbone.key)] = data.settings["size"]
             records["data"][task.key] = {"counts": data.counts(), "kind": data.kind, "task": data.task,
@@ -256,14 +257,6 @@ def cell(values: Sequence[float]) -> str:
         return "–"
     mean, std = mean_std(values)
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {std:.3f}"
-
-
-def fmt_params(n: int) -> str:
-    if n >= 1e6:
-        return f"{n / 1e6:.2f} M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f} k"
-    return str(n)
 
 
 def find(records: dict, task: str, backbone: str, protocol: str, variant: str | None) -> dict | None:
@@ -315,13 +308,13 @@ def time_table(records: dict, tasks: list[Task], backbones: list[Backbone]) -> s
 def full_depth_params(backbones: Sequence[Backbone]) -> dict[str, dict[str, int]]:
     """Encoder parameters each end-to-end method trains at the backbone's full depth (counted, not run)."""
     from volumes.evaluation.finetune import FinetuneConfig, count_parameters, prepare_encoder
-    from volumes.evaluation.runner import EncoderSpec
+    from volumes.encoders import EncoderConfig
 
     out: dict[str, dict[str, int]] = {}
     for b in backbones:
         out[b.key] = {}
         for method in ("finetune", "lora", "bitfit"):
-            encoder = EncoderSpec(b.timm_name).build("finetune")
+            encoder = EncoderConfig(b.timm_name).build(mode="finetune")
             prepare_encoder(encoder, FinetuneConfig(method=method))
             out[b.key][method] = count_parameters(encoder)
             out[b.key]["depth"] = encoder.depth
@@ -466,7 +459,7 @@ def render(records: dict, args: argparse.Namespace, argv: Sequence[str] | None, 
     table, cold_total, warm_total = cache_table(records, tasks, backbones)
     out.append("## Embedding cache: second-run speed-up\n")
     out.append(
-        "Every data set is embedded twice per backbone through `volumes.evaluation.EvaluationEmbedder` (a "
+        "Every data set is embedded twice per backbone through `volumes.evaluation.evaluation_embedder` (the "
         "`SliceEmbedder` writing to `volumes.cache.EmbeddingCache`); the first pass starts from an empty cache "
         "folder, the second reads every volume back. Both passes load and prepare every volume (the key hashes "
         "the prepared voxels), so the second pass is what remains once no encoder runs. Constant slices (the empty "

@@ -7,8 +7,9 @@ synthetic CTs and the random-initialised bundle weights this reads)::
         runs/bench/runs/slices_0768/input/case_000.nii.gz --weights runs/bench/weights/default
 
 Prints the growth over the baseline (models built) at the start and end of every stage
-and the stage that holds the peak. RSS is read from ``/proc/self/statm`` every 5 ms, so
-it counts pages the allocator keeps after a free, as the bench's section c does.
+and the stage that holds the peak. RSS is read every 5 ms with the bench's own reader
+(:func:`volumes.apps.child.rss_mib`), so it counts pages the allocator keeps after a free,
+as the bench's section c does.
 """
 
 from __future__ import annotations
@@ -27,14 +28,8 @@ import volumes.apps.bench_infer as bench_infer
 import volumes.data.io as io
 import volumes.inference.report as report
 import volumes.segmentation as segmentation
+from volumes.apps.child import rss_mib
 from volumes.inference import BatchInference, load_bundle
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE / 2**20
 
 
 def main() -> None:
@@ -46,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     models = [load_bundle(bench_infer.bundle_path(key), device="cpu", weights=args.weights / f"{name}.pt")
-              for key, name in (("seg", "dinov2_unet_segmentation"), ("cls", "dinov2_slice_classification"))]
+              for key, name in bench_infer.BUNDLE_NAMES.items()]
     marks: list[tuple[float, str]] = []
     samples: list[tuple[float, float]] = []
 

@@ -57,7 +57,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from volumes.reporting import cpu_model
+from volumes.arrays import spacing_mm
+from volumes.atomic import atomic_write_bytes
+from volumes.reporting import cpu_model, format_params as fmt_params
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file from a checkout without installing
@@ -202,7 +204,7 @@ def prepare_case(data_dir: Path, work_dir: Path, labels: Sequence[str], block: i
     blocks = [(lo, min(lo + block, depth)) for lo in range(0, depth, block)]
     train_blocks = [b for i, b in enumerate(blocks) if i % 2 == 0]
     test_blocks = [b for i, b in enumerate(blocks) if i % 2 == 1]
-    spacing = [float(s) for s in np.linalg.norm(np.asarray(seg.affine)[:3, :3], axis=0)]
+    spacing = spacing_mm(seg.affine)
     case = Case(prepared, transform, train_blocks, test_blocks, spacing, mapping)
     label_orig = np.asarray(orig[0]).astype(np.int64)
     for split, blks in (("train", train_blocks), ("test", test_blocks)):
@@ -405,7 +407,7 @@ def phantom_dice(network, datalist: Path, preprocessing_config: dict[str, Any], 
             data["pred"] = inferer(data["image"][None], network)[0]
         pred = np.asarray(post(data)["pred"][0])
         reference = np.asarray(data["label_orig"][0]).astype(np.int64)
-        spacing = torch.linalg.norm(torch.as_tensor(data["label_orig"].affine)[:3, :3].double(), dim=0).tolist()
+        spacing = spacing_mm(data["label_orig"].affine)
         rows.append(per_case_metrics(pred, reference, spacing, labels))
     return {name: float(np.nanmean([r[f"dice_{name}"] for r in rows])) for name in labels[1:]}, len(rows)
 
@@ -424,10 +426,6 @@ def slice_segmenter(num_classes: int, seed: int):
 def count_params(network) -> tuple[int, int]:
     return (sum(p.numel() for p in network.parameters() if p.requires_grad),
             sum(p.numel() for p in network.parameters()))
-
-
-def fmt_params(n: int) -> str:
-    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
 
 
 @dataclass
@@ -665,18 +663,7 @@ Rows (b), (c) and (d) each trained for a budget of {ctx['budget_s']:g} s of wall
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it into place (mode as umask allows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(text.encode("utf-8"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a results page is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 # --------------------------------------------------------------------------- main

@@ -100,12 +100,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- one encoder (child process)
 def spec_of(key: str, args: argparse.Namespace):
-    from volumes.evaluation.runner import EncoderSpec
+    from volumes.encoders import EncoderConfig
 
     _, name, extra = ENCODERS[key]
     weights = args.weight_files.get(key)
     kwargs = {} if weights or name == "resnet50" else {"depth": args.depth, **extra}
-    return EncoderSpec(name, weights=weights, model_kwargs=kwargs, chunk_size=64)
+    return EncoderConfig(name, weights=weights, model_kwargs=kwargs, chunk_size=64)
 
 
 def throughput(encoder: Any, size: int, n: int = 64) -> float:
@@ -134,7 +134,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {"key": key, "name": spec.name, "weights": spec.weights, "model_kwargs": spec.model_kwargs,
                               "tasks": {}}
     for task in args.tasks:
-        encoder = spec.build("frozen")
+        encoder = spec.build(mode="frozen")
         patch = encoder.patch_size
         size = args.size or max(patch, round(28 / patch) * patch)
         if task == "adrenal":

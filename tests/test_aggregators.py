@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from volumes.aggregators import (
-    AGGREGATORS,
+    aggregator_names,
+    register_aggregator,
     AttentionMIL,
     MeanPool,
     SliceTransformer,
@@ -134,12 +135,30 @@ def test_bad_options_name_the_key(name, kwargs, key):
     assert info.value.key == key
 
 
-def test_factory_names_and_unknown_name():
-    assert AGGREGATORS == ("transformer", "gnn", "mean", "attention_mil")
+def test_registry_names_and_unknown_name():
+    assert set(aggregator_names()) >= {"transformer", "gnn", "mean", "attention_mil"}
     assert isinstance(build_aggregator("mean", E, K), MeanPool)
     assert isinstance(build_aggregator("attention_mil", E, K), AttentionMIL)
-    with pytest.raises(ConfigError, match=r"aggregator='mlp' is not allowed; choose from \('transformer'"):
+    with pytest.raises(ConfigError, match=r"aggregator='mlp' is not allowed; choose from \[.*'transformer'"):
         build_aggregator("mlp", E, K)
+
+
+def test_a_registered_aggregator_builds_by_name():
+    @register_aggregator("test_max_pool")
+    class MaxPool(torch.nn.Module):
+        def __init__(self, embed_dim: int, num_classes: int, scale: float = 1.0):
+            super().__init__()
+            self.head, self.scale = torch.nn.Linear(embed_dim, num_classes), scale
+
+        def forward(self, x, mask=None, positions=None, plane_ids=None):
+            return self.head(x.amax(dim=1)) * self.scale
+
+    model = build_aggregator("test_max_pool", E, K, scale=2.0)
+    x = torch.randn(3, 5, E)
+    torch.testing.assert_close(model(x), model.head(x.amax(dim=1)) * 2.0)
+    assert "test_max_pool" in aggregator_names()
+    with pytest.raises(ValueError, match="registered already"):
+        register_aggregator("mean")(MaxPool)
 
 
 def test_package_import_does_not_load_torch_geometric():

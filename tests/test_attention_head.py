@@ -15,7 +15,8 @@ from volumes.data.phantoms import PhantomConfig, write_cohort
 from volumes.errors import ConfigError
 from volumes.evaluation.attention_head import AttentionHead, AttentionHeadConfig
 from volumes.evaluation.data import load_evaluation_data
-from volumes.evaluation.runner import EncoderSpec, Evaluator
+from volumes.encoders import EncoderConfig
+from volumes.evaluation.runner import Evaluator
 
 CLIP_TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 2.0}
 SAM_TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2, "global_attn_indexes": [1], "window_size": 4,
@@ -62,7 +63,7 @@ def test_bad_head_settings_name_the_key():
 
 def test_attention_head_on_frozen_dinov2_tokens_beats_chance(datalist):
     data = load_evaluation_data(datalist, preset="liver", size=28)
-    evaluator = Evaluator(data, EncoderSpec("vit_small_patch14_dinov2", model_kwargs={"depth": 2}), progress=False)
+    evaluator = Evaluator(data, EncoderConfig("vit_small_patch14_dinov2", model_kwargs={"depth": 2}), progress=False)
     result = evaluator.attention_head(AttentionHeadConfig(pool=2, dim=32, epochs=15, batch_size=8), seeds=(0,))
     run = result.runs[0]
     assert result.protocol == "attention" and result.details["tokens_per_slice"] == 4
@@ -76,7 +77,7 @@ def test_attention_head_on_frozen_dinov2_tokens_beats_chance(datalist):
                                                        ("samvit_base_patch16", SAM_TINY, 32)])
 def test_zoo_encoders_through_the_frozen_protocols(datalist, name, kwargs, size):
     data = load_evaluation_data(datalist, preset="liver", size=size)
-    evaluator = Evaluator(data, EncoderSpec(name, model_kwargs=kwargs), progress=False)
+    evaluator = Evaluator(data, EncoderConfig(name, model_kwargs=kwargs), progress=False)
     knn = evaluator.knn([5])[0]
     linear = evaluator.linear(["cls", "last4_cls"])
     head = evaluator.attention_head(AttentionHeadConfig(pool=2, dim=32, epochs=8, batch_size=8))
@@ -108,16 +109,16 @@ def test_end_to_end_methods_run_on_a_zoo_encoder(datalist, method):
     from volumes.evaluation.finetune import FinetuneConfig, _layer_id
 
     data = load_evaluation_data(datalist, task="slice", slice_label="liver", preset="liver", size=32)
-    spec = EncoderSpec("samvit_base_patch16", model_kwargs=SAM_TINY)
+    spec = EncoderConfig("samvit_base_patch16", model_kwargs=SAM_TINY)
     evaluator = Evaluator(data, spec, progress=False)
     result = evaluator.finetune(FinetuneConfig(method=method, epochs=1, batch_size=16), max_train=64)
     run = result.runs[0]
     assert 0.0 <= run["test_auc"] <= 1.0 and run["final_loss"] == run["final_loss"]  # finite loss
-    encoder = spec.build("finetune")
+    encoder = spec.build(mode="finetune")
     if method == "lora":
         assert result.details["lora_targets"] == 6  # qkv, fc1, fc2 of both blocks
     else:  # BitFit: the biases of every block, the patch embedding and the neck's convs / norms
         biases = sum(p.numel() for n, p in encoder.backbone.named_parameters() if n.endswith("bias"))
         assert result.details["encoder_trainable_params"] == biases
-    clip = EncoderSpec("vit_base_patch16_clip_224", model_kwargs=CLIP_TINY).build("finetune")
+    clip = EncoderConfig("vit_base_patch16_clip_224", model_kwargs=CLIP_TINY).build(mode="finetune")
     assert _layer_id(clip, "norm_pre.weight") == (0, 3) and _layer_id(clip, "blocks.1.attn.qkv.weight") == (2, 3)

@@ -194,3 +194,15 @@ def test_a_failed_peer_shows_its_error_in_the_summary():
     rows = {row[0]: row[1] for row in bench.summary_rows(sections)}
     assert rows["e. swinunetr / ours: time, memory"] == "error: the child gave no result (exit code 1): ValueError: x"
     assert rows["e. unet3d / ours: time, memory"] == "2.00x, 1.50x"
+
+
+def test_child_protocol_reports_why_a_child_gave_no_result():
+    from volumes.apps import child
+
+    assert child.child_spec(["--child", '{"a": 1}']) == {"a": 1}
+    assert child.child_spec(["--out", "x"]) is None
+    run = child.run_child("volumes.apps.bench", {"model": "ours"}, threads=1)  # no "threads": the child fails
+    assert run.result is None and run.returncode == 1 and run.wall_s > 0
+    assert run.failure() == "the child gave no result (exit code 1): KeyError: 'threads'"
+    killed = child.ChildRun(None, returncode=-9)
+    assert killed.failure() == "the child gave no result (killed by signal 9; out of memory?)"

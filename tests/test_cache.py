@@ -384,7 +384,7 @@ def _embedder(cache_dir: Path):
     import torch
     from monai.transforms import Compose
 
-    from volumes.classification import SliceEmbedder
+    from volumes.embedding import SliceEmbedder
     from volumes.data.io import LoadVolumed
     from volumes.networks import SliceClassifier
     from volumes.transforms import PrepareSlicesd
@@ -398,7 +398,7 @@ def _embedder(cache_dir: Path):
 def test_a_second_run_finds_the_file_without_loading_it(tmp_path, monkeypatch):
     import torch
 
-    from volumes.classification import SliceEmbedder
+    from volumes.embedding import SliceEmbedder
 
     item = {"image": str(_nifti(tmp_path / "a.nii.gz", seed=0)), "case_id": "a"}
     first = _embedder(tmp_path / "cache")

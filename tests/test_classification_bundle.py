@@ -55,13 +55,30 @@ def test_train_writes_a_checkpoint_and_fills_the_cache(trained):
 
 
 def test_second_training_run_reads_embeddings_from_the_cache(trained, monkeypatch):
-    from volumes.classification import SliceEmbedder
+    from volumes.embedding import SliceEmbedder
 
     def no_encoder(self, image):
         raise AssertionError("the encoder ran although every embedding was cached")
 
     monkeypatch.setattr(SliceEmbedder, "_compute", no_encoder)
     _run(["train.json"], trained, epochs=1)
+
+
+def test_checkpoint_settings_travel_with_the_weights(trained):
+    """Training writes the network, slice preparation and labels beside model.pt; inference checks them."""
+    from volumes.errors import VolumesError
+
+    settings = json.loads((trained / "models" / "model.settings.json").read_text())
+    assert settings["network"]["encoder"] == "vit_small_patch14_dinov2"
+    assert settings["network"]["encoder_model_kwargs"] == {"depth": 2}
+    assert settings["preprocessing"]["size"] == 56 and settings["labels"] == ["normal_liver", "hepatomegaly"]
+    from volumes.errors import volumes_error_in
+
+    for override, message in (({"preprocessing_config#size": 112}, "preprocessing.size: trained with 56, configured 112"),
+                              ({"aggregator": "mean"}, "network.aggregator: trained with 'transformer', configured 'mean'")):
+        with pytest.raises(Exception) as error:  # monai.bundle wraps it in RuntimeError("Failed to evaluate ...")
+            _run(["inference.json"], trained, **override)
+        assert isinstance(volumes_error_in(error.value), VolumesError) and message in str(volumes_error_in(error.value))
 
 
 def test_evaluate_on_the_test_split(trained):
@@ -120,6 +137,7 @@ def test_torchscript_export_matches_eager(trained, tmp_path):
     parser = monai_bundle.ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
     parser["encoder_model_kwargs"] = {"depth": 2}
+    parser["preprocessing_config#size"] = 56  # as trained: loading the weights checks model.settings.json
     parser["bundle_root"] = str(trained)
     eager = parser.get_parsed_content("network").cpu().eval()
     scripted = torch.jit.load(str(exported))

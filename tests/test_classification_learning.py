@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,7 +54,7 @@ def cohort(tmp_path_factory) -> dict:
     """The phantom cohort, embedded once through the real pipeline (with an on-disk cache)."""
     from monai.transforms import Compose
 
-    from volumes.classification import SliceEmbedder
+    from volumes.embedding import SliceEmbedder
     from volumes.data.io import LoadVolumed
     from volumes.networks import SliceClassifier
     from volumes.transforms import preprocessing

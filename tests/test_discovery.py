@@ -142,3 +142,27 @@ def test_csv_with_missing_file(tmp_path):
     path.write_text("image\nnot_there.nii.gz\n")
     with pytest.raises(VolumeReadError, match="line 2.* does not exist"):
         discover_cases(path)
+
+
+def test_bundle_datalist_reader_names_cases_as_discovery_does(tmp_path):
+    """Two test images with one base name: the bundles' reader gives them distinct ids, the same as volumes infer."""
+    from volumes.bundle import datalist_section, input_items
+
+    save_nifti(tmp_path / "site1" / "ct.nii.gz", 1.0)
+    save_nifti(tmp_path / "site2" / "ct.nii.gz", 2.0)
+    save_nifti(tmp_path / "site1" / "other.nii.gz")
+    datalist = {"training": [{"image": "site1/other.nii.gz", "class_label": 0}],
+                "validation": [],
+                "test": [{"image": "site1/ct.nii.gz", "class_label": 1}, {"image": "site2/ct.nii.gz", "class_label": 0}]}
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(datalist))
+
+    items = datalist_section(path, "test")
+    assert [item["case_id"] for item in items] == ["site1_ct", "site2_ct"]
+    assert [item["case_id"] for item in items] == [c.case_id for c in discover_cases(path, section="test")]
+    assert [item["case_id"] for item in input_items(path, "test")] == ["site1_ct", "site2_ct"]
+    assert [item["image"] for item in items] == [str(tmp_path / "site1" / "ct.nii.gz"), str(tmp_path / "site2" / "ct.nii.gz")]
+    assert [item["class_label"] for item in items] == [1, 0]
+    assert datalist_section(path, "validation") == []
+    with pytest.raises(ConfigError, match="holdout"):
+        datalist_section(path, "holdout")

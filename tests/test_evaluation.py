@@ -18,7 +18,7 @@ import torch
 from volumes.data.phantoms import PhantomConfig, write_cohort
 from volumes.errors import ConfigError, VolumesError, WeightsError
 from volumes.evaluation.data import load_evaluation_data
-from volumes.evaluation.features import EvaluationEmbedder, FeatureLayout, encode_deduplicated, encode_for_evaluation
+from volumes.evaluation.features import FeatureLayout, evaluation_embedder, encode_deduplicated, encode_for_evaluation
 from volumes.evaluation.fewshot import fewshot_indices
 from volumes.evaluation.finetune import (
     EndToEndClassifier,
@@ -32,10 +32,11 @@ from volumes.evaluation.finetune import (
 from volumes.evaluation.knn import knn_scores
 from volumes.evaluation.linear import fit_logistic
 from volumes.evaluation.metrics import roc_auc
-from volumes.evaluation.runner import EncoderSpec, Evaluator
+from volumes.encoders import EncoderConfig
+from volumes.evaluation.runner import Evaluator
 
 TINY = {"depth": 2}
-VIT = EncoderSpec("vit_small_patch14_dinov2", model_kwargs=TINY)
+VIT = EncoderConfig("vit_small_patch14_dinov2", model_kwargs=TINY)
 SIZE = 28
 
 
@@ -229,7 +230,7 @@ def _random_samples(n: int, seed: int = 0) -> list[Sample]:
 
 
 def _train_a_little(method: str):
-    encoder = VIT.build("finetune")
+    encoder = VIT.build(mode="finetune")
     before_adapters = snapshot(encoder.backbone)
     config = FinetuneConfig(method=method, epochs=2, batch_size=4)
     prepare_encoder(encoder, config)
@@ -264,7 +265,7 @@ def test_bitfit_trains_only_biases():
 
 
 def test_finetune_learning_rates_decay_by_layer_and_stay_below_the_head():
-    encoder = EncoderSpec("vit_small_patch14_dinov2", model_kwargs={"depth": 3}).build("finetune")
+    encoder = EncoderConfig("vit_small_patch14_dinov2", model_kwargs={"depth": 3}).build(mode="finetune")
     config = FinetuneConfig(method="finetune", encoder_lr=1e-5, head_lr=1e-2, layer_decay=0.5)
     prepare_encoder(encoder, config)
     model = EndToEndClassifier(encoder, 2)
@@ -286,7 +287,7 @@ def test_bad_finetune_settings_name_the_key():
     with pytest.raises(ConfigError, match="layer_decay"):
         FinetuneConfig(layer_decay=1.5)
     with pytest.raises(ConfigError, match="encoder mode"):
-        prepare_encoder(VIT.build("frozen"), FinetuneConfig(method="lora"))
+        prepare_encoder(VIT.build(mode="frozen"), FinetuneConfig(method="lora"))
 
 
 # ------------------------------------------------------------------ cache and features
@@ -302,13 +303,13 @@ def test_cache_returns_identical_embeddings_and_misses_on_a_changed_key(cohort, 
     weights_a, weights_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     for path, seed in ((weights_a, 1), (weights_b, 2)):
         torch.manual_seed(seed)
-        backbone = EncoderSpec("vit_small_patch14_dinov2", model_kwargs=TINY, seed=seed).build().backbone
+        backbone = EncoderConfig("vit_small_patch14_dinov2", model_kwargs=TINY, seed=seed).build().backbone
         save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(path))
 
     def embedder(weights, size=SIZE):
-        encoder = EncoderSpec("vit_small_patch14_dinov2", weights=str(weights), model_kwargs=TINY).build()
+        encoder = EncoderConfig("vit_small_patch14_dinov2", weights=str(weights), model_kwargs=TINY).build()
         settings = load_evaluation_data(cohort["datalist"], preset="liver", size=size)
-        return EvaluationEmbedder(encoder, settings.transform(14), settings.preprocessing(14), tmp_path / "cache",
+        return evaluation_embedder(encoder, settings.transform(14), settings.preprocessing(14), tmp_path / "cache",
                                   progress=False)
 
     first = embedder(weights_a)
@@ -332,7 +333,7 @@ def test_cache_returns_identical_embeddings_and_misses_on_a_changed_key(cohort, 
 
 
 def test_features_hold_cls_patch_mean_and_last_blocks_of_the_encoder():
-    encoder = EncoderSpec("vit_small_patch14_reg4_dinov2", model_kwargs={"depth": 4}).build()
+    encoder = EncoderConfig("vit_small_patch14_reg4_dinov2", model_kwargs={"depth": 4}).build()
     slices = torch.randn(5, 3, 28, 28)
     slices[1] = slices[3] = 0.25  # constant slices: encoded once
     features = encode_for_evaluation(encoder, slices)
@@ -374,7 +375,7 @@ def test_cnn_encoder_gives_slice_features_and_checks_weights(tmp_path):
 
 def test_cnn_baseline_through_the_same_protocols(cohort):
     data = load_evaluation_data(cohort["datalist"], preset="liver", size=32)
-    evaluator = Evaluator(data, EncoderSpec("resnet18"), cache_dir=cohort["cache"], progress=False)
+    evaluator = Evaluator(data, EncoderConfig("resnet18"), cache_dir=cohort["cache"], progress=False)
     linear = {r.variant: r.runs[0]["test_auc"] for r in evaluator.linear()}
     print("resnet18 linear:", linear)
     assert evaluator.layout.dim("last4_cls") == 64 + 128 + 256 + 512

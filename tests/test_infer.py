@@ -234,7 +234,7 @@ def test_resume_redoes_a_case_whose_input_changed(run, tmp_path):
     assert (output / "p1" / "record.json").stat().st_mtime_ns == stamp["p1"]  # unchanged input: skipped
     assert (output / "p0" / "record.json").stat().st_mtime_ns != stamp["p0"]  # changed input: redone
     row = next(r for r in _rows(output) if r["case_id"] == "p0")
-    from volumes.inference import input_sha256
+    from volumes.inference.runner import input_sha256
 
     assert row["input_sha256"] == input_sha256({"image": str(inputs / "p0.nii.gz")})
 

@@ -128,7 +128,7 @@ def test_blank_sharing_embedder_matches_slice_embedder(tmp_path):
     """Encoding each blank slice once gives the embeddings of a plain SliceEmbedder."""
     from monai.transforms import Compose
 
-    from volumes.classification import SliceEmbedder
+    from volumes.embedding import SliceEmbedder
     from volumes.networks import SliceClassifier
     from volumes.transforms import PrepareSlicesd
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 from pathlib import Path
@@ -256,7 +257,13 @@ def test_write_case_roundtrip(tmp_path, small_case):
         np.testing.assert_allclose(loaded.affine, ph.affine, atol=1e-4)
         assert int(loaded.header["qform_code"]) == 1 and int(loaded.header["sform_code"]) == 1
         assert loaded.header.get_xyzt_units()[0] == "mm"
-    assert not list(tmp_path.rglob("*.tmp*"))  # no temporary files left behind
+    assert not list(tmp_path.rglob(".*"))  # no temporary files (volumes.atomic's hidden names) left behind
+    # through volumes.data.io.save_nifti: the bytes nibabel serialises for the same image and header
+    expected = nib.Nifti1Image(np.rint(ph.image).astype(np.int16), ph.affine)
+    expected.header.set_xyzt_units("mm")
+    expected.set_qform(ph.affine, code=1)
+    expected.set_sform(ph.affine, code=1)
+    assert gzip.decompress((tmp_path / entry["image"]).read_bytes()) == expected.to_bytes()
     with pytest.raises(ConfigError):
         write_case(ph, tmp_path, "c8", fmt="png")
 

@@ -12,6 +12,14 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
+    "load_bundle": "volumes.inference",
+    "BatchInference": "volumes.inference",
+    "build_slice_encoder": "volumes.encoders",
+    "EncoderConfig": "volumes.encoders",
+    "build_aggregator": "volumes.aggregators",
+    "register_aggregator": "volumes.aggregators",
+    "EmbeddingCache": "volumes.cache",
+    "SliceEmbedder": "volumes.embedding",
     "SliceEncoder": "volumes.encoders",
     "SliceFeatures": "volumes.encoders",
     "encoder_names": "volumes.encoders",
@@ -31,8 +39,8 @@ _LAZY = {
 # Submodules resolve as attributes too, so bundle configs can write `$import volumes`
 # and then `volumes.transforms.preprocessing(...)`.
 _SUBMODULES = (
-    "aggregators", "apps", "bundle", "cache", "classification", "cli", "data", "decoders", "encoders",
-    "evaluation", "inference", "networks", "segmentation", "transforms",
+    "aggregators", "apps", "bundle", "cache", "classification", "cli", "data", "decoders", "embedding", "encoders",
+    "evaluation", "inference", "networks", "pacs", "segmentation", "transforms",
 )
 
 __all__ = ["__version__", *_LAZY]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from volumes.errors import ConfigError
+from volumes.errors import ConfigError, VolumesError
 
 
 def ensure_phantom_cohort(dataset_dir: str | Path, n: int = 40, seed: int = 0, task: str = "hepatomegaly",
@@ -31,35 +31,113 @@ def ensure_phantom_cohort(dataset_dir: str | Path, n: int = 40, seed: int = 0, t
 
 
 def datalist_section(datalist: str | Path, section: str) -> list[dict[str, Any]]:
-    """Items of one section of a MONAI datalist, with paths made absolute and a ``case_id``."""
+    """Items of one section of a MONAI datalist, read by :func:`volumes.data.discovery.discover_cases`.
+
+    So bundles, ``volumes infer`` and the evaluation commands give every file the same
+    ``case_id`` (two files with one base name get distinct ids). An empty section gives
+    no items.
+    """
+    from volumes.data.discovery import discover_cases
+
     datalist = Path(datalist)
     if not datalist.is_file():
         raise FileNotFoundError(f"{datalist}: datalist not found (set dataset_dir to a folder with datalist.json)")
     content = json.loads(datalist.read_text())
     if section not in content:
         raise ConfigError("datalist section", section, [k for k, v in content.items() if isinstance(v, list)])
-    items = []
-    for item in content[section]:
-        item = {"image": item} if isinstance(item, str) else dict(item)
-        for key in ("image", "label"):
-            if isinstance(item.get(key), str):
-                item[key] = str((datalist.parent / item[key]).resolve())
-        item.setdefault("case_id", Path(item["image"]).name.split(".")[0])
-        items.append(item)
-    return items
+    if not content[section]:
+        return []
+    return [case.to_dict() for case in discover_cases(datalist, section=section)]
 
 
-def load_network_weights(network, checkpoint: str | Path, key: str = "model"):
+def settings_path(checkpoint: str | Path) -> Path:
+    """Where the settings of ``checkpoint`` live: ``model.pt`` -> ``model.settings.json`` beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name.rsplit(".", 1)[0] + ".settings.json")
+
+
+def _plain(value: Any) -> Any:
+    """JSON types only (tuples become lists), so saved and configured settings compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+class SaveSettings:
+    """A training handler that writes the network definition, slice preparation and labels beside the checkpoint.
+
+    nnU-Net keeps its plans next to its weights for the same reason: inference then checks
+    that its config builds the network the weights were trained for and prepares slices
+    the same way (:func:`load_network_weights`). Written when training starts, atomically.
+
+    Args:
+        checkpoint: the checkpoint file the saver writes (its settings go to
+            :func:`settings_path` of it).
+        settings: the bundle's ``checkpoint_settings`` (plain JSON values).
+    """
+
+    def __init__(self, checkpoint: str | Path, settings: Mapping[str, Any]):
+        self.path = settings_path(checkpoint)
+        self.settings = _plain(dict(settings))
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda _: self.write())
+
+    def write(self) -> Path:
+        from volumes.atomic import atomic_write_bytes
+
+        text = json.dumps(self.settings, indent=1, sort_keys=True) + "\n"
+        atomic_write_bytes(self.path, lambda handle: handle.write(text.encode()))
+        return self.path
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}." if isinstance(item, dict) else f"{prefix}{key}"))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix: value}
+
+
+def check_settings(checkpoint: str | Path, configured: Mapping[str, Any]) -> None:
+    """Raise :class:`VolumesError` when ``configured`` differs from the settings saved with ``checkpoint``.
+
+    Keys present on one side only are not compared (older checkpoints saved fewer); a
+    checkpoint without a settings file (trained elsewhere, or before settings were saved)
+    is not checked.
+    """
+    path = settings_path(checkpoint)
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise VolumesError(f"{path}: unreadable settings file ({exc})") from exc
+    trained, config = _flatten(saved), _flatten(_plain(dict(configured)))
+    differ = [f"{key}: trained with {trained[key]!r}, configured {config[key]!r}"
+              for key in sorted(set(trained) & set(config)) if trained[key] != config[key]]
+    if differ:
+        raise VolumesError(f"{checkpoint}: the inference config does not match the settings the weights were trained "
+                           f"with ({path.name}): " + "; ".join(differ)
+                           + ". Set these keys to the trained values (or retrain).")
+
+
+def load_network_weights(network, checkpoint: str | Path, key: str = "model", settings: Mapping[str, Any] | None = None):
     """Load a bundle checkpoint (``{"model": state_dict}`` or a bare state dict) into ``network``.
 
     Loaded before anything runs the network: with a frozen random-initialised encoder the
     encoder weights in the checkpoint are part of what the aggregator was trained on.
+    ``settings`` (the bundle's ``checkpoint_settings``) are checked against those saved
+    beside the checkpoint first (:func:`check_settings`).
     """
     import torch
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: checkpoint not found; train first or set ckpt_path")
+    if settings is not None:
+        check_settings(checkpoint, settings)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and key in state and isinstance(state[key], dict):
         state = state[key]
@@ -69,9 +147,8 @@ def load_network_weights(network, checkpoint: str | Path, key: str = "model"):
 
 def input_items(source: str | Path, section: str = "test") -> list[dict[str, Any]]:
     """Inference inputs: a datalist JSON (its ``section``), a CSV or a folder of volumes / DICOM series."""
-    source = Path(source)
-    if source.suffix == ".json":
-        return datalist_section(source, section)
     from volumes.data.discovery import discover_cases
 
-    return [case.to_dict() | {"image": str(case.image)} for case in discover_cases(source)]
+    source = Path(source)
+    chosen = section if source.suffix == ".json" else None
+    return [case.to_dict() for case in discover_cases(source, section=chosen)]

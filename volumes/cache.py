@@ -59,6 +59,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from volumes.arrays import as_numpy
 from volumes.atomic import atomic_write_bytes
 
 __all__ = [
@@ -89,17 +90,14 @@ class CacheWarning(RuntimeWarning):
 
 
 # --------------------------------------------------------------------------- hashing
-def _as_numpy(value: Any) -> tuple[np.ndarray, str]:
+def _storable(value: Any) -> tuple[np.ndarray, str]:
     """Array or tensor -> (numpy array, dtype label). Tensors by duck typing so torch stays unimported."""
-    if hasattr(value, "detach"):
-        tensor = value.detach().cpu()
-        if str(getattr(tensor, "dtype", "")) == "torch.bfloat16":
-            # numpy has no bfloat16: hash the raw 16-bit patterns under their own label.
-            import torch
+    if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+        # numpy has no bfloat16: hash the raw 16-bit patterns under their own label.
+        import torch
 
-            return tensor.contiguous().view(torch.int16).numpy(), "bfloat16"
-        value = tensor.numpy()
-    array = np.asarray(value)
+        return value.detach().cpu().contiguous().view(torch.int16).numpy(), "bfloat16"
+    array = as_numpy(value)
     if array.dtype.hasobject:
         raise TypeError(f"cannot hash or cache an array of dtype {array.dtype}: it holds Python objects")
     # Same values, same hash, whatever the byte order (NIfTI readers return big-endian arrays at times).
@@ -118,7 +116,7 @@ def volume_hash(array: Any, affine: Any | None = None) -> str:
             ``None`` and an identity affine give different hashes. The affine of a
             ``MetaTensor`` is not picked up implicitly: pass it.
     """
-    data, dtype_label = _as_numpy(array)
+    data, dtype_label = _storable(array)
     data = np.ascontiguousarray(data)
     digest = hashlib.sha256(_VOLUME_HASH_VERSION)
     digest.update(json.dumps({"dtype": dtype_label, "shape": list(data.shape)}).encode())
@@ -127,7 +125,7 @@ def volume_hash(array: Any, affine: Any | None = None) -> str:
     if affine is None:
         digest.update(b"|affine:none")
     else:
-        matrix, _ = _as_numpy(affine)
+        matrix, _ = _storable(affine)
         matrix = matrix.astype(np.float64)
         if not np.all(np.isfinite(matrix)):
             raise ValueError(f"volume_hash: the affine has non-finite values: {matrix.tolist()}")
@@ -380,7 +378,7 @@ class EmbeddingCache:
         for name, value in arrays.items():
             if not isinstance(name, str) or not name or "/" in name:
                 raise ValueError(f"embedding cache: array name {name!r} is not a plain string")
-            array, _ = _as_numpy(value)
+            array, _ = _storable(value)
             plain[name] = array
         if not plain:
             raise ValueError("embedding cache: nothing to store (no arrays)")
@@ -413,7 +411,7 @@ class EmbeddingCache:
         cached = self.get(key)
         if cached is not None:
             return cached
-        arrays = {name: _as_numpy(value)[0] for name, value in compute().items()}
+        arrays = {name: _storable(value)[0] for name, value in compute().items()}
         try:
             self.put(key, arrays, meta)
         except OSError as exc:

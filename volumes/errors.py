@@ -39,3 +39,16 @@ class ConfigError(VolumesError, ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"{key}={value!r} is not allowed; choose from {allowed}")
+
+
+def volumes_error_in(exc: BaseException) -> VolumesError | None:
+    """The :class:`VolumesError` behind ``exc``, if any: MONAI's ``Compose`` re-raises a
+    transform's error as ``RuntimeError("applying transform ...")`` with the original as its cause."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, VolumesError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

@@ -34,8 +34,10 @@ def slice_spacing_mm(volume: torch.Tensor, axis: int) -> torch.Tensor:
     affine = getattr(volume, "affine", None)
     if affine is None or not isinstance(affine, torch.Tensor):
         return torch.ones(volume.shape[0], device=volume.device)
+    from monai.data.utils import affine_to_spacing
+
     affine = affine if affine.ndim == 3 else affine.unsqueeze(0).expand(volume.shape[0], -1, -1)
-    return torch.linalg.norm(affine[:, :3, axis - 2].float(), dim=1).to(volume.device)
+    return torch.stack([affine_to_spacing(a, r=3)[axis - 2] for a in affine]).float().to(volume.device)
 
 
 class SliceClassifier(nn.Module):

@@ -35,6 +35,15 @@ def write_json_and_markdown(out: Path, stem: str, report: Any, text: str) -> Non
     atomic_write_bytes(out / f"{stem}.md", lambda f: f.write(text.encode()))
 
 
+def format_params(n: int) -> str:
+    """A parameter count for a table: ``86.39 M``, ``523.4 k`` or ``385``."""
+    if n >= 1e6:
+        return f"{n / 1e6:.2f} M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f} k"
+    return str(n)
+
+
 def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
     try:

@@ -43,13 +43,10 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from volumes.arrays import as_numpy, spacing_mm
 from volumes.atomic import atomic_path
 from volumes.data.io import LoadVolumed, save_nifti
-from volumes.data.phantoms import LABEL_NAMES
 from volumes.transforms import preprocessing
-
-DEFAULT_LABELS: tuple[str, ...] = LABEL_NAMES
-"""Label names in label order of the phantoms and the bundle (index 0 is background)."""
 
 
 def segmentation_transforms(
@@ -221,7 +218,7 @@ def _spacing(volume: torch.Tensor) -> list[float]:
     affine = getattr(volume, "affine", None)
     if affine is None:
         return [1.0, 1.0, 1.0]
-    return torch.linalg.norm(torch.as_tensor(affine)[:3, :3].double(), dim=0).tolist()
+    return spacing_mm(affine)
 
 
 class HausdorffDistanceMM(IgniteMetricHandler):
@@ -248,7 +245,7 @@ class HausdorffDistanceMM(IgniteMetricHandler):
 
 
 def per_case_metrics(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor,
-                     spacing: Sequence[float], labels: Sequence[str] = DEFAULT_LABELS) -> dict[str, float]:
+                     spacing: Sequence[float], labels: Sequence[str]) -> dict[str, float]:
     """Dice and HD95 (mm) per organ for one label map pair ``[X, Y, Z]`` (integers)."""
     num_classes = len(labels)
     p = one_hot(torch.as_tensor(np.asarray(pred))[None, None].long(), num_classes)
@@ -263,9 +260,9 @@ def per_case_metrics(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.
 
 
 def organ_volumes_ml(label_map: np.ndarray | torch.Tensor, spacing: Sequence[float],
-                     labels: Sequence[str] = DEFAULT_LABELS) -> dict[str, float]:
+                     labels: Sequence[str]) -> dict[str, float]:
     """Volume in mL of every labelled organ in ``label_map [X, Y, Z]`` (background skipped)."""
-    values = _as_numpy(label_map)
+    values = as_numpy(label_map)
     voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
     if values.dtype == np.uint8:  # one pass, no int64 copy (np.bincount would make one)
         counts = torch.bincount(torch.from_numpy(np.ascontiguousarray(values.ravel(order="K"))),
@@ -273,10 +270,6 @@ def organ_volumes_ml(label_map: np.ndarray | torch.Tensor, spacing: Sequence[flo
     else:  # one comparison per organ
         counts = [np.count_nonzero(values == i) for i in range(len(labels))]
     return {name: float(counts[i] * voxel_ml) for i, name in enumerate(labels) if i > 0}
-
-
-def _as_numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def to_original_orientation(label_map: np.ndarray, affine: np.ndarray, original_affine: np.ndarray,
@@ -310,14 +303,14 @@ def write_label_map(label_map: Any, affine: Any, path: str | Path, *, original_a
     (:func:`to_original_orientation`), so the file has the input's shape and affine.
     The data go to a temporary file in the same folder, renamed into place when complete.
     """
-    array = _as_numpy(label_map)
+    array = as_numpy(label_map)
     if array.ndim == 4:
         if array.shape[0] != 1:
             raise ValueError(f"write_label_map needs one channel, got shape {array.shape}")
         array = array[0]
-    affine = _as_numpy(affine).astype(np.float64)
+    affine = as_numpy(affine).astype(np.float64)
     if original_affine is not None:
-        array, affine = to_original_orientation(array, affine, _as_numpy(original_affine))
+        array, affine = to_original_orientation(array, affine, as_numpy(original_affine))
     path = Path(path)
     image = nib.Nifti1Image(array.astype(dtype, copy=False), affine)
     image.set_qform(affine, code=1)
@@ -361,7 +354,6 @@ __all__ = [
     "to_original_orientation",
     "write_label_map",
     "SaveLabelMapd",
-    "DEFAULT_LABELS",
     "segmentation_transforms",
     "training_crops",
     "slab_inferer",

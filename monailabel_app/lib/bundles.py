@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +31,10 @@ logger = logging.getLogger(__name__)
 
 def atomic_write_json(path: Path, content: Any) -> None:
     """Write JSON through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(content, handle, indent=1, default=str)
-    os.replace(handle.name, path)
+    from volumes.atomic import atomic_write_bytes
+
+    text = json.dumps(content, indent=1, default=str)
+    atomic_write_bytes(path, lambda handle: handle.write(text.encode()))
 
 
 @dataclass
@@ -135,18 +133,17 @@ class ModelBundle:
 
     def publish_state(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Make ``state_dict`` the current checkpoint (written next to it, then renamed)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".pt.tmp", delete=False) as handle:
-            torch.save({"model": {k: v.detach().cpu() for k, v in state_dict.items()}}, handle)
-        os.replace(handle.name, self.checkpoint)
+        from volumes.atomic import atomic_write_bytes
+
+        state = {"model": {k: v.detach().cpu() for k, v in state_dict.items()}}
+        atomic_write_bytes(self.checkpoint, lambda handle: torch.save(state, handle))
 
     def publish_file(self, source: Path) -> None:
         """Make a checkpoint file the current checkpoint (copied next to it, then renamed)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".pt.tmp", delete=False) as handle:
-            pass
-        shutil.copyfile(source, handle.name)
-        os.replace(handle.name, self.checkpoint)
+        from volumes.atomic import atomic_path
+
+        with atomic_path(self.checkpoint, suffix=".pt.tmp") as tmp:
+            shutil.copyfile(source, tmp)
 
     def checkpoint_stamp(self) -> str:
         """Changes whenever a new checkpoint is published (modification time and size)."""

@@ -26,6 +26,8 @@ import torch
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from volumes.arrays import spacing_mm
+
 from lib.bundles import ModelBundle
 from lib.transforms import BundlePrepared, RecordGeometryd, RestoreKeysd, StashKeysd
 
@@ -101,7 +103,7 @@ class SegmentationInfer(BundleInferTask):
         label_map = data[self.output_label_key]["label_map"]
         path = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         write_label_map(label_map, label_map.affine, path, original_affine=data["original_affine"])
-        spacing = np.linalg.norm(np.asarray(label_map.affine, dtype=np.float64)[:3, :3], axis=0)
+        spacing = np.asarray(spacing_mm(label_map.affine))
         volumes = organ_volumes_ml(np.asarray(label_map[0]), spacing.tolist(), self.label_names)
         return path, {"organ_volumes_ml": {k: round(v, 3) for k, v in volumes.items()}}
 

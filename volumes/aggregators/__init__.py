@@ -18,7 +18,8 @@ _LAZY = {
     "MeanPool": "volumes.aggregators.pooling",
     "AttentionMIL": "volumes.aggregators.pooling",
     "concat_planes": "volumes.aggregators.pooling",
-    "AGGREGATORS": "volumes.aggregators.factory",
+    "aggregator_names": "volumes.aggregators.factory",
+    "register_aggregator": "volumes.aggregators.factory",
     "build_aggregator": "volumes.aggregators.factory",
 }
 

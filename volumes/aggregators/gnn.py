@@ -33,6 +33,7 @@ from volumes.aggregators.pooling import (
     resolve_mask,
     zero_padding,
 )
+from volumes.aggregators.factory import register_aggregator
 from volumes.errors import ConfigError
 
 CONVS = ("sage", "gat", "gcn")
@@ -135,6 +136,7 @@ def build_slice_graph(
     return SliceGraph(edge_index=edge_index, batch=batch, num_slices=num_slices, num_virtual=num_virtual)
 
 
+@register_aggregator("gnn")
 class SliceGNN(nn.Module):
     """Graph network over slice embeddings, one node per slice.
 

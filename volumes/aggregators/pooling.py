@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from volumes.aggregators.factory import register_aggregator
 from volumes.errors import ConfigError
 
 # ---------------------------------------------------------------------------
@@ -131,6 +132,7 @@ def concat_planes(
 # baselines
 
 
+@register_aggregator("mean")
 class MeanPool(nn.Module):
     """Masked mean of the slice embeddings followed by a linear layer (the linear-probe baseline).
 
@@ -170,6 +172,7 @@ class MeanPool(nn.Module):
         return self.head(masked_mean(x, mask)), normalise_importance(torch.zeros_like(x[..., 0]), mask)
 
 
+@register_aggregator("attention_mil")
 class AttentionMIL(nn.Module):
     """Attention-based multiple-instance pooling (Ilse et al. 2018), slices as instances.
 

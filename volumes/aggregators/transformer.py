@@ -35,6 +35,7 @@ from volumes.aggregators.pooling import (
     resolve_mask,
     zero_padding,
 )
+from volumes.aggregators.factory import register_aggregator
 from volumes.errors import ConfigError
 
 POSITIONS = ("sinusoidal_mm", "learned_index", "none")
@@ -157,6 +158,7 @@ class PreNormBlock(nn.Module):
         return x, weights
 
 
+@register_aggregator("transformer")
 class SliceTransformer(nn.Module):
     """Class-token transformer over slice embeddings (Medical Slice Transformer style).
 

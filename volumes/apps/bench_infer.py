@@ -3,66 +3,37 @@
     .venv/bin/python -m volumes.apps.bench_infer                      # 64, 256, 768 slices of 512 x 512
     .venv/bin/python -m volumes.apps.bench_infer --slices 8 16 --size 128 --depth 2 --threads 1   # a quick check
 
-(``python -m volumes bench --sections c`` runs the same measurement as part of the benchmark.)
-
-For every slice count N the benchmark
-
-1. writes (once, cached under ``OUT/volumes``) a synthetic CT: int16 NIfTI of
-   ``size x size x N`` voxels, 0.8 mm in-plane, 1.5 mm slices, LPS-stored as ITK writes
-   an axial DICOM series - air (-1000 HU), a body with subcutaneous fat and ~40 HU soft
-   tissue, liver, spleen, kidneys, aorta, lungs in the upper slices, a vertebra and a rib
-   ring, 20 HU noise - generated with numpy in z chunks and streamed to the file;
-2. hard-links it ``--cases`` times into ``OUT/runs/slices_N/input`` (the same bytes under
-   different case names);
-3. runs the batch inference in a child process - this module with ``--child``: it builds
-   the bundles with :func:`volumes.inference.load_bundle` and runs
-   :class:`volumes.inference.BatchInference` exactly as ``python -m volumes infer`` does
-   (random-initialised weights written to ``OUT/weights``, ``--set`` overrides for
-   ``--depth``), so it can read its own resident memory in between.
-
-Measured per slice count:
-
-* wall time of the child (Python start-up, imports, model building, the batch);
-* cases/min from the batch's own run time (the ``N cases: ... in T s`` summary line that
-  ``volumes infer`` prints) and from the wall time;
-* RSS of the child right after the models are built (baseline), its peak RSS
-  (``getrusage(RUSAGE_SELF).ru_maxrss`` at the end, so per child, not the maximum over
-  all children), growth = peak - baseline, and growth divided by the volume's size as
-  float32 (``size * size * N * 4`` bytes): roughly how many full-size float32 copies of
-  one volume are alive at the peak;
-* median over cases of the stage timings in ``predictions.jsonl`` (load, preprocess,
-  infer, write, figure; preprocess / infer / write summed over the bundles, load and
-  figure are shared by the bundles of a case).
-
-A markdown table is printed and written with the same data as JSON to
-``OUT/bench_infer.md`` and ``OUT/bench_infer.json`` (atomically, after every slice
-count, so a run stopped early keeps what it measured). The exact command that
-reproduces a run is printed with it.
+Per slice count: a streamed synthetic CT (:mod:`volumes.data.phantoms.streaming`), hard-linked
+``--cases`` times, through the batch inference in a child process that reports its RSS.
+Writes ``OUT/bench_infer.md`` and ``.json``; what is measured is in ``docs/BENCH.md``.
+(``python -m volumes bench --sections c`` runs the same measurement.)
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import functools
 import json
 import os
 import re
-import resource
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import numpy as np
-
-from volumes.paths import CHECKOUT
+from volumes.apps.child import MIB, child_spec, peak_rss_mib, print_result, rss_mib, run_child
+from volumes.data.phantoms.streaming import SPACING_MM, cached_ct
 from volumes.reporting import available_cores, markdown_table, write_json_and_markdown
 
 BUNDLE_NAMES = {"seg": "dinov2_unet_segmentation", "cls": "dinov2_slice_classification"}
+
+SUMMARY = re.compile(  # InferenceSummary.line(), as `volumes infer` prints it
+    r"^(\d+) cases: (\d+) done, (\d+) already complete \(resume\), (\d+) failed in ([\d.]+) s; report:")
+STAGES = ("load", "preprocess", "infer", "write", "figure")
+PER_CASE_STAGES = ("hash", "load", "figure")  # the runner repeats these in every bundle's row of a case
+_say = functools.partial(print, flush=True)
 
 
 def bundle_path(key: str) -> Path:
@@ -70,110 +41,9 @@ def bundle_path(key: str) -> Path:
     from volumes.paths import bundle_dir
 
     return bundle_dir(BUNDLE_NAMES[key])
-SPACING_MM = (0.8, 0.8, 1.5)
-GENERATOR_VERSION = 1  # part of the cache file name: bump when the phantom changes
-CHUNK_SLICES = 16  # slices generated at once (bounds the float32 temporaries)
-RESULT_MARKER = "BENCH_INFER_RESULT "
-SUMMARY = re.compile(  # InferenceSummary.line(), as `volumes infer` prints it
-    r"^(\d+) cases: (\d+) done, (\d+) already complete \(resume\), (\d+) failed in ([\d.]+) s; report:")
-STAGES = ("load", "preprocess", "infer", "write", "figure")
-PER_CASE_STAGES = ("hash", "load", "figure")  # the runner repeats these in every bundle's row of a case
-MIB = 2**20
 
 
-# ---------------------------------------------------------------- synthetic CT
-
-def _ellipse(u: np.ndarray, v: np.ndarray, cu: float, cv: float, au: float, av: float) -> np.ndarray:
-    """``((u - cu) / au)^2 + ((v - cv) / av)^2``: <= 1 inside the ellipse."""
-    return ((u - cu) / au) ** 2 + ((v - cv) / av) ** 2
-
-
-def ct_chunks(size: int, slices: int, seed: int = 0, chunk: int = CHUNK_SLICES) -> Iterator[np.ndarray]:
-    """A synthetic abdominal / lower-chest CT in HU as int16 ``[size, size, k]`` chunks along z.
-
-    Array axis 0 runs to the patient's left, axis 1 to posterior (LPS storage), axis 2 to
-    superior. Organ positions are fractions of the field of view and of the z extent, so
-    every slice count shows the same anatomy, squeezed or stretched along z.
-    """
-    rng = np.random.default_rng(seed)
-    fov = size * SPACING_MM[0]
-    centre = (np.arange(size, dtype=np.float32) - (size - 1) / 2) * SPACING_MM[0]
-    u = centre[:, None, None]  # mm towards the patient's left
-    v = centre[None, :, None]  # mm towards posterior
-    # in-plane terms of every shape, computed once: [size, size, 1]
-    body = _ellipse(u, v, 0.0, 0.02 * fov, 0.40 * fov, 0.28 * fov)
-    lung_r = _ellipse(u, v, -0.17 * fov, 0.0, 0.13 * fov, 0.17 * fov)
-    lung_l = _ellipse(u, v, 0.17 * fov, 0.0, 0.12 * fov, 0.17 * fov)
-    liver = _ellipse(u, v, -0.15 * fov, -0.01 * fov, 0.17 * fov, 0.14 * fov)
-    spleen = _ellipse(u, v, 0.21 * fov, 0.08 * fov, 0.06 * fov, 0.08 * fov)
-    kidney_r = _ellipse(u, v, -0.11 * fov, 0.11 * fov, 0.04 * fov, 0.06 * fov)
-    kidney_l = _ellipse(u, v, 0.11 * fov, 0.11 * fov, 0.04 * fov, 0.06 * fov)
-    aorta = _ellipse(u, v, 0.03 * fov, 0.07 * fov, 0.025 * fov, 0.025 * fov)
-    vertebra = _ellipse(u, v, 0.0, 0.15 * fov, 0.05 * fov, 0.045 * fov)
-    angle = np.arctan2(v, u)
-    for z0 in range(0, slices, chunk):
-        z1 = min(slices, z0 + chunk)
-        t = (np.arange(z0, z1, dtype=np.float32) / max(slices - 1, 1))[None, None, :]  # 0 inferior .. 1 superior
-        girth = (0.92 + 0.08 * np.sin(np.pi * t)) ** 2  # the body is widest mid-volume
-        ellipsoid = lambda plane, tc, at: plane + ((t - tc) / at) ** 2 <= 1  # noqa: E731
-        hu = np.full((size, size, z1 - z0), -1000.0, dtype=np.float32)
-        inside = body <= girth
-        hu[inside] = -100.0  # subcutaneous fat
-        hu[body <= 0.82 * girth] = 40.0  # muscle and soft tissue
-        lungs = ((lung_r <= 1) | (lung_l <= 1)) & (t > 0.7)
-        hu[lungs] = -850.0
-        hu[ellipsoid(liver, 0.55, 0.25)] = 60.0
-        hu[ellipsoid(spleen, 0.55, 0.15)] = 50.0
-        hu[ellipsoid(kidney_r, 0.3, 0.12) | ellipsoid(kidney_l, 0.32, 0.12)] = 150.0  # enhancing cortex
-        hu[np.broadcast_to(aorta <= 1, hu.shape)] = 180.0
-        hu[np.broadcast_to(vertebra <= 1, hu.shape)] = 700.0  # cortical shell
-        hu[np.broadcast_to(vertebra <= 0.6, hu.shape)] = 250.0  # cancellous core
-        # ribs: a broken elliptical ring whose gaps turn from slice to slice, over the upper two thirds
-        ring = (body >= 0.70 * girth) & (body <= 0.75 * girth) & (np.cos(14 * angle + 9 * np.pi * t) > 0.3) & (t > 0.35)
-        hu[ring] = 600.0
-        hu += rng.standard_normal(hu.shape, dtype=np.float32) * 20.0
-        np.clip(hu, -1024, 3071, out=hu)
-        yield np.rint(hu).astype(np.int16)
-
-
-def ct_affine(size: int) -> np.ndarray:
-    """RAS affine of LPS-stored voxels centred on the in-plane origin."""
-    affine = np.diag([-SPACING_MM[0], -SPACING_MM[1], SPACING_MM[2], 1.0])
-    affine[:2, 3] = (size - 1) / 2 * SPACING_MM[0]
-    return affine
-
-
-def write_ct(path: Path, size: int, slices: int, seed: int = 0) -> None:
-    """Stream the synthetic CT into a ``.nii.gz`` chunk by chunk (never the whole array in memory)."""
-    import nibabel as nib
-
-    from volumes.atomic import atomic_path
-
-    header = nib.Nifti1Header()
-    header.set_data_dtype(np.int16)
-    header.set_data_shape((size, size, slices))
-    header.set_zooms(SPACING_MM)
-    affine = ct_affine(size)
-    header.set_qform(affine, code=1)
-    header.set_sform(affine, code=1)
-    header.set_xyzt_units("mm", "sec")
-    header.set_data_offset(352)  # single-file NIfTI-1: 348-byte header + 4-byte extension flag
-    with (atomic_path(path) as tmp, open(tmp, "wb") as raw,
-          gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as stream):
-        header.write_to(stream)
-        for block in ct_chunks(size, slices, seed):
-            stream.write(block.tobytes(order="F"))  # NIfTI voxel order: x fastest, then y, then z
-
-
-def cached_ct(folder: Path, size: int, slices: int) -> Path:
-    """The synthetic CT for this size, written on first use."""
-    path = folder / f"ct_{size}x{size}x{slices}_v{GENERATOR_VERSION}.nii.gz"
-    if not path.is_file():
-        start = time.perf_counter()
-        write_ct(path, size, slices)
-        print(f"wrote {path} ({path.stat().st_size / MIB:.1f} MiB) in {time.perf_counter() - start:.1f} s", flush=True)
-    return path
-
+# ---------------------------------------------------------------- inputs
 
 def case_folder(folder: Path, volume: Path, cases: int) -> Path:
     """``folder`` emptied and holding ``cases`` hard links (or copies) of ``volume``."""
@@ -211,23 +81,6 @@ def write_weights(folder: Path, bundles: Sequence[str], overrides: dict[str, Any
 
 # ---------------------------------------------------------------- the child process
 
-def _rss_mib() -> float:
-    """Current resident set size of this process (``VmRSS``; Linux), else its peak so far."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return _peak_rss_mib()
-
-
-def _peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MIB if sys.platform == "darwin" else peak / 1024
-
-
 def child(spec: dict[str, Any]) -> int:
     """Run one batch as ``volumes infer`` would, printing its summary line and a JSON result line."""
     import torch
@@ -237,22 +90,22 @@ def child(spec: dict[str, Any]) -> int:
     from volumes.devices import resolve_device
 
     torch.set_num_threads(spec["threads"])
-    startup = _rss_mib()
+    startup = rss_mib()
     device = resolve_device(spec["device"], distributed=True)
     models = [load_bundle(root, device=device, weights=w, overrides=spec["overrides"])
               for root, w in zip(spec["bundles"], spec["weights"])]
-    baseline, build_peak = _rss_mib(), _peak_rss_mib()
+    baseline, build_peak = rss_mib(), peak_rss_mib()
     cases = discover_cases(spec["input"])
     runner = BatchInference(models, spec["output"], workers=spec["workers"], figures=spec["figures"], progress=False)
     summary = runner.run([case.to_dict() for case in cases])
     result = {
         "startup_rss_mib": startup, "baseline_rss_mib": baseline, "build_peak_rss_mib": build_peak,
-        "peak_rss_mib": _peak_rss_mib(), "end_rss_mib": _rss_mib(), "run_s": summary.seconds,
+        "peak_rss_mib": peak_rss_mib(), "end_rss_mib": rss_mib(), "run_s": summary.seconds,
         "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__, "device": str(device),
         "cuda_peak_mib": torch.cuda.max_memory_allocated() / MIB if device.type == "cuda" else None,
     }
     print(summary.line())
-    print(RESULT_MARKER + json.dumps(result), flush=True)
+    print_result(result)
     return 0 if summary.ok else 1
 
 
@@ -281,7 +134,7 @@ def stage_medians(path: Path) -> tuple[dict[str, float], dict[str, dict[str, flo
 def run_size(args: argparse.Namespace, slices: int, weights: list[Path], overrides: dict[str, Any],
              out: Path) -> dict[str, Any]:
     """Run one child batch on ``--cases`` copies of the ``slices``-slice CT; its row of the table."""
-    volume = cached_ct(out / "volumes", args.size, slices)
+    volume = cached_ct(out / "volumes", args.size, slices, say=_say)
     folder = out / "runs" / f"slices_{slices:04d}"
     inputs = case_folder(folder / "input", volume, args.cases)
     output = folder / "output"
@@ -290,7 +143,6 @@ def run_size(args: argparse.Namespace, slices: int, weights: list[Path], overrid
     spec = {"bundles": bundles, "weights": [str(w) for w in weights], "overrides": overrides, "input": str(inputs),
             "output": str(output), "workers": args.workers, "figures": not args.no_figures, "device": args.device,
             "threads": args.threads}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     infer = ["python", "-m", "volumes", "infer", "--input", str(inputs), "--output", str(output), "--workers",
              str(args.workers), "--device", args.device, "--no-progress"]
     for bundle, w in zip(bundles, weights):
@@ -304,22 +156,16 @@ def run_size(args: argparse.Namespace, slices: int, weights: list[Path], overrid
         "infer_command": f"OMP_NUM_THREADS={args.threads} " + shlex.join(infer),
     }
     print(f"--- {slices} slices: {args.cases} cases of {args.size} x {args.size} x {slices}", flush=True)
-    start = time.perf_counter()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "volumes.apps.bench_infer", "--child", json.dumps(spec)],
-                          cwd=CHECKOUT, env=env, stdout=subprocess.PIPE, text=True)
-    row["wall_s"] = time.perf_counter() - start
-    row["returncode"] = proc.returncode
-    result, summary = None, None
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            result = json.loads(line[len(RESULT_MARKER):])
-            continue
+    child = run_child("volumes.apps.bench_infer", spec, args.threads, capture_stderr=False)
+    row["wall_s"] = child.wall_s
+    row["returncode"] = child.returncode
+    summary = None
+    for line in child.lines:
         print(line, flush=True)
         summary = SUMMARY.match(line) or summary
+    result = child.result
     if result is None or summary is None:
-        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        row["error"] = f"the child gave no result ({how}" + ("; out of memory?)" if proc.returncode == -9 else ")")
+        row["error"] = child.failure()
         return row
     total, done, _, failed, run_s = summary.groups()
     row.update(result)
@@ -380,7 +226,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m volumes.apps.bench_infer", description=__doc__.split("\n", 1)[0].replace("``", ""),
-                                     epilog="See the module docstring for what is measured and how.")
+                                     epilog="docs/BENCH.md says what is measured and how.")
     parser.add_argument("--slices", nargs="+", type=int, default=[64, 256, 768],
                         help="slice counts (default 64 256 768)")
     parser.add_argument("--size", type=int, default=512, help="in-plane matrix (default 512)")
@@ -415,8 +261,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--child"]:
-        return child(json.loads(argv[1]))
+    spec = child_spec(argv)
+    if spec is not None:
+        return child(spec)
     args = parse_args(argv)
     import torch
 

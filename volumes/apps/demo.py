@@ -105,7 +105,7 @@ def gather_inputs(folder: Path, segmentation: Path, classification: Path) -> dic
     return known
 
 
-def score(output: Path, known: dict[str, dict]) -> dict[str, Any]:
+def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, Any]:
     """Dice of phantom masks against their ground truth; accuracy and AUC of the classifier."""
     import nibabel as nib
 
@@ -121,7 +121,7 @@ def score(output: Path, known: dict[str, dict]) -> dict[str, Any]:
             # the ground truth on the input's stored grid, as the mask is written
             source = load_volume(row["source"], orientation=None)
             reference = np.asarray(load_label(info["label"], like=source, orientation=None)[0])
-            metrics = per_case_metrics(mask, reference, spacing=[1.0, 1.0, 1.0])
+            metrics = per_case_metrics(mask, reference, [1.0, 1.0, 1.0], labels)
             dice.append(np.nanmean([v for k, v in metrics.items() if k.startswith("dice_")]))
         if row["task"] == "classification" and row["case_id"].startswith("cls_") and info.get("class_label") is not None:
             scores.append(list(row["probabilities"].values())[-1])
@@ -175,7 +175,8 @@ def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None
     output = out / "infer"
     code = run_inference([segmentation, classification], inputs, output, workers=workers)
     print("[4/4] scoring the phantom cases against their ground truth", flush=True)
-    result = score(output, known)
+    labels = json.loads((segmentation / "configs" / "inference.json").read_text())["labels"]
+    result = score(output, known, labels)
     summary = (f"segmentation: mean Dice {result['mean_dice']:.3f} over {result['phantom_cases_scored']} phantom cases"
                if result["mean_dice"] is not None else "segmentation: no phantom case scored")
     if "accuracy" in result:

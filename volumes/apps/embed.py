@@ -11,123 +11,63 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from volumes.atomic import atomic_write_bytes
 from volumes.data.discovery import Case
-from volumes.errors import VolumesError
+from volumes.encoders.config import EncoderConfig
+from volumes.errors import volumes_error_in
 
 
-@dataclass
-class EmbedConfig:
-    """Everything that decides what an embedding is (and so belongs in a cache key)."""
-
-    encoder: str = "vit_small_patch14_dinov2"
-    weights: str | None = None
-    pretrained: bool = False
-    preset: str = "soft_tissue"
-    axis: str = "axial"
-    channel_mode: str = "repeat"
-    size: int | None = 224
-    chunk_size: int = 32
-    device: str = "auto"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-class CaseEmbedder:
-    """Loads, prepares and encodes cases one at a time with one encoder."""
-
-    def __init__(self, config: EmbedConfig):
-        from volumes.encoders import SliceEncoder
-        from volumes.transforms import preprocessing
-
-        self.config = config
-        self.device = resolve_device(config.device)
-        self.encoder = SliceEncoder(
-            config.encoder, pretrained=config.pretrained, weights=config.weights, chunk_size=config.chunk_size
-        ).to(self.device)
-        self.prepare = preprocessing(
-            ("image",),
-            preset=config.preset,
-            axis=config.axis,
-            channel_mode=config.channel_mode,
-            patch_size=self.encoder.patch_size,
-            size=config.size,
-        )
-
-    def load(self, case: Case) -> torch.Tensor:
-        """Case -> prepared volume ``[3, H, W, D]`` (slicing axis last)."""
-        from volumes.data.io import load_volume
-
-        kwargs = {"series_uid": case.extra["series_uid"]} if "series_uid" in case.extra else {}
-        image = load_volume(case.image, **kwargs)
-        return self.prepare({"image": image})["image"]
-
-    def encode(self, volume: torch.Tensor) -> dict[str, np.ndarray]:
-        """Prepared volume ``[3, H, W, D]`` -> per-slice arrays (see the module docstring)."""
-        slices = volume.as_tensor().permute(3, 0, 1, 2) if hasattr(volume, "as_tensor") else volume.permute(3, 0, 1, 2)
-        features = self.encoder(slices.to(self.device, non_blocking=True).float(), with_grids=False)
-        spacing = float(np.linalg.norm(np.asarray(volume.affine)[:3, 2])) if hasattr(volume, "affine") else 1.0
-        return {
-            "cls": features.cls.cpu().numpy(),
-            "patch_mean": features.patch_mean.cpu().numpy(),
-            "registers": features.registers.cpu().numpy(),
-            "slice_mm": (np.arange(slices.shape[0]) * spacing).astype(np.float32),
-        }
-
-
-def embed_cases(cases: Sequence[Case], out_dir: str | Path, config: EmbedConfig, *, progress: bool = True) -> list[dict]:
+def embed_cases(cases: Sequence[Case], out_dir: str | Path, encoder: EncoderConfig, preprocessing: Mapping[str, Any],
+                *, device: str = "auto", cache_dir: str | Path | None = None, progress: bool = True) -> list[dict]:
     """Embed ``cases`` into ``out_dir``; returns one summary row per case (also in embeddings.jsonl).
 
-    A case that cannot be read is reported in its row (``error``) and skipped; the
-    other cases go on.
+    Through :class:`volumes.embedding.SliceEmbedder` with :class:`~volumes.embedding.TokenFeatures`
+    (and the embedding cache when ``cache_dir`` is given). ``preprocessing``: keyword
+    arguments of :func:`volumes.transforms.preprocessing` (``preset``, ``axis``,
+    ``channel_mode``, ``size``). A case that cannot be read is reported in its row
+    (``error``) and skipped; the other cases go on.
     """
+    from monai.transforms import Compose
     from tqdm.auto import tqdm
 
+    from volumes.data.io import LoadVolumed
+    from volumes.devices import resolve_device
+    from volumes.embedding import SliceEmbedder, TokenFeatures
+    from volumes.transforms import preprocessing as prepare
+
     out_dir = Path(out_dir)
-    embedder = CaseEmbedder(config)
+    model = encoder.build(mode="frozen").to(resolve_device(device))
+    transform = Compose([LoadVolumed("image"), prepare(("image",), patch_size=model.patch_size, **preprocessing)])
+    embedder = SliceEmbedder(TokenFeatures(model), transform, preprocessing, cache_dir=cache_dir,
+                             device=next(model.parameters()).device, progress=False)
     rows: list[dict] = []
     for case in tqdm(cases, desc="embedding", unit="case", disable=not progress):
+        item = case.to_dict()
         row: dict = {"case_id": case.case_id, "image": str(case.image)}
         try:
             start = time.perf_counter()
-            volume = embedder.load(case)
-            loaded = time.perf_counter()
-            arrays = embedder.encode(volume)
-            encoded = time.perf_counter()
-        except VolumesError as exc:
-            rows.append({**row, "error": str(exc)})
+            arrays = embedder.arrays_of(item)
+            seconds = time.perf_counter() - start
+        except Exception as exc:  # a case that cannot be read is reported; the others go on
+            cause = volumes_error_in(exc)
+            if cause is None:
+                raise
+            rows.append({**row, "error": str(cause)})
             continue
         target = out_dir / "embeddings" / f"{case.case_id}.npz"
         atomic_write_bytes(target, lambda stream: np.savez(stream, **arrays))
-        rows.append(
-            {
-                **row,
-                "embedding": str(target.relative_to(out_dir)),
-                "slices": int(arrays["cls"].shape[0]),
-                "dim": int(arrays["cls"].shape[1]),
-                "input_shape": list(volume.shape),
-                "seconds_load": round(loaded - start, 3),
-                "seconds_encode": round(encoded - loaded, 3),
-            }
-        )
+        rows.append({**row, "embedding": str(target.relative_to(out_dir)), "slices": int(arrays["cls"].shape[0]),
+                     "dim": int(arrays["cls"].shape[1]), "seconds": round(seconds, 3)})
     manifest = "\n".join(json.dumps(r) for r in rows) + "\n"
     atomic_write_bytes(out_dir / "embeddings.jsonl", lambda stream: stream.write(manifest.encode()))
-    atomic_write_bytes(
-        out_dir / "embed_config.json",
-        lambda stream: stream.write(json.dumps({**asdict(config), "weights_id": embedder.encoder.weights_id}, indent=2).encode()),
-    )
+    config = {"encoder": encoder.name, "weights_id": model.weights_id, "encoder_config": encoder.to_dict(),
+              "preprocessing": dict(preprocessing), "device": str(embedder.device)}
+    atomic_write_bytes(out_dir / "embed_config.json", lambda stream: stream.write(json.dumps(config, indent=2).encode()))
     return rows
 
 
@@ -144,11 +84,9 @@ def summarize(rows: Sequence[dict], out_dir: str | Path) -> str:
     if not good:
         return "\n".join(lines)
     slices = sum(r["slices"] for r in good)
-    encode_s = sum(r["seconds_encode"] for r in good)
-    lines.append(
-        f"{slices} slices, {good[0]['dim']}-d CLS embeddings, {slices / max(encode_s, 1e-9):.1f} slices/s in the encoder, "
-        f"{sum(r['seconds_load'] for r in good):.1f} s loading + preprocessing"
-    )
+    seconds = sum(r["seconds"] for r in good)
+    lines.append(f"{slices} slices, {good[0]['dim']}-d CLS embeddings, {slices / max(seconds, 1e-9):.1f} slices/s "
+                 "(loading, preprocessing and encoding)")
     clouds = [np.load(out_dir / r["embedding"])["cls"] for r in good]
     lines.append(_similarity_line(clouds))
     for r in rows:

@@ -14,6 +14,9 @@
     python -m volumes bench [--sections a b c d e f] [--out runs/bench]
                                                     speed and memory: encoder vs timm, pipeline,
                                                     memory, cache, 3D peers, CUDA variants
+    python -m volumes pacs listen|pull|run|status --config node.yaml
+                                                    DICOM node: receive or pull studies from a PACS,
+                                                    send DICOM SEG + SR back (docs/PACS.md)
 
 Each command module has ``add_parser(sub)`` and ``run(args) -> int`` and imports its
 heavy modules only inside ``run``.
@@ -29,7 +32,7 @@ from volumes.errors import VolumesError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = ("demo", "infer", "phantoms", "embed", "cache", "evaluate", "bench")
+COMMANDS = ("demo", "infer", "phantoms", "embed", "cache", "evaluate", "bench", "pacs")
 """Module names under ``volumes.cli``, in the order ``--help`` lists them."""
 
 

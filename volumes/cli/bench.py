@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
         description="Speed and memory of slice encoding and of the pipeline around it, every comparison measured "
                     "side by side in one run (a: encoder efficiency, b: pipeline overhead, c: memory, d: cache, "
                     "e: 3D peers, f: CUDA variants). Writes OUT/bench.json and OUT/bench.md and prints the "
-                    "table. See volumes/apps/bench.py for what each section measures.",
+                    "table. See docs/BENCH.md for what each section measures.",
     )
     bench.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="default: all")
     bench.add_argument("--encoder", default="vit_small_patch14_dinov2", help="timm model of sections a and f")

@@ -23,22 +23,19 @@ def _add_embed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=224, help="in-plane size of the longer side (0: keep, pad only)")
     parser.add_argument("--chunk-size", type=int, default=32, help="slices per encoder pass (bounds memory)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-
-
-def _embed_config(args: argparse.Namespace):
-    from volumes.apps.embed import EmbedConfig
-
-    return EmbedConfig(
-        encoder=args.encoder, weights=args.weights, pretrained=args.pretrained, preset=args.preset, axis=args.axis,
-        channel_mode=args.channel_mode, size=args.size or None, chunk_size=args.chunk_size, device=args.device,
-    )
+    parser.add_argument("--cache-dir", default=None,
+                        help="embedding cache folder (default: none; a second run over the same cases then reads it)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from volumes.data.discovery import discover_cases
     from volumes.apps.embed import embed_cases, summarize
+    from volumes.data.discovery import discover_cases
+    from volumes.encoders import EncoderConfig
 
     cases = discover_cases(args.input)
-    rows = embed_cases(cases, args.out, _embed_config(args))
+    encoder = EncoderConfig(args.encoder, weights=args.weights, pretrained=args.pretrained, chunk_size=args.chunk_size)
+    preprocessing = {"preset": args.preset, "axis": args.axis, "channel_mode": args.channel_mode,
+                     "size": args.size or None}
+    rows = embed_cases(cases, args.out, encoder, preprocessing, device=args.device, cache_dir=args.cache_dir)
     print(summarize(rows, args.out))
     return 1 if any("error" in r for r in rows) else 0

@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     from volumes.errors import ConfigError
     from volumes.evaluation.data import load_evaluation_data
     from volumes.evaluation.linear import DEFAULT_L2_GRID
-    from volumes.evaluation.runner import EncoderSpec, Evaluator, results_markdown
+    from volumes.encoders import EncoderConfig
+    from volumes.evaluation.runner import Evaluator, results_markdown
     from volumes.evaluation.session import ProtocolOptions, evaluation_report, run_protocols, write_results
 
     if args.threads is not None:
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         size=args.size or None, label_key=args.label_key, slice_label=args.slice_label,
         slice_within=args.slice_within, seed=args.split_seed,
     )
-    spec = EncoderSpec(args.encoder, weights=args.weights, pretrained=args.pretrained, model_kwargs=model_kwargs,
+    spec = EncoderConfig(args.encoder, weights=args.weights, pretrained=args.pretrained, model_kwargs=model_kwargs,
                        seed=args.encoder_seed, chunk_size=args.chunk_size)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     evaluator = Evaluator(data, spec, cache_dir=cache_dir, device=resolve_device(args.device),

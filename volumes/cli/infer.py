@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
                     "a datalist JSON or a CSV. Writes OUTPUT/<case-id>/ (masks in the input geometry, DICOM SEG "
                     "for DICOM input, probabilities, a figure), predictions.csv/.jsonl, failures.csv and "
                     "report.html. Exit code 0: all cases done; 1: some cases failed (see failures.csv); "
-                    "2: bad arguments. Scale out with: torchrun --nproc_per_node N -m volumes infer ...",
+                    "2: bad arguments. Scale out with: torchrun --nproc_per_node N -m volumes infer ... (one node), "
+                    "or --engine ray (a Ray cluster: cases streamed to free workers, dead workers' cases retried).",
     )
     infer.add_argument("--bundle", action="append", required=True, metavar="PATH",
                        help="a bundle folder (repeat for several: e.g. segmentation and classification)")
@@ -35,6 +36,17 @@ def add_parser(sub) -> None:
     infer.add_argument("--no-progress", action="store_true")
     infer.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                        help="override a key of every bundle's inference config, e.g. inference_slab=8")
+    ray = infer.add_argument_group("engine", "where the cases run (--engine ray needs pip install 'volumes[ray]')")
+    ray.add_argument("--engine", choices=["local", "ray"], default="local",
+                     help="local: this process (or torchrun's); ray: a Ray cluster via Ray Data (docs/RAY.md)")
+    ray.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                     help="the Ray cluster to join (default: a private Ray instance on this machine, on 127.0.0.1)")
+    ray.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                     help="model actors, each loading the bundles once (default: one per GPU, or 1 on CPUs)")
+    ray.add_argument("--ray-num-gpus", type=float, default=None, metavar="G",
+                     help="GPUs per actor, fractions share a GPU (default: 1 when the cluster has GPUs, else 0)")
+    ray.add_argument("--ray-cpus-per-worker", type=float, default=1.0, metavar="C",
+                     help="CPUs per actor; its torch runs as many threads (default 1)")
     infer.set_defaults(run=run)
 
 
@@ -61,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     weights = args.weights or [None] * len(args.bundle)
     if len(weights) != len(args.bundle):
         raise VolumesError(f"--weights given {len(weights)} times for {len(args.bundle)} bundles; give one per bundle")
+    if args.engine == "ray":
+        return _run_ray(args, weights)
     cases = discover_cases(args.input, section=args.section)
     device = resolve_device(args.device, distributed=True)
     overrides = parse_overrides(args.set)
@@ -72,4 +86,36 @@ def run(args: argparse.Namespace) -> int:
         print(summary.line())
         if summary.failed:
             print(f"failed cases are listed in {summary.output_dir / 'failures.csv'}")
+    return 0 if summary.ok else 1
+
+
+def _run_ray(args: argparse.Namespace, weights: list) -> int:
+    """``--engine ray``: the same per-case stages and merge, on a Ray cluster (volumes.inference.ray_engine)."""
+    from volumes.inference.ray_engine import BundleSource, RayConfig, RayInference, require_ray
+
+    require_ray()  # before discovery and model loading: a missing extra is said at once
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise VolumesError("--engine ray runs from one driver process; do not start it under torchrun")
+    if args.workers is not None:
+        raise VolumesError("--workers (prefetch threads) is for --engine local; Ray loads cases in its own CPU tasks")
+    num_gpus = args.ray_num_gpus
+    if num_gpus is None and args.device != "auto":
+        num_gpus = 0.0 if args.device == "cpu" else 1.0
+    elif num_gpus and args.device == "cpu":
+        raise VolumesError(f"--device cpu with --ray-num-gpus {num_gpus}: choose one")
+    from volumes.data.discovery import discover_cases
+
+    cases = discover_cases(args.input, section=args.section)
+    overrides = parse_overrides(args.set)
+    bundles = [BundleSource(root, w, overrides) for root, w in zip(args.bundle, weights)]
+    config = RayConfig(address=args.ray_address, workers=args.ray_workers, num_gpus=num_gpus,
+                       num_cpus=args.ray_cpus_per_worker)
+    engine = RayInference(bundles, args.output, resume=args.resume, figures=not args.no_figures,
+                          progress=not args.no_progress, config=config)
+    summary = engine.run([case.to_dict() for case in cases])
+    print(summary.line())
+    if summary.retried:
+        print(f"retried after a worker died: {', '.join(f'{c} ({n} attempts)' for c, n in summary.retried.items())}")
+    if summary.failed:
+        print(f"failed cases are listed in {summary.output_dir / 'failures.csv'}")
     return 0 if summary.ok else 1

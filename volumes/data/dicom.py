@@ -11,8 +11,6 @@ coordinates are LPS, so x and y change sign between the two.
 from __future__ import annotations
 
 import datetime
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -150,8 +148,10 @@ def write_dicom_series(
 
 def _slice_geometry(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LPS row/column direction cosines and (x, y, z) spacing of an RAS affine."""
+    from monai.data.utils import affine_to_spacing
+
     matrix = affine[:3, :3]
-    spacing = np.linalg.norm(matrix, axis=0)
+    spacing = affine_to_spacing(np.asarray(affine, dtype=np.float64), r=3, suppress_zeros=False)
     if np.any(spacing <= 0):
         raise ValueError(f"affine has a zero-length axis: spacing {spacing.tolist()}")
     directions = matrix / spacing
@@ -240,17 +240,13 @@ def _slice_dataset(pydicom: Any, pixels: np.ndarray, *, sop_class: str, modality
 
 def _write_atomic(pydicom: Any, ds: Any, path: Path) -> None:
     """Write to a temporary file in the same folder, then rename over ``path``."""
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    from volumes.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
         try:
-            pydicom.dcmwrite(tmp_name, ds, enforce_file_format=True)
+            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
         except TypeError:  # pydicom < 3
-            ds.save_as(tmp_name, write_like_original=False)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+            ds.save_as(tmp, write_like_original=False)
 
 
 # ----------------------------------------------------------------- reading headers

@@ -28,6 +28,7 @@ from monai.transforms import MapTransform, Orientation, Spacing
 from monai.utils import ensure_tuple_rep
 from nibabel.arrayproxy import ArrayProxy
 
+from volumes.arrays import as_numpy
 from volumes.data.dicom import check_dicom_series, read_series_uid
 from volumes.data.discovery import ITK_SUFFIXES, NIFTI_SUFFIXES, VOLUME_SUFFIXES, volume_suffix
 from volumes.errors import ConfigError, VolumeReadError
@@ -269,7 +270,7 @@ def _torch_dtype(dtype: Any) -> torch.dtype:
 
 def _affine(tensor: MetaTensor) -> np.ndarray:
     affine = tensor.affine
-    return affine.detach().cpu().numpy().astype(np.float64) if isinstance(affine, torch.Tensor) else np.asarray(affine)
+    return as_numpy(affine).astype(np.float64)
 
 
 # ----------------------------------------------------------------- header checks
@@ -530,7 +531,7 @@ def source_sha256(path: str | Path, series_uid: str | None = None) -> str:
     For a DICOM folder, ``series_uid`` picks one series (as :func:`load_volume` does);
     without it every file of every series in the folder is hashed.
     """
-    import hashlib
+    from volumes.hashing import NAMED_NUL, sha256_files
 
     path = Path(path)
     if path.is_dir():
@@ -542,13 +543,7 @@ def source_sha256(path: str | Path, series_uid: str | None = None) -> str:
             files = [f for info in infos for f in info.files]
     else:
         files = [path]
-    digest = hashlib.sha256()
-    for file in sorted(files, key=lambda f: f.name):
-        digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
+    return sha256_files(files, names=NAMED_NUL, sort_by_name=True)
 
 
 # integer dtypes torch flips and converts natively (uint16 / uint32 are not among them)

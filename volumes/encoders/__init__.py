@@ -4,10 +4,12 @@ foundation-model zoo (SAM / MedSAM, CLIP / OpenCLIP / BiomedCLIP, BLIP, MAE, ViT
 from volumes.encoders.slice_encoder import SliceEncoder, SliceFeatures, default_layers, encoder_names, volume_to_slices
 from volumes.encoders.weights import read_checkpoint
 from volumes.encoders.cnn import CNNSliceEncoder, build_slice_encoder, cnn_encoder_names
+from volumes.encoders.config import EncoderConfig
 from volumes.encoders.zoo import ZooSliceEncoder, native_input_size, zoo_encoder_names
 
 __all__ = [
     "CNNSliceEncoder",
+    "EncoderConfig",
     "SliceEncoder",
     "SliceFeatures",
     "build_slice_encoder",

@@ -11,8 +11,9 @@ import timm
 import torch
 from torch import nn
 
-from volumes.encoders import pos_embed
-from volumes.encoders.weights import Checkpoint, file_sha256, load_checkpoint_into, read_checkpoint
+import volumes.encoders.pos_embed as pos_embed
+from volumes.encoders.weights import Checkpoint, load_checkpoint_into, read_checkpoint
+from volumes.hashing import NAMED, sha256_files
 from volumes.errors import ConfigError
 
 MODES = ("frozen", "finetune", "last_n")
@@ -161,7 +162,7 @@ class SliceEncoder(nn.Module):
     def _weights_id(self, pretrained: bool, weights: str | Path | None) -> str:
         """Identifies the weights for cache keys: a content hash, the hub tag or 'random'."""
         if weights is not None:
-            return "sha256:" + file_sha256(weights)
+            return "sha256:" + sha256_files(weights, names=NAMED)
         if pretrained:
             return "timm-hub:" + str(self.backbone.pretrained_cfg.get("tag") or self.name)
         return "random"

@@ -21,7 +21,6 @@ conversion is the one timm uses for its hub weights. Every file is read with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -59,19 +58,6 @@ class Checkpoint:
         n = pos.shape[1]
         side = math.isqrt(n)
         return side if side * side == n else math.isqrt(n - 1)
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Content hash of a weights file or of every file in a weights directory."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

@@ -44,7 +44,7 @@ import timm
 import torch
 from torch import nn
 
-from volumes.encoders import pos_embed
+import volumes.encoders.pos_embed as pos_embed
 from volumes.encoders.sam import SamTokenViT, to_token_vit
 from volumes.encoders.slice_encoder import MODES, SliceEncoder
 from volumes.encoders.weights import load_checkpoint_into

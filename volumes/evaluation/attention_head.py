@@ -214,11 +214,10 @@ def run_attention_head(evaluator: Any, config: AttentionHeadConfig | None = None
     """The protocol on an :class:`~volumes.evaluation.runner.Evaluator`'s data and frozen encoder.
 
     Returns:
-        One :class:`~volumes.evaluation.runner.ProtocolResult` (``protocol="attention"``), one run per seed.
+        The fields of one :class:`~volumes.evaluation.runner.ProtocolResult` (``protocol="attention"``,
+        one run per seed) as a dict; :meth:`Evaluator.attention_head` builds the result.
     """
     from tqdm.auto import tqdm
-
-    from volumes.evaluation.runner import ProtocolResult
 
     config = config or AttentionHeadConfig()
     encoder = evaluator.encoder
@@ -243,5 +242,6 @@ def run_attention_head(evaluator: Any, config: AttentionHeadConfig | None = None
         runs.append({"seed": int(seed), **result})
     details = {**config.to_dict(), "encode_seconds": encode_seconds, "tokens_per_slice": config.pool ** 2,
                "train_samples": len(splits["train"][0])}
-    return ProtocolResult("attention", f"{config.depth}-layer head, {config.pool}x{config.pool} tokens/slice", runs,
-                          runs[-1]["trainable_params"] if runs else 0, time.perf_counter() - start, details)
+    return {"protocol": "attention", "variant": f"{config.depth}-layer head, {config.pool}x{config.pool} tokens/slice",
+            "runs": runs, "trainable_params": runs[-1]["trainable_params"] if runs else 0,
+            "seconds": time.perf_counter() - start, "details": details}

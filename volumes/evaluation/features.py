@@ -9,9 +9,9 @@ One encoder pass per volume gives every feature the protocols use, per slice:
   average pools of its last four stages.
 
 They are stored side by side as one ``[D, F]`` array per volume in the persistent
-:class:`volumes.cache.EmbeddingCache` through :class:`EvaluationEmbedder`, a
-:class:`volumes.classification.SliceEmbedder` whose cache key also names this layout,
-so the classifier's embeddings and these never mix. :class:`FeatureLayout` says which
+:class:`volumes.cache.EmbeddingCache` through :func:`evaluation_embedder`, the
+:class:`volumes.embedding.SliceEmbedder` with :class:`EvaluationFeatures`, whose cache key
+also names this layout, so the classifier's embeddings and these never mix. :class:`FeatureLayout` says which
 columns hold which kind.
 
 Slices of constant value (the empty background slices of a MedMNIST mask volume) are
@@ -21,7 +21,6 @@ slice alone, so their features are identical anyway.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -29,14 +28,14 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import numpy as np
 import torch
 
-from volumes.cache import CacheWarning
-from volumes.classification import SliceEmbedder
+from volumes.embedding import SliceEmbedder
 from volumes.encoders import CNNSliceEncoder, SliceEncoder
 from volumes.errors import ConfigError
 
 __all__ = [
     "FEATURE_KINDS",
-    "EvaluationEmbedder",
+    "EvaluationFeatures",
+    "evaluation_embedder",
     "FeatureLayout",
     "FeatureSet",
     "encode_deduplicated",
@@ -53,7 +52,7 @@ T = TypeVar("T", torch.Tensor, dict)
 
 @dataclass(frozen=True)
 class FeatureLayout:
-    """Column ranges of each part in an :class:`EvaluationEmbedder` embedding ``[D, F]``."""
+    """Column ranges of each part in an :func:`evaluation_embedder` embedding ``[D, F]``."""
 
     embed_dim: int
     last_dims: tuple[int, ...]
@@ -158,58 +157,32 @@ def encode_for_evaluation(encoder: SliceEncoder, slices: torch.Tensor) -> torch.
     return torch.cat(parts)
 
 
-class EvaluationEmbedder(SliceEmbedder):
-    """A :class:`~volumes.classification.SliceEmbedder` whose embedding holds every evaluation feature.
+class EvaluationFeatures:
+    """Every frozen evaluation feature per slice, ``embedding [D, F]`` in :class:`FeatureLayout` order.
 
-    Items come out as the parent's ``{"embedding" [D, F], "positions" [D], "case_id", "label"}``
-    with ``F = layout.width`` (see :class:`FeatureLayout`); they are cached under a key that
-    includes the preprocessing, the encoder's parameter fingerprint and this layout.
-
-    Args:
-        encoder: a frozen :class:`SliceEncoder` or :class:`~volumes.encoders.CNNSliceEncoder`.
-        transform: loads and prepares an item (``{"image": ...}`` -> ``{"image": [3, H, W, D]}``).
-        preprocessing: the settings behind ``transform``, for the cache key.
-        cache_dir: persistent cache folder, or ``None`` for no cache.
-        dedupe_constant_slices: encode each distinct constant slice once (exact; see module docstring).
+    The feature source of :func:`evaluation_embedder`: volumes whose slices have one shape
+    are encoded in one pass, each distinct constant slice once (exact; see the module
+    docstring) unless ``dedupe_constant_slices`` is off.
     """
 
-    def __init__(
-        self,
-        encoder: SliceEncoder,
-        transform: Callable[[dict], dict],
-        preprocessing: Mapping[str, Any],
-        cache_dir: str | Path | None = None,
-        *,
-        label_key: str = "class_label",
-        device: str | torch.device = "cpu",
-        progress: bool = True,
-        dedupe_constant_slices: bool = True,
-    ):
-        from volumes.networks import SliceClassifier
+    # the cache key settings of every evaluation entry (unchanged since the layout's v1)
+    key_settings = {"evaluation_features": _LAYOUT_TAG, "features": "cls", "planes": ["axial"]}
 
-        # SliceEmbedder reads the encoder (and the features/planes settings for the key) from a classifier.
-        holder = SliceClassifier(2, encoder, "mean")
-        # content keys only: embed_items looks entries up (and encodes the misses) in batches
-        super().__init__(holder, transform, {**dict(preprocessing), "evaluation_features": _LAYOUT_TAG},
-                         cache_dir=cache_dir, label_key=label_key, device=device, progress=progress,
-                         source_keys=False)
+    def __init__(self, encoder: SliceEncoder, dedupe_constant_slices: bool = True):
         self.encoder = encoder
         self.layout = FeatureLayout.of(encoder)
         self.dedupe_constant_slices = dedupe_constant_slices
         self.encoded_slices = 0
 
-    def _compute(self, image: torch.Tensor) -> dict[str, np.ndarray]:
-        return self._compute_many([image])[0]
-
-    def _compute_many(self, images: Sequence[torch.Tensor]) -> list[dict[str, np.ndarray]]:
-        """Arrays of several prepared volumes ``[3, H, W, D_i]``, encoded in one pass when their slices match."""
+    def compute(self, images: Sequence[torch.Tensor], device: torch.device) -> list[dict[str, np.ndarray]]:
+        from volumes.encoders import volume_to_slices
         from volumes.networks import slice_spacing_mm
 
         if len({tuple(image.shape[:3]) for image in images}) > 1:
-            return [self._compute_many([image])[0] for image in images]
-        self.encoder.to(self.device)
-        stacks = [(image.as_tensor() if hasattr(image, "as_tensor") else image).permute(3, 0, 1, 2) for image in images]
-        slices = torch.cat(stacks).to(self.device).float()  # [sum D_i, 3, H, W]
+            return [self.compute([image], device)[0] for image in images]
+        stacks = [volume_to_slices((image.as_tensor() if hasattr(image, "as_tensor") else image)[None])
+                  for image in images]
+        slices = torch.cat(stacks).to(device).float()  # [sum D_i, 3, H, W]
 
         def encode(batch: torch.Tensor) -> torch.Tensor:
             self.encoded_slices += int(batch.shape[0])
@@ -226,32 +199,27 @@ class EvaluationEmbedder(SliceEmbedder):
             start += depth
         return out
 
-    def embed_items(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """``[embed_item(item) for item in items]``, with the volumes that miss the cache encoded together.
 
-        One encoder pass over several volumes' slices keeps a CPU busier than one pass per
-        volume, and shares constant slices between volumes. Same keys and entries as
-        :meth:`embed_item`; computed features agree with it up to the float rounding of
-        batched kernels (about 1e-6 relative).
-        """
-        prepared = [(item, self.transform(dict(item))["image"]) for item in items]
-        arrays: list[dict[str, np.ndarray] | None] = [None] * len(prepared)
-        keys: list[str | None] = [None] * len(prepared)
-        if self.cache is not None:
-            for i, (_, image) in enumerate(prepared):
-                keys[i] = self.cache_key_of(image)
-                arrays[i] = self.cache.get(keys[i])
-        missing = [i for i, a in enumerate(arrays) if a is None]
-        if missing:
-            for i, computed in zip(missing, self._compute_many([prepared[i][1] for i in missing])):
-                arrays[i] = computed
-                if self.cache is not None:
-                    try:
-                        self.cache.put(keys[i], computed, self.cache_meta(prepared[i][0]))
-                    except OSError as exc:
-                        self.cache.stats["write_errors"] += 1
-                        warnings.warn(f"embedding cache: could not store an entry: {exc}", CacheWarning, stacklevel=2)
-        return [self.output_item(item, a) for (item, _), a in zip(prepared, arrays)]  # type: ignore[arg-type]
+def evaluation_embedder(
+    encoder: SliceEncoder,
+    transform: Callable[[dict], dict],
+    preprocessing: Mapping[str, Any],
+    cache_dir: str | Path | None = None,
+    *,
+    label_key: str = "class_label",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    dedupe_constant_slices: bool = True,
+) -> SliceEmbedder:
+    """The :class:`~volumes.embedding.SliceEmbedder` of the evaluation protocols.
+
+    Items come out as ``{"embedding" [D, F], "positions" [D], "case_id", "label"}`` with
+    ``F = embedder.features.layout.width``; entries are keyed by content only (the
+    protocols look them up and encode the misses in batches, :meth:`SliceEmbedder.embed_items`).
+    """
+    features = EvaluationFeatures(encoder, dedupe_constant_slices=dedupe_constant_slices)
+    return SliceEmbedder(features, transform, preprocessing, cache_dir=cache_dir, label_key=label_key, device=device,
+                         progress=progress, source_keys=False)
 
 
 @dataclass

@@ -85,7 +85,7 @@ class FinetuneConfig:
         layer_decay: layer-wise decay factor (``finetune`` only; 1.0 = none).
         weight_decay: AdamW weight decay (not on biases, norms and tokens).
         lora_rank, lora_alpha, lora_dropout: the LoRA adapters.
-        aggregator: volume aggregator name (:data:`volumes.aggregators.AGGREGATORS`).
+        aggregator: volume aggregator name (:func:`volumes.aggregators.aggregator_names`).
         grad_clip: gradient-norm clip (0 = none).
     """
 
@@ -103,12 +103,12 @@ class FinetuneConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        from volumes.aggregators.factory import AGGREGATORS
+        from volumes.aggregators.factory import aggregator_names
 
         if self.method not in METHODS:
             raise ConfigError("method", self.method, list(METHODS))
-        if self.aggregator not in AGGREGATORS:
-            raise ConfigError("aggregator", self.aggregator, list(AGGREGATORS))
+        if self.aggregator not in aggregator_names():
+            raise ConfigError("aggregator", self.aggregator, list(aggregator_names()))
         for key in ("epochs", "batch_size", "lora_rank"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -26,52 +26,20 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from volumes.encoders.config import EncoderConfig
 from volumes.errors import ConfigError
 from volumes.evaluation.data import EvaluationData, stratified_split
-from volumes.evaluation.features import FEATURE_KINDS, EvaluationEmbedder, FeatureLayout, FeatureSet, standardize
+from volumes.evaluation.features import FEATURE_KINDS, FeatureLayout, FeatureSet, evaluation_embedder, standardize
 from volumes.evaluation.fewshot import DEFAULT_DRAWS, DEFAULT_FEWSHOT_L2, DEFAULT_SHOTS, fewshot_indices
 from volumes.evaluation.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_scores
 from volumes.evaluation.linear import DEFAULT_L2_GRID, fit_logistic, select_logistic
 from volumes.evaluation.metrics import classification_metrics, mean_std
+from volumes.reporting import format_params
 
-__all__ = ["FROZEN_PROTOCOLS", "PROTOCOLS", "EncoderSpec", "Evaluator", "ProtocolResult", "results_markdown"]
+__all__ = ["FROZEN_PROTOCOLS", "PROTOCOLS", "Evaluator", "ProtocolResult", "results_markdown"]
 
 FROZEN_PROTOCOLS: tuple[str, ...] = ("knn", "fewshot", "linear")
 PROTOCOLS: tuple[str, ...] = (*FROZEN_PROTOCOLS, "attention", "finetune", "lora", "bitfit")
-
-
-@dataclass
-class EncoderSpec:
-    """How to build the encoder (again, for every end-to-end run).
-
-    Attributes:
-        name: timm DINOv2/DINOv3 ViT, CNN or zoo name (SAM, CLIP, BLIP, ...; see :func:`volumes.encoders.build_slice_encoder`).
-        weights: local weights file; ``None`` with ``pretrained=False`` means random initialisation.
-        pretrained: timm hub weights (needs network access).
-        model_kwargs: passed to ``timm.create_model`` (e.g. ``{"depth": 4}``).
-        seed: torch seed of the random initialisation (the same encoder every time).
-        chunk_size: slices per encoder pass.
-    """
-
-    name: str
-    weights: str | None = None
-    pretrained: bool = False
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    chunk_size: int = 64
-
-    @property
-    def random_init(self) -> bool:
-        return self.weights is None and not self.pretrained
-
-    def build(self, mode: str = "frozen"):
-        """A fresh encoder; with random weights the same one for the same ``seed``."""
-        from volumes.encoders import build_slice_encoder
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            return build_slice_encoder(self.name, weights=self.weights, pretrained=self.pretrained, mode=mode,
-                                       chunk_size=self.chunk_size, model_kwargs=dict(self.model_kwargs) or None)
 
 
 @dataclass
@@ -113,14 +81,6 @@ def _fmt(mean_std_pair: tuple[float, float], n: int) -> str:
     return f"{mean:.3f}" if n <= 1 else f"{mean:.3f} ± {std:.3f}"
 
 
-def format_params(n: int) -> str:
-    if n >= 1e6:
-        return f"{n / 1e6:.2f} M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f} k"
-    return str(n)
-
-
 def results_markdown(results: Sequence[ProtocolResult]) -> str:
     """A markdown table: protocol, variant, test AUC, test ACC, runs, trainable params, wall time."""
     lines = ["| protocol | variant | test AUC | test ACC | runs | trainable params | wall time |",
@@ -142,11 +102,11 @@ class Evaluator:
         device: where the encoder runs.
         progress: tqdm progress bars.
         standardize: standardise frozen features with training statistics (see the module docstring).
-        encoder: ``spec.build("frozen")`` when already built (e.g. to read its patch size first).
-        batch_volumes: volumes encoded together on a cache miss (see ``EvaluationEmbedder.embed_items``).
+        encoder: ``spec.build(mode="frozen")`` when already built (e.g. to read its patch size first).
+        batch_volumes: volumes encoded together on a cache miss (see ``SliceEmbedder.embed_items``).
     """
 
-    def __init__(self, data: EvaluationData, spec: EncoderSpec, *, cache_dir: str | Path | None = None,
+    def __init__(self, data: EvaluationData, spec: EncoderConfig, *, cache_dir: str | Path | None = None,
                  device: str | torch.device = "cpu", progress: bool = True, standardize: bool = True,
                  encoder: Any = None, batch_volumes: int = 8):
         self.data = data
@@ -156,7 +116,7 @@ class Evaluator:
         self.progress = progress
         self.standardize = standardize
         self.batch_volumes = max(1, int(batch_volumes))
-        self.encoder = encoder if encoder is not None else spec.build("frozen")
+        self.encoder = encoder if encoder is not None else spec.build(mode="frozen")
         if not self.encoder.frozen:
             raise ConfigError("encoder mode", self.encoder.mode, "'frozen' (end-to-end runs build their own)")
         self.layout = FeatureLayout.of(self.encoder)
@@ -176,7 +136,7 @@ class Evaluator:
         """
         from tqdm.auto import tqdm
 
-        embedder = EvaluationEmbedder(self.encoder, self.data.transform(self.patch_size),
+        embedder = evaluation_embedder(self.encoder, self.data.transform(self.patch_size),
                                       self.data.preprocessing(self.patch_size), self.cache_dir,
                                       device=self.device, progress=False)
         start = time.perf_counter()
@@ -309,7 +269,7 @@ class Evaluator:
         """
         from volumes.evaluation.attention_head import run_attention_head
 
-        return run_attention_head(self, config, seeds=seeds)
+        return ProtocolResult(**run_attention_head(self, config, seeds=seeds))
 
     # ------------------------------------------------------------------ end to end
     def samples(self, split: str) -> list:
@@ -381,7 +341,7 @@ class Evaluator:
         params = encoder_params = 0
         info: dict[str, Any] = {}
         for seed in seeds:
-            encoder = self.spec.build("finetune")
+            encoder = self.spec.build(mode="finetune")
             info = prepare_encoder(encoder, config)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(seed))

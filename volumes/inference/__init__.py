@@ -3,21 +3,22 @@
 * :mod:`~volumes.inference.predictors`: what a bundle does to one loaded case.
 * :mod:`~volumes.inference.bundles`: a bundle loaded as a model (identity, weights hash).
 * :mod:`~volumes.inference.runner`: the batch - prefetch, fault isolation, resume, torchrun.
+* :mod:`~volumes.inference.ray_engine`: the same per-case stages and merge on a Ray cluster.
 * :mod:`~volumes.inference.dicom_seg`: DICOM SEG output referencing the source series.
 * :mod:`~volumes.inference.report`: figures and ``report.html``.
 """
 
-from volumes.inference.bundles import BundleModel, load_bundle, sha256_file
+from volumes.inference.bundles import BundleModel, load_bundle
 from volumes.inference.predictors import ClassificationPredictor, SegmentationPredictor
-from volumes.inference.runner import BatchInference, InferenceSummary, input_sha256
+from volumes.inference.runner import BatchInference, CaseLoader, InferenceSummary, PreparedCase
 
 __all__ = [
     "BatchInference",
     "BundleModel",
+    "CaseLoader",
     "ClassificationPredictor",
     "InferenceSummary",
+    "PreparedCase",
     "SegmentationPredictor",
-    "input_sha256",
     "load_bundle",
-    "sha256_file",
 ]

@@ -9,18 +9,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from volumes.errors import VolumesError
+from volumes.errors import VolumesError, volumes_error_in
+from volumes.hashing import sha256_files
 
-__all__ = ["BundleModel", "load_bundle", "sha256_file"]
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["BundleModel", "load_bundle"]
 
 
 @dataclass
@@ -53,7 +45,7 @@ class BundleModel:
 
     @cached_property
     def weights_sha256(self) -> str:
-        return sha256_file(self.weights)
+        return sha256_files(self.weights)
 
     @cached_property
     def model_key(self) -> str:
@@ -96,4 +88,10 @@ def load_bundle(root: str | Path, *, device: Any = "cpu", weights: str | Path | 
         parser["ckpt_path"] = str(weights)
     for key, value in (overrides or {}).items():
         parser[key] = value
-    return parser.get_parsed_content("model")
+    try:
+        return parser.get_parsed_content("model")
+    except Exception as exc:  # monai.bundle wraps errors in RuntimeError: surface ours (path and problem)
+        cause = volumes_error_in(exc)
+        if cause is None:
+            raise
+        raise cause from exc

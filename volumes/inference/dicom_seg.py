@@ -33,6 +33,7 @@ import numpy as np
 
 from volumes import __version__
 from volumes._optional import require
+from volumes.arrays import as_numpy
 from volumes.atomic import atomic_path
 from volumes.data.dicom import check_dicom_series
 
@@ -115,7 +116,7 @@ def write_dicom_seg(
     series_folder, path = Path(series_folder), Path(path)
     labels = list(labels)
     label_map = _label_array(label_map, path)
-    affine = _to_numpy(affine).astype(np.float64)
+    affine = as_numpy(affine).astype(np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"{path}: affine must be 4x4; got shape {affine.shape}")
     max_label = int(label_map.max(initial=0))
@@ -166,16 +167,9 @@ def write_dicom_seg(
     return path
 
 
-def _to_numpy(array: Any) -> np.ndarray:
-    """A numpy copy of a numpy array or (CPU/GPU) torch tensor."""
-    if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
 def _label_array(label_map: Any, path: Path) -> np.ndarray:
     """``label_map`` as a 3D unsigned-integer array; ValueError for other shapes or values."""
-    array = _to_numpy(label_map)
+    array = as_numpy(label_map)
     if array.ndim != 3:
         hint = " (for a [1, X, Y, Z] tensor pass label_map[0])" if array.ndim == 4 and array.shape[0] == 1 else ""
         raise ValueError(f"{path}: label_map must be [X, Y, Z]; got shape {tuple(array.shape)}{hint}")

@@ -30,6 +30,29 @@ def _batch(image: torch.Tensor, device: torch.device) -> torch.Tensor:
 class SegmentationPredictor:
     """A :class:`~volumes.networks.SliceSegmenter` over a whole volume, slab by slab.
 
+    Its speed / accuracy / memory knobs are keys of the bundle's ``inference.json``, so
+    ``python -m monai.bundle run ... --inference_overlap 0.5`` and
+    ``volumes infer --set inference_overlap=0.5`` reach them alike:
+
+    * ``inference_slab`` (16): slices per 3D-refinement window. Larger sees more context
+      along z and holds more logits at once; the encoder and 2D decoder run once per slice
+      whatever the slab (:class:`~volumes.segmentation.SlabInferer`).
+    * ``inference_overlap`` (0.25): fraction of a slab shared with the next. More overlap
+      averages more windows at slab borders (smoother along z) and runs the 3D refinement
+      more often; it does not re-encode slices.
+    * ``inference_sw_batch`` (1): slabs per refinement call. Higher is faster on a GPU,
+      costs memory, changes nothing in the result.
+    * ``encoder_chunk_size`` (32): slices per encoder pass. Bounds the encoder's activation
+      memory; results are the same (up to float rounding).
+    * ``encoder_autocast`` (``auto``): ``bf16`` on CUDA for ``auto``, ``fp32`` elsewhere;
+      ``bf16`` is about 2x faster on recent GPUs and changes logits by ~1e-2.
+    * ``device`` (CUDA when present): ``volumes infer --device``; under torchrun each
+      process takes its own GPU.
+
+    The classification bundle shares ``encoder_chunk_size``, ``encoder_autocast`` and
+    ``device``. Keys that change the outputs are part of the bundle's model key, so
+    ``--resume`` redoes cases when they change.
+
     Args:
         network: the trained segmenter.
         transform: the bundle's preprocessing (``volumes.segmentation.segmentation_transforms``

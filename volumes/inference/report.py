@@ -43,6 +43,7 @@ from urllib.parse import quote
 import numpy as np
 
 from volumes._optional import require
+from volumes.arrays import as_numpy
 from volumes.atomic import atomic_path, atomic_write_bytes
 
 __all__ = [
@@ -83,11 +84,9 @@ def label_colour(index: int) -> tuple[float, float, float]:
 # --------------------------------------------------------------------------- figure
 
 
-def _to_numpy(array: Any, name: str) -> np.ndarray:
+def _volume_array(array: Any, name: str) -> np.ndarray:
     """A numpy copy of a numpy array or (Meta)Tensor, a leading channel of size 1 dropped; must be 3D."""
-    if hasattr(array, "detach"):  # torch.Tensor / monai MetaTensor
-        array = array.detach().cpu().numpy()
-    out = np.asarray(array)
+    out = as_numpy(array)
     if out.ndim == 4 and out.shape[0] == 1:
         out = out[0]
     if out.ndim != 3 or min(out.shape) < 1:
@@ -241,7 +240,7 @@ def case_figure(
     mpl_agg = require("matplotlib.backends.backend_agg", "the inference report figures")
     mpl_patches = require("matplotlib.patches", "the inference report figures")
 
-    data = _to_numpy(volume, "volume")
+    data = _volume_array(volume, "volume")
     shape = tuple(int(s) for s in data.shape)
     sx, sy, sz = (float(s) for s in (np.asarray(spacing, dtype=np.float64).reshape(-1).tolist()))
     if not all(math.isfinite(s) and s > 0 for s in (sx, sy, sz)):
@@ -249,7 +248,7 @@ def case_figure(
 
     lab: np.ndarray | None = None
     if label_map is not None:
-        lab = _to_numpy(label_map, "label_map")
+        lab = _volume_array(label_map, "label_map")
         if lab.shape != shape:
             raise ValueError(f"label_map shape {lab.shape} differs from the volume's {shape}")
         if lab.dtype.kind == "f":
@@ -261,7 +260,7 @@ def case_figure(
 
     imp: np.ndarray | None = None
     if importance is not None:
-        imp = np.asarray(importance.detach().cpu().numpy() if hasattr(importance, "detach") else importance)
+        imp = as_numpy(importance)
         imp = imp.astype(np.float64).reshape(-1)
         if imp.size != shape[2]:
             raise ValueError(

@@ -17,6 +17,12 @@ reason and the batch goes on. At the end the per-case records are merged into
 ``predictions.csv``, ``predictions.jsonl``, ``failures.csv`` and ``report.html``. Every
 file is written under a temporary name and renamed, so an interrupted run leaves no
 partial file. Under ``torchrun`` each process takes every N-th case; rank 0 merges.
+
+The stages are public so that other engines run exactly this code:
+:meth:`BatchInference.prepare_case` (steps 1-2; its model-free part is
+:class:`CaseLoader`, picklable, for CPU tasks), :meth:`BatchInference.finish_case`
+(step 3 and the record or failure), :meth:`BatchInference.run_case` (both) and
+:meth:`BatchInference.merge`. :mod:`volumes.inference.ray_engine` is such an engine.
 """
 
 from __future__ import annotations
@@ -38,11 +44,12 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from volumes.arrays import spacing_mm
 from volumes.atomic import atomic_write_bytes
 from volumes.errors import VolumesError
 from volumes.inference.bundles import BundleModel
 
-__all__ = ["BatchInference", "InferenceSummary", "input_sha256"]
+__all__ = ["BatchInference", "CaseLoader", "InferenceSummary", "PreparedCase", "input_sha256", "normalize_items"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +86,23 @@ class InferenceSummary:
                 f"{self.failed} failed in {self.seconds:.1f} s; report: {report}")
 
 
+def normalize_items(items: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Copies of the cases with ``case_id`` set (the file name without extensions by default).
+
+    Raises:
+        VolumesError: two cases share a case id (they would write into the same folder).
+    """
+    items = [dict(item) for item in items]
+    for item in items:
+        item.setdefault("case_id", Path(str(item["image"])).name.split(".")[0])
+    ids = [item["case_id"] for item in items]
+    if len(set(ids)) != len(ids):
+        raise VolumesError(f"case ids must be unique; repeated: {sorted({i for i in ids if ids.count(i) > 1})}")
+    return items
+
+
 @dataclass
-class _Prepared:
+class PreparedCase:
     """A case after the background stages: hashed, loaded, and (when prefetching) preprocessed for every bundle."""
 
     item: dict
@@ -123,10 +145,6 @@ def _fresh(volume: Any) -> Any:
                       applied_operations=copy.deepcopy(volume.applied_operations))
 
 
-def _spacing(affine: Any) -> list[float]:
-    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0).tolist()
-
-
 def _dist() -> tuple[int, int]:
     """``(rank, world_size)``; joins the torchrun process group when there is one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -141,6 +159,64 @@ def _dist() -> tuple[int, int]:
         # cases can take long; the default 30-minute barrier timeout is too short for a batch
         dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
     return dist.get_rank(), dist.get_world_size()
+
+
+@dataclass
+class CaseLoader:
+    """The model-free stages of a case: hash its input, check ``resume``, load the volume.
+
+    Holds no network, so it pickles small: a distributed engine runs it in CPU tasks
+    away from the model workers (:mod:`volumes.inference.ray_engine`).
+
+    Args:
+        output_dir: where the cases' folders are.
+        model_keys: ``{bundle_id: model_key}`` of the bundles (:attr:`BundleModel.model_key`).
+        resume: report a case as skipped when its outputs are complete for this input and models.
+    """
+
+    output_dir: Path
+    model_keys: dict[str, str]
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        from volumes.data.io import LoadVolumed
+
+        self.output_dir = Path(self.output_dir)
+        # voxels as stored (int16 for CT: half of float32); each bundle's preprocessing
+        # makes floats of its resized slices, so no float copy of the full volume exists
+        self.loader = LoadVolumed("image", dtype=None)
+
+    def case_dir(self, item: Mapping[str, Any]) -> Path:
+        return self.output_dir / str(item["case_id"])
+
+    def complete(self, item: Mapping[str, Any], sha: str) -> bool:
+        """Outputs of a previous run are complete for this input and these models."""
+        path = self.case_dir(item) / RECORD
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        if record.get("input_sha256") != sha or record.get("models") != self.model_keys:
+            return False
+        return all((self.output_dir / rel).is_file() for rel in record.get("files", []))
+
+    def load(self, item: dict) -> PreparedCase:
+        """Hash, resume check, load; ``[C, H, W, D]`` volume in :attr:`PreparedCase.volume`. Never raises."""
+        prepared = PreparedCase(item=item)
+        try:
+            start = time.perf_counter()
+            prepared.input_sha256 = input_sha256(item)
+            prepared.timings["hash"] = time.perf_counter() - start
+            if self.resume and self.complete(item, prepared.input_sha256):
+                prepared.skip = True
+                return prepared
+            start = time.perf_counter()
+            prepared.volume = self.loader({k: v for k, v in item.items() if k != "label"})["image"]
+            prepared.timings["load"] = time.perf_counter() - start
+        except Exception as exc:  # one bad case never stops the batch
+            prepared.failure = {"stage": "read", "error": _reason(item, exc)}
+            prepared.volume = None
+        return prepared
 
 
 class BatchInference:
@@ -177,87 +253,65 @@ class BatchInference:
         self.workers = int(workers)
         self.figures = figures
         self.progress = progress
-        from volumes.data.io import LoadVolumed
-
-        # voxels as stored (int16 for CT: half of float32); each bundle's preprocessing
-        # makes floats of its resized slices, so no float copy of the full volume exists
-        self.loader = LoadVolumed("image", dtype=None)
         self._rank = 0
 
     # ------------------------------------------------------------------ per case
     def _case_dir(self, item: Mapping[str, Any]) -> Path:
         return self.output_dir / str(item["case_id"])
 
-    def _model_keys(self) -> dict[str, str]:
+    def model_keys(self) -> dict[str, str]:
+        """``{bundle_id: model_key}``: what ``record.json`` and ``--resume`` compare."""
         return {m.bundle_id: m.model_key for m in self.models}
 
-    def _complete(self, item: Mapping[str, Any], sha: str) -> bool:
-        """Outputs of a previous run are complete for this input and these models."""
-        path = self._case_dir(item) / RECORD
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return False
-        if record.get("input_sha256") != sha or record.get("models") != self._model_keys():
-            return False
-        return all((self.output_dir / rel).is_file() for rel in record.get("files", []))
+    def case_loader(self) -> CaseLoader:
+        """The model-free stages of :meth:`prepare_case` with this runner's settings (picklable)."""
+        return CaseLoader(self.output_dir, self.model_keys(), self.resume)
 
-    def _prepare(self, item: dict) -> _Prepared:
-        """Background stages: hash, resume check, load, preprocess. Never raises."""
-        prepared = _Prepared(item=item)
-        stage = "read"
-        try:
-            start = time.perf_counter()
-            prepared.input_sha256 = input_sha256(item)
-            prepared.timings["hash"] = time.perf_counter() - start
-            if self.resume and self._complete(item, prepared.input_sha256):
-                prepared.skip = True
-                return prepared
-            start = time.perf_counter()
-            volume = self.loader({k: v for k, v in item.items() if k != "label"})["image"]
-            prepared.timings["load"] = time.perf_counter() - start
-            prepared.volume = volume
-            stage = "preprocess"
-            if self.workers:
-                # ahead of the networks, on the prefetch thread; without prefetching each
-                # bundle prepares its input just before its network runs (_run_models), so
-                # one bundle's prepared slices are not held during another's network
+    def prepare_case(self, item: dict, loader: CaseLoader | None = None) -> PreparedCase:
+        """Background stages: hash, resume check, load, and (when prefetching) preprocess. Never raises."""
+        prepared = (loader or self.case_loader()).load(item)
+        if self.workers and prepared.failure is None and not prepared.skip:
+            # ahead of the networks, on the prefetch thread; without prefetching each
+            # bundle prepares its input just before its network runs (_run_models), so
+            # one bundle's prepared slices are not held during another's network
+            try:
                 for model in self.models:
                     self._preprocess(prepared, model)
-        except Exception as exc:  # one bad case never stops the batch
-            prepared.failure = {"stage": stage, "error": _reason(item, exc)}
-            prepared.volume = None
-            prepared.data = {}
+            except Exception as exc:  # one bad case never stops the batch
+                prepared.failure = {"stage": "preprocess", "error": _reason(item, exc)}
+                prepared.volume = None
+                prepared.data = {}
         return prepared
 
     @staticmethod
-    def _preprocess(prepared: _Prepared, model: Any) -> None:
+    def _preprocess(prepared: PreparedCase, model: Any) -> None:
         start = time.perf_counter()
         data = dict(prepared.item, image=_fresh(prepared.volume))
         data.pop("label", None)
         prepared.data[model.bundle_id] = model.predictor.prepare(data)
         prepared.timings[f"preprocess:{model.bundle_id}"] = time.perf_counter() - start
 
-    def _prefetched(self, items: Sequence[dict]) -> Iterator[_Prepared]:
+    def _prefetched(self, items: Sequence[dict]) -> Iterator[PreparedCase]:
         """Prepared cases in order, ``workers`` cases ahead of the caller."""
+        loader = self.case_loader()
         if self.workers == 0:
             for item in items:
-                yield self._prepare(item)
+                yield self.prepare_case(item, loader)
             return
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="volumes-prefetch")
         try:
             upcoming = iter(items)
-            pending = deque(pool.submit(self._prepare, item) for item in itertools.islice(upcoming, self.workers))
+            pending = deque(pool.submit(self.prepare_case, item, loader) for item in itertools.islice(upcoming, self.workers))
             while pending:
                 done = pending.popleft()
                 following = next(upcoming, None)
                 if following is not None:
-                    pending.append(pool.submit(self._prepare, following))
+                    pending.append(pool.submit(self.prepare_case, following, loader))
                 yield done.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run_models(self, prepared: _Prepared) -> dict[str, Any]:
+    def _run_models(self, prepared: PreparedCase) -> dict[str, Any]:
         """Network and writing stages of one case; returns its record."""
         from volumes.segmentation import organ_volumes_ml, to_original_orientation, write_label_map
 
@@ -300,7 +354,7 @@ class BatchInference:
                     mask, _ = to_original_orientation(np.asarray(label_map[0]), np.asarray(label_map.affine),
                                                       np.asarray(volume.affine))
                     row["organ_volumes_ml"] = {k: round(v, 3) for k, v in organ_volumes_ml(
-                        mask, _spacing(volume.affine), model.predictor.labels).items()}
+                        mask, spacing_mm(volume.affine), model.predictor.labels).items()}
                     if Path(item["image"]).is_dir():
                         from volumes.inference.dicom_seg import write_dicom_seg
 
@@ -333,7 +387,7 @@ class BatchInference:
                 depth = volume.shape[-1]
                 # importance is per slice of the classifier's input: drawn when that is the volume's own slices
                 curve = importance if importance is not None and len(importance) == depth else None
-                figure = case_figure(np.asarray(volume[0]), _spacing(volume.affine), case_dir / FIGURE,
+                figure = case_figure(np.asarray(volume[0]), spacing_mm(volume.affine), case_dir / FIGURE,
                                      label_map=figure_mask, labels=figure_labels, importance=curve,
                                      top_slices=top if curve is not None else (), title=str(item["case_id"]))
                 for row in rows:
@@ -343,10 +397,14 @@ class BatchInference:
             except Exception as exc:
                 raise _StageError("figure", exc) from exc
         return {"case_id": item["case_id"], "source": str(item["image"]), "input_sha256": prepared.input_sha256,
-                "models": self._model_keys(), "files": files, "rank": self._rank, "rows": rows}
+                "models": self.model_keys(), "files": files, "rank": self._rank, "rows": rows}
 
-    def _finish_case(self, prepared: _Prepared) -> str:
-        """Run or skip one prepared case; write its record or failure. Returns the outcome."""
+    def finish_case(self, prepared: PreparedCase) -> str:
+        """Run or skip one prepared case; write its record or failure.
+
+        Returns the outcome: ``"done"``, ``"skipped"`` (resume) or ``"failed"``. A bad case
+        never raises; only an unwritable output folder does.
+        """
         item = prepared.item
         case_dir = self._case_dir(item)
         if prepared.skip:
@@ -368,17 +426,16 @@ class BatchInference:
         atomic_write_bytes(case_dir / FAILURE, lambda f: f.write(json.dumps(failure, indent=1).encode()))
         return "failed"
 
+    def run_case(self, item: dict) -> str:
+        """:meth:`prepare_case` then :meth:`finish_case` on the calling thread; returns the outcome."""
+        return self.finish_case(self.prepare_case(item))
+
     # ------------------------------------------------------------------ batch
     def run(self, items: Sequence[Mapping[str, Any]]) -> InferenceSummary:
         """Process every case (this process's share under torchrun) and write the merged outputs."""
         from tqdm.auto import tqdm
 
-        items = [dict(item) for item in items]
-        for item in items:
-            item.setdefault("case_id", Path(str(item["image"])).name.split(".")[0])
-        ids = [item["case_id"] for item in items]
-        if len(set(ids)) != len(ids):
-            raise VolumesError(f"case ids must be unique; repeated: {sorted({i for i in ids if ids.count(i) > 1})}")
+        items = normalize_items(items)
         start = time.perf_counter()
         rank, world = _dist()
         self._rank = rank
@@ -389,7 +446,7 @@ class BatchInference:
                    disable=not self.progress, position=rank)
         try:
             for prepared in self._prefetched(share):
-                outcome = self._finish_case(prepared)
+                outcome = self.finish_case(prepared)
                 counts[outcome] += 1
                 bar.set_postfix(counts, refresh=False)
                 bar.update()

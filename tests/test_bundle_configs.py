@@ -1,0 +1,60 @@
+"""Both bundles' configs agree with each other, and settings saved with the weights are checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from volumes.bundle import SaveSettings, check_settings, settings_path
+from volumes.errors import VolumesError
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+
+# Keys that may differ between train.json and inference.json, and why.
+DIFFERENT_ON_PURPOSE = {
+    "imports": "training imports ignite as well",
+    "initialize": "training also creates the checkpoint folder",
+    "run": "train vs infer",
+    "network": "training builds network_def; inference loads the checkpoint into it",
+    "encoder_kwargs": "training may start from encoder weights; inference takes every weight from the checkpoint",
+    "preprocessing": "segmentation training adds labels, crops and augmentation",
+}
+
+
+@pytest.mark.parametrize("bundle", ["dinov2_slice_classification", "dinov2_unet_segmentation"])
+def test_every_key_shared_by_train_and_inference_is_equal(bundle):
+    train = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
+    inference = json.loads((BUNDLES / bundle / "configs" / "inference.json").read_text())
+    shared = set(train) & set(inference)
+    assert {"checkpoint_settings", "preprocessing_config", "encoder", "network_def"} <= shared
+    differ = sorted(key for key in shared if train[key] != inference[key])
+    assert set(differ) <= set(DIFFERENT_ON_PURPOSE), f"{bundle}: {differ} differ between train.json and inference.json"
+    assert train["checkpoint_settings"] == inference["checkpoint_settings"]
+
+
+def test_saved_settings_are_checked_key_by_key(tmp_path):
+    checkpoint = tmp_path / "models" / "model.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"weights")
+    trained = {"network": {"encoder": "vit_small_patch14_dinov2", "encoder_model_kwargs": {"depth": 4}},
+               "preprocessing": {"size": 112, "preset": "liver"}, "labels": ("background", "liver")}
+    assert SaveSettings(checkpoint, trained).write() == settings_path(checkpoint) == tmp_path / "models" / "model.settings.json"
+
+    check_settings(checkpoint, trained)  # the same settings (a tuple and a list are the same JSON)
+    check_settings(checkpoint, {"preprocessing": {"size": 112}, "extra": 1})  # keys on one side only are not compared
+    with pytest.raises(VolumesError) as error:
+        check_settings(checkpoint, {**trained, "network": {"encoder": "vit_base_patch14_dinov2",
+                                                           "encoder_model_kwargs": {"depth": 2}}})
+    message = str(error.value)
+    assert message.startswith(f"{checkpoint}: the inference config does not match")
+    assert "network.encoder: trained with 'vit_small_patch14_dinov2', configured 'vit_base_patch14_dinov2'" in message
+    assert "network.encoder_model_kwargs.depth: trained with 4, configured 2" in message
+
+    other = tmp_path / "elsewhere.pt"  # no settings beside it: trained before settings were saved, not checked
+    other.write_bytes(b"weights")
+    check_settings(other, {"network": {"encoder": "anything"}})
+    settings_path(checkpoint).write_text("{not json")
+    with pytest.raises(VolumesError, match="unreadable settings file"):
+        check_settings(checkpoint, trained)
