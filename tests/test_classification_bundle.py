@@ -178,7 +178,7 @@ def test_torchrun_two_cpu_processes_write_exactly_one_checkpoint(tmp_path):
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "model.settings.json"]
 
     # Distributed evaluation of that checkpoint: metrics gathered from both ranks, saved once.
     configs = [CONFIGS / "train.json", CONFIGS / "evaluate.json", CONFIGS / "multi_gpu_evaluate.json"]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from volumes.cli import main
+from volumes.data.io import load_volume
 from volumes.data.phantoms import write_cohort
 
 
@@ -45,7 +46,8 @@ def test_embed_writes_one_embedding_per_slice(cohort, tmp_path, capsys):
     assert len(rows) == 2
     for row in rows:
         arrays = np.load(tmp_path / row["embedding"])
-        depth = row["input_shape"][-1]
+        depth = load_volume(row["image"]).shape[-1]  # axial slices of the RAS-oriented volume
+        assert row["slices"] == depth
         assert arrays["cls"].shape == (depth, 384) == arrays["patch_mean"].shape
         assert arrays["slice_mm"].shape == (depth,) and np.all(np.diff(arrays["slice_mm"]) > 0)
         assert np.isfinite(arrays["cls"]).all()
