@@ -148,10 +148,9 @@ def make_embedder_class():
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self._blank: dict[tuple[float, ...], torch.Tensor] = {}
-            self.encoded_slices = 0
 
         def _embed(self, volume: torch.Tensor) -> torch.Tensor:
-            self.encoded_slices += int(volume.shape[-1])
+            self.features.encoded_slices += int(volume.shape[-1])  # SliceEmbedder.encoded_slices reads it
             x, _, _ = self.network.embed(volume.to(self.device))
             return x[0].cpu()
 
