@@ -28,7 +28,7 @@ import timm
 import torch
 from torch import nn
 
-from volumes.encoders.slice_encoder import MODES, SliceEncoder, SliceFeatures, encoder_names
+from volumes.encoders.slice_encoder import SliceEncoder, SliceFeatures, check_encoder_options, encoder_names
 from volumes.errors import ConfigError, WeightsError
 
 __all__ = ["CNN_FAMILIES", "CNNSliceEncoder", "build_slice_encoder", "cnn_encoder_names"]
@@ -108,14 +108,8 @@ class CNNSliceEncoder(SliceEncoder):
         known = cnn_encoder_names()
         if name not in known:
             raise ConfigError("encoder", name, f"a timm CNN such as resnet50 ({len(known)} names: cnn_encoder_names())")
-        if mode not in MODES:
-            raise ConfigError("mode", mode, list(MODES))
-        if autocast not in ("auto", "bf16", "fp32"):
-            raise ConfigError("autocast", autocast, ["auto", "bf16", "fp32"])
-        if chunk_size < 1:
-            raise ConfigError("chunk_size", chunk_size, "an integer >= 1")
-        if pretrained and weights is not None:
-            raise ValueError("give either pretrained=True (timm hub) or weights=PATH (local file), not both")
+        check_encoder_options(mode=mode, autocast=autocast, chunk_size=chunk_size, pretrained=pretrained,
+                              weights=weights)
 
         self.name = name
         self.chunk_size = int(chunk_size)

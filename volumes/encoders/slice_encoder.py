@@ -52,6 +52,21 @@ class SliceFeatures:
         )
 
 
+def check_encoder_options(*, mode: str, autocast: str, chunk_size: int, pretrained: bool, weights: object,
+                          pos_embed_interpolation: str | None = None) -> None:
+    """The argument checks every slice encoder class makes first (ViT, CNN and zoo alike)."""
+    if mode not in MODES:
+        raise ConfigError("mode", mode, list(MODES))
+    if autocast not in ("auto", "bf16", "fp32"):
+        raise ConfigError("autocast", autocast, ["auto", "bf16", "fp32"])
+    if pos_embed_interpolation not in (None, *pos_embed.INTERPOLATIONS):
+        raise ConfigError("pos_embed_interpolation", pos_embed_interpolation, list(pos_embed.INTERPOLATIONS))
+    if chunk_size < 1:
+        raise ConfigError("chunk_size", chunk_size, "an integer >= 1")
+    if pretrained and weights is not None:
+        raise ValueError("give either pretrained=True (timm hub) or weights=PATH (local file), not both")
+
+
 def default_layers(depth: int) -> tuple[int, ...]:
     """Four evenly spaced blocks ending with the last, as DINOv2's dense-task heads use.
 
@@ -110,16 +125,8 @@ class SliceEncoder(nn.Module):
         known = encoder_names()
         if name not in known:
             raise ConfigError("encoder", name, known)
-        if mode not in MODES:
-            raise ConfigError("mode", mode, list(MODES))
-        if autocast not in ("auto", "bf16", "fp32"):
-            raise ConfigError("autocast", autocast, ["auto", "bf16", "fp32"])
-        if pos_embed_interpolation not in (None, *pos_embed.INTERPOLATIONS):
-            raise ConfigError("pos_embed_interpolation", pos_embed_interpolation, list(pos_embed.INTERPOLATIONS))
-        if chunk_size < 1:
-            raise ConfigError("chunk_size", chunk_size, "an integer >= 1")
-        if pretrained and weights is not None:
-            raise ValueError("give either pretrained=True (timm hub) or weights=PATH (local file), not both")
+        check_encoder_options(mode=mode, autocast=autocast, chunk_size=chunk_size, pretrained=pretrained,
+                              weights=weights, pos_embed_interpolation=pos_embed_interpolation)
 
         self.name = name
         self.chunk_size = int(chunk_size)

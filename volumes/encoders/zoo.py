@@ -46,7 +46,7 @@ from torch import nn
 
 import volumes.encoders.pos_embed as pos_embed
 from volumes.encoders.sam import SamTokenViT, to_token_vit
-from volumes.encoders.slice_encoder import MODES, SliceEncoder
+from volumes.encoders.slice_encoder import SliceEncoder, check_encoder_options
 from volumes.encoders.weights import load_checkpoint_into
 from volumes.encoders.zoo_weights import ZooCheckpoint, read_zoo_checkpoint
 from volumes.errors import ConfigError
@@ -132,16 +132,8 @@ class ZooSliceEncoder(SliceEncoder):
         if family is None:
             raise ConfigError("encoder", name, "a zoo name from volumes.encoders.zoo_encoder_names(), e.g. "
                                                "samvit_base_patch16, vit_base_patch16_clip_224, vit_base_patch16_224")
-        if mode not in MODES:
-            raise ConfigError("mode", mode, list(MODES))
-        if autocast not in ("auto", "bf16", "fp32"):
-            raise ConfigError("autocast", autocast, ["auto", "bf16", "fp32"])
-        if pos_embed_interpolation not in (None, *pos_embed.INTERPOLATIONS):
-            raise ConfigError("pos_embed_interpolation", pos_embed_interpolation, list(pos_embed.INTERPOLATIONS))
-        if chunk_size < 1:
-            raise ConfigError("chunk_size", chunk_size, "an integer >= 1")
-        if pretrained and weights is not None:
-            raise ValueError("give either pretrained=True (timm hub) or weights=PATH (local file), not both")
+        check_encoder_options(mode=mode, autocast=autocast, chunk_size=chunk_size, pretrained=pretrained,
+                              weights=weights, pos_embed_interpolation=pos_embed_interpolation)
 
         self.name = name
         self.family = family
