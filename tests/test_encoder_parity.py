@@ -15,18 +15,11 @@ import pytest
 import timm
 import torch
 
+from parity import TOL, max_diff, perturb
 from volumes.encoders import SliceEncoder
 
 transformers = pytest.importorskip("transformers", reason="parity tests need transformers (pip install 'volumes[dev]')")
 
-TOL = 1e-4
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
 
 
 def _hf_model(with_registers: bool, *, hidden: int = 384, heads: int = 6, swiglu: bool = False):
@@ -39,13 +32,8 @@ def _hf_model(with_registers: bool, *, hidden: int = 384, heads: int = 6, swiglu
         model = transformers.Dinov2WithRegistersModel(config)
     else:
         model = transformers.Dinov2Model(transformers.Dinov2Config(**kwargs))
-    _perturb(model, seed=1)
+    perturb(model, seed=1)
     return model.eval()
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize(
@@ -71,14 +59,14 @@ def test_huggingface_directory_matches_transformers(tmp_path, variant, with_regi
     grid = (size[0] // 14, size[1] // 14)
     hf_last = out.last_hidden_state
     hf_patches = hf_last[:, n_prefix:].transpose(1, 2).reshape(3, hidden, *grid)
-    assert _max_diff(ours.cls, hf_last[:, 0]) < TOL
-    assert _max_diff(ours.patch_grids[-1], hf_patches) < TOL
-    assert _max_diff(ours.patch_mean, hf_last[:, n_prefix:].mean(1)) < TOL
+    assert max_diff(ours.cls, hf_last[:, 0]) < TOL
+    assert max_diff(ours.patch_grids[-1], hf_patches) < TOL
+    assert max_diff(ours.patch_mean, hf_last[:, n_prefix:].mean(1)) < TOL
     if with_registers:
-        assert _max_diff(ours.registers, hf_last[:, 1:5]) < TOL
+        assert max_diff(ours.registers, hf_last[:, 1:5]) < TOL
     # Intermediate grid of block 0, with the final norm applied (DINOv2's dense-task convention).
     hidden_0 = reference.layernorm(out.hidden_states[1])[:, n_prefix:].transpose(1, 2).reshape(3, hidden, *grid)
-    assert _max_diff(ours.patch_grids[0], hidden_0) < TOL
+    assert max_diff(ours.patch_grids[0], hidden_0) < TOL
 
 
 def _timm_to_meta_dinov2(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -101,7 +89,7 @@ def _timm_to_meta_dinov2(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("variant", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
 def test_meta_dinov2_checkpoint_matches_timm(tmp_path, variant):
     reference = timm.create_model(variant, depth=2, img_size=56, num_classes=0, dynamic_img_size=True)
-    _perturb(reference, seed=2)
+    perturb(reference, seed=2)
     reference.eval()
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(_timm_to_meta_dinov2(reference), path)
@@ -112,14 +100,14 @@ def test_meta_dinov2_checkpoint_matches_timm(tmp_path, variant):
         tokens = reference.forward_features(x)
     ours = encoder(x)
     prefix = reference.num_prefix_tokens
-    assert _max_diff(ours.cls, tokens[:, 0]) < TOL
-    assert _max_diff(ours.patch_grids[0], tokens[:, prefix:].transpose(1, 2).reshape(2, 384, 5, 3)) < TOL
+    assert max_diff(ours.cls, tokens[:, 0]) < TOL
+    assert max_diff(ours.patch_grids[0], tokens[:, prefix:].transpose(1, 2).reshape(2, 384, 5, 3)) < TOL
 
 
 def test_meta_dinov3_checkpoint_matches_timm(tmp_path):
     variant = "vit_small_patch16_dinov3"
     reference = timm.create_model(variant, depth=2, num_classes=0)
-    _perturb(reference, seed=4)
+    perturb(reference, seed=4)
     reference.eval()
     meta = {}
     for key, value in reference.state_dict().items():
@@ -135,15 +123,15 @@ def test_meta_dinov3_checkpoint_matches_timm(tmp_path):
     with torch.no_grad():
         tokens = reference.forward_features(x)
     ours = encoder(x, with_grids=False)
-    assert _max_diff(ours.cls, tokens[:, 0]) < TOL
-    assert _max_diff(ours.registers, tokens[:, 1:5]) < TOL
-    assert _max_diff(ours.patch_mean, tokens[:, 5:].mean(1)) < TOL
+    assert max_diff(ours.cls, tokens[:, 0]) < TOL
+    assert max_diff(ours.registers, tokens[:, 1:5]) < TOL
+    assert max_diff(ours.patch_mean, tokens[:, 5:].mean(1)) < TOL
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_timm_format_file_round_trips(tmp_path, suffix):
     source = SliceEncoder("vit_small_patch14_dinov2", model_kwargs={"depth": 2, "img_size": 98})
-    _perturb(source, seed=6)
+    perturb(source, seed=6)
     path = tmp_path / f"timm{suffix}"
     if suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -153,6 +141,6 @@ def test_timm_format_file_round_trips(tmp_path, suffix):
         torch.save(source.backbone.state_dict(), path)
     loaded = SliceEncoder("vit_small_patch14_dinov2", weights=path, model_kwargs={"depth": 2})
     x = torch.randn(2, 3, 56, 56)
-    assert _max_diff(loaded(x).cls, source(x).cls) == 0.0
+    assert max_diff(loaded(x).cls, source(x).cls) == 0.0
     assert loaded.backbone.patch_embed.grid_size == (7, 7)  # built at the checkpoint's grid, no resampling
     assert loaded.weights_id.startswith("sha256:") and len(loaded.weights_id) == 7 + 64

@@ -14,22 +14,10 @@ from functools import partial
 import pytest
 import torch
 
+from parity import TOL, max_diff, perturb
 from volumes.encoders import ZooSliceEncoder, build_slice_encoder, native_input_size, zoo_encoder_names
 from volumes.errors import ConfigError, WeightsError
 
-TOL = 1e-4
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def _images(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -51,7 +39,7 @@ _TEXT = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers
 def _open_clip_vit(quick_gelu: bool = False):
     vision = {"layers": 2, "width": 64, "head_width": 32, "patch_size": 16, "image_size": 64, "mlp_ratio": 2.0}
     model = open_clip.CLIP(embed_dim=24, vision_cfg=vision, text_cfg=_TEXT, quick_gelu=quick_gelu)
-    _perturb(model, seed=1)
+    perturb(model, seed=1)
     config = {"embed_dim": 24, "quick_gelu": quick_gelu, "vision_cfg": vision, "text_cfg": _TEXT}
     return model.eval(), config
 
@@ -94,11 +82,11 @@ def test_open_clip_vit_matches_open_clip(tmp_path, how):
     handle.remove()
     final = tokens[0]  # ln_post over every token: [N, 1 + 16, 64]
     ours = encoder(x)
-    assert _max_diff(ours.cls, final[:, 0]) < TOL  # pre-projection class token
-    assert _max_diff(ours.patch_mean, final[:, 1:].mean(1)) < TOL
-    assert _max_diff(ours.patch_grids[-1], final[:, 1:].transpose(1, 2).reshape(3, 64, 4, 4)) < TOL
+    assert max_diff(ours.cls, final[:, 0]) < TOL  # pre-projection class token
+    assert max_diff(ours.patch_mean, final[:, 1:].mean(1)) < TOL
+    assert max_diff(ours.patch_grids[-1], final[:, 1:].transpose(1, 2).reshape(3, 64, 4, 4)) < TOL
     assert encoder.proj_dim == 24
-    assert _max_diff(encoder.projected(x), image_features) < TOL
+    assert max_diff(encoder.projected(x), image_features) < TOL
 
 
 def test_openai_clip_state_dict_matches_with_quickgelu(tmp_path):
@@ -110,10 +98,10 @@ def test_openai_clip_state_dict_matches_with_quickgelu(tmp_path):
     x = _images(2, 64, 64, seed=1)
     with torch.no_grad():
         expected = reference.encode_image(x)
-    assert _max_diff(encoder.projected(x), expected) < TOL
+    assert max_diff(encoder.projected(x), expected) < TOL
     # the same file in a GELU tower computes something else: the activation is part of the name
     gelu = ZooSliceEncoder("vit_base_patch16_clip_224", weights=tmp_path / "ViT-B-16.pth", model_kwargs=CLIP_SMALL)
-    assert _max_diff(gelu.projected(x), expected) > 1e-3
+    assert max_diff(gelu.projected(x), expected) > 1e-3
 
 
 def test_torchscript_archive_is_refused_with_a_clear_error(tmp_path):
@@ -129,7 +117,7 @@ def test_biomedclip_hub_directory_matches_open_clip(tmp_path):
     vision = {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
               "timm_proj": "linear", "image_size": 224}
     model = open_clip.CLIP(embed_dim=24, vision_cfg=vision, text_cfg=_TEXT)
-    _perturb(model, seed=3)
+    perturb(model, seed=3)
     model.eval()
     hub = _save_open_clip(model, {"embed_dim": 24, "vision_cfg": vision, "text_cfg": _TEXT}, tmp_path, "hub_bin")
     encoder = ZooSliceEncoder("vit_tiny_patch16_224", weights=hub, layers=(11,))
@@ -139,9 +127,9 @@ def test_biomedclip_hub_directory_matches_open_clip(tmp_path):
         expected = model.encode_image(x)
     handle.remove()
     ours = encoder(x)
-    assert _max_diff(ours.cls, tokens[0][:, 0]) < TOL
-    assert _max_diff(ours.patch_grids[0], tokens[0][:, 1:].transpose(1, 2).reshape(2, 192, 14, 14)) < TOL
-    assert _max_diff(encoder.projected(x), expected) < TOL
+    assert max_diff(ours.cls, tokens[0][:, 0]) < TOL
+    assert max_diff(ours.patch_grids[0], tokens[0][:, 1:].transpose(1, 2).reshape(2, 192, 14, 14)) < TOL
+    assert max_diff(encoder.projected(x), expected) < TOL
 
 
 # ----------------------------------------------------------------------------- BLIP (transformers)
@@ -155,7 +143,7 @@ BLIP_SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 2.0}
 @pytest.mark.parametrize("size", [(64, 64), (96, 64)], ids=["native", "resampled"])
 def test_blip_vision_directory_matches_transformers(tmp_path, size):
     reference = transformers.BlipVisionModel(transformers.BlipVisionConfig(**_BLIP_VISION))
-    _perturb(reference, seed=4)
+    perturb(reference, seed=4)
     reference.eval().save_pretrained(tmp_path / "blip")
     encoder = ZooSliceEncoder("vit_base_patch16_384", weights=tmp_path / "blip", model_kwargs=BLIP_SMALL,
                               layers=(0, 1))
@@ -165,10 +153,10 @@ def test_blip_vision_directory_matches_transformers(tmp_path, size):
     ours = encoder(x)
     grid = (size[0] // 16, size[1] // 16)
     last = out.last_hidden_state
-    assert _max_diff(ours.cls, last[:, 0]) < TOL
-    assert _max_diff(ours.patch_grids[-1], last[:, 1:].transpose(1, 2).reshape(2, 64, *grid)) < TOL
+    assert max_diff(ours.cls, last[:, 0]) < TOL
+    assert max_diff(ours.patch_grids[-1], last[:, 1:].transpose(1, 2).reshape(2, 64, *grid)) < TOL
     block0 = reference.post_layernorm(out.hidden_states[1])[:, 1:].transpose(1, 2).reshape(2, 64, *grid)
-    assert _max_diff(ours.patch_grids[0], block0) < TOL
+    assert max_diff(ours.patch_grids[0], block0) < TOL
     assert encoder.proj_dim == 0
 
 
@@ -180,15 +168,15 @@ def test_blip_retrieval_directory_gives_cls_and_vision_projection(tmp_path):
         image_text_hidden_size=16,
     )
     reference = transformers.BlipForImageTextRetrieval(config)
-    _perturb(reference, seed=5)
+    perturb(reference, seed=5)
     reference.eval().save_pretrained(tmp_path / "blip_itm")
     encoder = ZooSliceEncoder("vit_base_patch16_384", weights=tmp_path / "blip_itm", model_kwargs=BLIP_SMALL)
     x = _images(2, 64, 64, seed=4)
     with torch.no_grad():
         last = reference.vision_model(pixel_values=x).last_hidden_state
         projected = reference.vision_proj(last[:, 0])  # what BLIP's image-text contrastive head normalises
-    assert _max_diff(encoder(x, with_grids=False).cls, last[:, 0]) < TOL
-    assert _max_diff(encoder.projected(x), projected) < TOL
+    assert max_diff(encoder(x, with_grids=False).cls, last[:, 0]) < TOL
+    assert max_diff(encoder.projected(x), projected) < TOL
 
 
 # ----------------------------------------------------------------------------- SAM / MedSAM (segment_anything)
@@ -209,7 +197,7 @@ def _tiny_sam():
     decoder = MaskDecoder(transformer_dim=32, transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64,
                                                                            num_heads=2), iou_head_hidden_dim=16)
     sam = Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder)
-    _perturb(sam, seed=6)
+    perturb(sam, seed=6)
     return sam.eval()
 
 
@@ -230,10 +218,10 @@ def test_sam_checkpoint_matches_segment_anything(tmp_path, layout):
     handle.remove()
     ours = encoder(x)
     assert encoder.embed_dim == 32 and encoder.num_prefix_tokens == 1
-    assert _max_diff(ours.patch_grids[-1], embedding) < TOL
-    assert _max_diff(ours.cls, embedding.mean(dim=(2, 3))) < TOL  # CLS = mean of the neck tokens
-    assert _max_diff(ours.patch_mean, embedding.mean(dim=(2, 3))) < TOL
-    assert _max_diff(ours.patch_grids[0], block0) < TOL
+    assert max_diff(ours.patch_grids[-1], embedding) < TOL
+    assert max_diff(ours.cls, embedding.mean(dim=(2, 3))) < TOL  # CLS = mean of the neck tokens
+    assert max_diff(ours.patch_mean, embedding.mean(dim=(2, 3))) < TOL
+    assert max_diff(ours.patch_grids[0], block0) < TOL
     assert ours.registers.shape == (2, 0, 32)
 
 
@@ -299,4 +287,4 @@ def test_modes_lora_targets_and_evaluation_features(name, kwargs):
     features = encode_for_evaluation(frozen, x)
     layout = FeatureLayout.of(frozen)
     assert features.shape == (3, layout.width)
-    assert _max_diff(features[:, : frozen.embed_dim], frozen(x, with_grids=False).cls) < 1e-5
+    assert max_diff(features[:, : frozen.embed_dim], frozen(x, with_grids=False).cls) < 1e-5
