@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 
-from volumes.data.phantoms import PhantomConfig, write_cohort
 from volumes.errors import ConfigError
 from volumes.evaluation.attention_head import AttentionHead, AttentionHeadConfig
 from volumes.evaluation.data import load_evaluation_data
@@ -23,19 +22,12 @@ SAM_TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2, "global_attn_indexes": 
             "neck_chans": 32, "img_size": 64}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def datalist(tmp_path_factory):
-    root = tmp_path_factory.mktemp("attention")
-    return write_cohort(root / "phantoms", 48, seed=0, config=PhantomConfig.classification_demo(),
-                        splits=(0.5, 0.25, 0.25), progress=False)
+def datalist(classification_cohort):
+    return classification_cohort
 
 
 def test_padding_is_ignored_and_slice_order_matters():

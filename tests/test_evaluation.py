@@ -40,21 +40,12 @@ VIT = EncoderConfig("vit_small_patch14_dinov2", model_kwargs=TINY)
 SIZE = 28
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One thread: on a shared 2-core machine a second torch thread waits on a busy core (slower, not faster)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluation")
-    datalist = write_cohort(root / "phantoms", 48, seed=0, config=PhantomConfig.classification_demo(),
-                            splits=(0.5, 0.25, 0.25), progress=False)
-    return {"datalist": datalist, "cache": root / "cache"}
+def cohort(classification_cohort, tmp_path_factory):
+    return {"datalist": classification_cohort, "cache": tmp_path_factory.mktemp("evaluation") / "cache"}
 
 
 @pytest.fixture(scope="module")
