@@ -87,6 +87,15 @@ def test_written_headers(tmp_path):
     assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
 
 
+def test_written_series_passes_dciodvfy(tmp_path):
+    from dicom_conformance import dciodvfy_errors
+
+    files = write_series(tmp_path, patient_id="P7", series_description="test series")
+    assert pydicom.dcmread(files[0]).BodyPartExamined == "ABDOMEN"
+    for path in (files[0], files[-1]):
+        assert dciodvfy_errors(path) == [], path
+
+
 def test_writer_rejects_sheared_affine(tmp_path):
     affine = axial_affine()
     affine[0, 2] = 1.0  # slices shifted sideways: not representable in DICOM

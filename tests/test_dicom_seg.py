@@ -154,6 +154,12 @@ def test_phantom_round_trip(phantom_case, tmp_path: Path) -> None:
     mask = seg.get_pixels_by_source_instance([uid], segment_numbers=[1])[0, :, :, 0]
     np.testing.assert_array_equal(mask, (phantom.label[:, :, k].T == 1).astype(mask.dtype))
 
+    # the SEG volumes infer writes, and the phantom series it refers to, conform to the standard
+    from dicom_conformance import dciodvfy_errors
+
+    for path in (out, files[0]):
+        assert dciodvfy_errors(path) == [], path
+
 
 AFFINES = {
     # Axial, but x and y run toward the patient's left and back (an LPS-ordered grid).

@@ -27,6 +27,7 @@ pytest.importorskip("pynetdicom")
 pytest.importorskip("dicomweb_client")
 import pydicom  # noqa: E402
 
+from dicom_conformance import dciodvfy_errors  # noqa: E402
 from orthanc_server import ORTHANC_AET, Orthanc, free_port, orthanc_or_skip  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -382,8 +383,7 @@ def test_seg_and_sr_pass_dciodvfy_and_dcentvfy(pacs, listened, tmp_path):
             path = tmp_path / f"{name}-{uid}.dcm"
             path.write_bytes(orthanc.instance_bytes(uid))  # as the PACS serves them
             written.append(path)
-            check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
-            errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+            errors = dciodvfy_errors(path)
             assert not errors, f"{name} {uid}:\n" + "\n".join(errors)
         seg, sr = (pydicom.dcmread(p) for p in written)
         assert seg.Modality == "SEG" and sr.Modality == "SR"

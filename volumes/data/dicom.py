@@ -78,6 +78,7 @@ def write_dicom_series(
     modality: str = "CT",
     series_number: int = 1,
     file_prefix: str = "slice_",
+    body_part: str = "ABDOMEN",
 ) -> list[Path]:
     """Write a volume as a single-frame DICOM series, one file per slice.
 
@@ -92,6 +93,8 @@ def write_dicom_series(
             (k = 1..Z) and written atomically (temporary file, then rename).
         series_description, patient_id, study_uid, series_uid, modality,
         series_number: header values; UIDs are generated when ``None``.
+        body_part: BodyPartExamined (the phantoms are abdominal CT). An unpaired body part
+            makes General Series' Laterality not apply, so the files pass ``dciodvfy``.
 
     Returns:
         The written files in slice order (k = 0..Z-1).
@@ -138,6 +141,7 @@ def write_dicom_series(
             patient_id=patient_id,
             series_description=series_description,
             series_number=series_number,
+            body_part=body_part,
             now=now,
         )
         path = folder / f"{file_prefix}{k + 1:04d}.dcm"
@@ -166,7 +170,7 @@ def _slice_geometry(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 def _slice_dataset(pydicom: Any, pixels: np.ndarray, *, sop_class: str, modality: str, instance: int,
                    position: np.ndarray, orientation: np.ndarray, slice_location: float, spacing: np.ndarray,
                    uids: tuple[str, str, str], patient_id: str, series_description: str,
-                   series_number: int, now: datetime.datetime) -> Any:
+                   series_number: int, body_part: str, now: datetime.datetime) -> Any:
     """A single-frame image dataset with the modules a CT/MR reader needs."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.valuerep import format_number_as_ds
@@ -195,6 +199,7 @@ def _slice_dataset(pydicom: Any, pixels: np.ndarray, *, sop_class: str, modality
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = time
     ds.AccessionNumber = ""
     ds.Modality = modality
+    ds.BodyPartExamined = body_part
     ds.Manufacturer = "volumes"
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = ""
