@@ -441,3 +441,22 @@ def test_source_keys_off_and_in_memory_images_use_voxel_keys_only(tmp_path):
 
     assert embedder.source_key_of({"image": load_volume(tmp_path / "a.nii.gz")}) is None
     assert embedder.source_key_of({"image": str(tmp_path / "missing.nii.gz")}) is None
+
+
+def test_embedder_takes_the_network_under_either_name_and_refuses_neither_or_both(tmp_path):
+    from volumes.embedding import ClassifierFeatures, SliceEmbedder
+
+    reference = _embedder(tmp_path / "a")
+    network, transform = reference.network, reference.transform
+    by_keyword = SliceEmbedder(network=network, transform=transform, preprocessing={"size": 28}, progress=False)
+    assert isinstance(by_keyword.features, ClassifierFeatures) and by_keyword.network is network
+    assert by_keyword.preprocessing == reference.preprocessing  # the same cache keys as the positional form
+    with pytest.raises(TypeError, match="one of features="):
+        SliceEmbedder(transform=transform, preprocessing={"size": 28})
+    with pytest.raises(TypeError, match="one of features="):
+        SliceEmbedder(network, transform, {"size": 28}, network=network)
+    with pytest.raises(TypeError, match="transform= and preprocessing="):
+        SliceEmbedder(network)
+    network.encoder.mode = "finetune"
+    with pytest.raises(ValueError, match="frozen encoder"):
+        SliceEmbedder(network, transform, {"size": 28})

@@ -56,6 +56,22 @@ def test_embed_writes_one_embedding_per_slice(cohort, tmp_path, capsys):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_embed_reads_a_second_run_from_the_cache(cohort, tmp_path, capsys, monkeypatch):
+    from volumes.embedding import SliceEmbedder
+
+    argv = ["embed", "--input", str(cohort / "datalist.json"), "--size", "28", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
+    monkeypatch.setattr(SliceEmbedder, "_compute", lambda self, image: pytest.fail("encoded although cached"))
+    monkeypatch.setattr(SliceEmbedder, "transform", property(lambda self: pytest.fail("loaded although cached"),
+                                                             lambda self, value: None), raising=False)
+    assert main([*argv, "--out", str(tmp_path / "second")]) == 0
+    for first in sorted((tmp_path / "first" / "embeddings").glob("*.npz")):
+        cached = np.load(tmp_path / "second" / "embeddings" / first.name)
+        for key, value in np.load(first).items():
+            np.testing.assert_array_equal(cached[key], value)
+    capsys.readouterr()
+
+
 def test_embed_goes_on_past_a_bad_case_and_reports_it(cohort, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
