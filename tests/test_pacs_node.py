@@ -324,6 +324,15 @@ def _associate(port: int, calling: str):
     return ae.associate("127.0.0.1", port, ae_title="VOLUMES")
 
 
+def _wait_for(scp, event: str, count: int = 1, timeout: float = 30.0) -> None:
+    """Wait until the SCP's audit log holds ``count`` records of ``event`` (its handlers run on their own threads)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while sum(r["event"] == event for r in scp.audit.records()) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_scp_refuses_unknown_ae_titles_wrong_addresses_and_full_disks(scp, tmp_path):
     files = sorted(_series(tmp_path / "s", slices=3).iterdir())
     for calling in ("INTRUDER", "FARAWAY"):  # unknown title; known title from an address not configured for it
@@ -337,6 +346,7 @@ def test_scp_refuses_unknown_ae_titles_wrong_addresses_and_full_disks(scp, tmp_p
     scp.config.min_free_mb = 1e12  # the disk "fills up" during the association
     assert assoc.send_c_store(pydicom.dcmread(files[1])).Status == 0xA700
     assoc.release()
+    _wait_for(scp, "association_released")  # the release handler files the stored instance
     assoc = _associate(scp.port, "ORTHANC")
     assert assoc.is_rejected and assoc.acceptor.primitive.result == 0x02  # transient: try again later
     events = [r for r in scp.audit.records() if r["event"] in ("association_refused", "store_refused")]
@@ -352,20 +362,14 @@ def test_scp_discards_an_aborted_association_and_dedupes_a_resend(scp, tmp_path)
     for path in files[:2]:
         assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
     assoc.abort()
-    import time
-
-    deadline = time.monotonic() + 10
-    while not any(r["event"] == "association_aborted" for r in scp.audit.records()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_for(scp, "association_aborted")
     assert not list((tmp_path / "in").rglob("*.dcm"))  # nothing of the aborted association is kept
     for _ in range(2):  # the whole series twice: stored once
         assoc = _associate(scp.port, "ORTHANC")
         for path in files:
             assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
         assoc.release()
-    deadline = time.monotonic() + 10
-    while sum(r["event"] == "association_released" for r in scp.audit.records()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_for(scp, "association_released", 2)
     released = [r for r in scp.audit.records() if r["event"] == "association_released"]
     assert [(r["stored"], r["duplicates"]) for r in released] == [(4, 0), (0, 4)]
     assert sorted(p.stem for p in (tmp_path / "in").rglob("*.dcm")) == sorted(
@@ -379,3 +383,36 @@ def test_scp_discards_an_aborted_association_and_dedupes_a_resend(scp, tmp_path)
     assert assoc.send_c_store(ds).Status == 0xA900
     assoc.release()
     assert not (tmp_path / "escape").exists() and not list(tmp_path.glob("**/escape*"))
+
+
+def test_a_released_study_stays_busy_until_its_instances_are_filed(scp, tmp_path):
+    """``pull`` waits on busy_studies after a C-MOVE: a study must not look complete while it is being filed."""
+    import threading
+
+    files = sorted(_series(tmp_path / "s", slices=3).iterdir())
+    study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    filing, go_on = threading.Event(), threading.Event()
+    real_file = scp._file
+
+    def slow_file(pending):
+        filing.set()
+        go_on.wait(30)
+        real_file(pending)
+
+    scp._file = slow_file
+    assoc = _associate(scp.port, "ORTHANC")
+    for path in files:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+    assert scp.busy_studies() == {study}
+    assoc.release()
+    assert filing.wait(30)
+    assert scp.busy_studies() == {study}  # released, not yet filed: still busy
+    def filed():
+        return [p for p in (tmp_path / "in").rglob("*.dcm") if ".partial" not in p.parts]
+
+    assert not filed()
+    go_on.set()
+    _wait_for(scp, "association_released")
+    assert scp.busy_studies() == set()
+    assert len(filed()) == 3
+    assert scp.ledger.studies()[0]["study_uid"] == study

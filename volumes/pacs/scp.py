@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import re
 import shutil
@@ -71,6 +72,7 @@ class _Pending:
     calling_ae: str
     items: list[tuple[Path, str, str, str]] = field(default_factory=list)  # tmp, study, series, sop
     patients: dict[str, str | None] = field(default_factory=dict)  # study -> patient hash
+    filing: bool = False  # released: its instances are being moved into storage
 
 
 class StorageSCP:
@@ -93,6 +95,7 @@ class StorageSCP:
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
         self._server: Any = None
+        self._serial = itertools.count()
         self._allowed = {p.ae_title: _resolve(p.host) for p in config.peers}
 
     # ------------------------------------------------------------------ lifecycle
@@ -163,8 +166,9 @@ class StorageSCP:
             assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, presentation, local limit exceeded
             assoc.kill()
             return
-        folder = self.partial / str(id(assoc))
         with self._lock:
+            # a folder per association, never reused (Python may reuse id(assoc) once one is freed)
+            folder = self.partial / f"{next(self._serial):06d}"
             self._pending[id(assoc)] = _Pending(folder=folder, calling_ae=calling)
         self.audit.event("association_accepted", calling_ae=calling, address=address)
 
@@ -204,10 +208,24 @@ class StorageSCP:
         return STATUS_SUCCESS
 
     def _on_released(self, event: Any) -> None:
+        # the entry stays in _pending (so busy_studies still names its studies) until the
+        # instances are filed and the ledger touched: a C-MOVE waiting on busy_studies must
+        # not see the study as complete while its files are still being moved
         with self._lock:
-            pending = self._pending.pop(id(event.assoc), None)
-        if pending is None:
-            return
+            pending = self._pending.get(id(event.assoc))
+            if pending is None:
+                return
+            pending.filing = True  # the connection closing now (EVT_CONN_CLOSE) must not discard it
+        try:
+            self._file(pending)
+        finally:
+            with self._lock:
+                self._pending.pop(id(event.assoc), None)
+        if self.on_released is not None and pending.items:
+            self.on_released({s for _, s, _, _ in pending.items})
+
+    def _file(self, pending: "_Pending") -> None:
+        """Move an association's instances into the storage folder and touch their studies."""
         stored, duplicates, studies = 0, 0, set()
         for tmp, study, series, sop in pending.items:
             target = self.storage / study / series / f"{sop}.dcm"
@@ -225,14 +243,13 @@ class StorageSCP:
             self.ledger.touch_study(study, patient_hash=pending.patients.get(study), source=pending.calling_ae)
         self.audit.event("association_released", calling_ae=pending.calling_ae, stored=stored,
                          duplicates=duplicates, studies=sorted({s for _, s, _, _ in pending.items}))
-        if self.on_released is not None and pending.items:
-            self.on_released({s for _, s, _, _ in pending.items})
 
     def _on_aborted(self, event: Any) -> None:
         with self._lock:
-            pending = self._pending.pop(id(event.assoc), None)
-        if pending is None:
-            return  # released (already committed) or never accepted
+            pending = self._pending.get(id(event.assoc))
+            if pending is None or pending.filing:
+                return  # released (committed or being committed) or never accepted
+            del self._pending[id(event.assoc)]
         shutil.rmtree(pending.folder, ignore_errors=True)
         self.audit.event("association_aborted", calling_ae=pending.calling_ae, discarded=len(pending.items),
                          studies=sorted({s for _, s, _, _ in pending.items}))
