@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
                        help="background threads loading and preprocessing the next cases "
                             "(default: 1 on CUDA, 0 on CPU, where they would compete with the network)")
     infer.add_argument("--no-figures", action="store_true", help="skip the per-case PNG figures")
+    infer.add_argument("--no-share-encoder", action="store_true",
+                       help="run each bundle's own encoder even when bundles share encoder, weights and slice "
+                            "preparation (by default such bundles encode each case once for all their heads)")
     infer.add_argument("--no-progress", action="store_true")
     infer.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                        help="override a key of every bundle's inference config, e.g. inference_slab=8")
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     models = [load_bundle(root, device=device, weights=w, overrides=overrides) for root, w in zip(args.bundle, weights)]
     runner = BatchInference(models, args.output, resume=args.resume, workers=args.workers,
-                            figures=not args.no_figures, progress=not args.no_progress)
+                            figures=not args.no_figures, progress=not args.no_progress,
+                            share_encoder=not args.no_share_encoder)
     summary = runner.run([case.to_dict() for case in cases])
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary.line())
