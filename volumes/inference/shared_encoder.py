@@ -40,8 +40,9 @@ def _network(model: Any) -> nn.Module | None:
 
 
 def _encoder(model: Any) -> SliceEncoder | None:
+    """The network's slice encoder: a torch one or another backend's (``torch_encoder`` inside)."""
     encoder = getattr(_network(model), "encoder", None)
-    return encoder if isinstance(encoder, SliceEncoder) else None
+    return encoder if isinstance(encoder, SliceEncoder) or hasattr(encoder, "torch_encoder") else None
 
 
 def encoder_identity(model: Any) -> str | None:
