@@ -106,6 +106,8 @@ class _Exported:
                     raise VolumesError(f"{path}: cannot write the ONNX export ({exc})") from exc
             options = self.ort.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()  # the cores torch would use
+            # no busy-waiting after a call: torch runs next (aggregator, 3D refinement) on the same cores
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.sessions[size] = self.ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             self.paths[size] = path
         return self.sessions[size]
