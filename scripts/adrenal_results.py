@@ -30,7 +30,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -40,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from volumes.reporting import cpu_model, format_params as fmt_params, quick_subset
+from volumes.reporting import command_line, format_params as fmt_params, machine_line, quick_subset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file from a checkout without installing
@@ -117,9 +116,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def command_line(argv: Sequence[str] | None) -> str:
-    parts = list(sys.argv[1:] if argv is None else argv)
-    return " ".join([".venv/bin/python scripts/adrenal_results.py", *parts]).strip()
 
 
 # --------------------------------------------------------------------------- data
@@ -318,13 +314,6 @@ def results_table(summaries: list[MethodSummary], embed_seconds: float, majority
     return "\n".join(lines)
 
 
-def machine_line(threads: int) -> str:
-    model = cpu_model()
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (
-        f"{os.cpu_count()} CPU cores ({model}), no GPU, shared with other jobs "
-        f"(load average at start: {load}); torch uses {threads} thread(s)"
-    )
 
 
 def render_markdown(ctx: dict[str, Any], summaries: list[MethodSummary]) -> str:
@@ -571,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "timm hub weights" if args.pretrained else "random init")
         ctx = {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": command_line(argv), "random_encoder": not (args.weights or args.pretrained),
+            "command": command_line("adrenal_results.py", argv), "random_encoder": not (args.weights or args.pretrained),
             "encoder_state": weights_state, "encoder_seed": args.encoder_seed, "encoder": args.encoder,
             "seeds": args.seeds, "counts": counts, "volume_size": volume_size, "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
