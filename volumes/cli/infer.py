@@ -33,6 +33,15 @@ def add_parser(sub) -> None:
                        help="background threads loading and preprocessing the next cases "
                             "(default: 1 on CUDA, 0 on CPU, where they would compete with the network)")
     infer.add_argument("--no-figures", action="store_true", help="skip the per-case PNG figures")
+    infer.add_argument("--no-share-encoder", action="store_true",
+                       help="run each bundle's own encoder even when bundles share encoder, weights and slice "
+                            "preparation (by default such bundles encode each case once for all their heads)")
+    infer.add_argument("--backend", default="torch",
+                       choices=["torch", "onnxruntime", "onnxruntime-int8", "openvino"],
+                       help="torch (default); onnxruntime: the encoder and the 2D decoder exported to ONNX "
+                            "(cached beside the weights) and run on the CPU by ONNX Runtime "
+                            "(pip install 'volumes[onnx]'); onnxruntime-int8: the encoder's weights quantised "
+                            "to int8 as well; openvino: not implemented yet")
     infer.add_argument("--no-progress", action="store_true")
     infer.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                        help="override a key of every bundle's inference config, e.g. inference_slab=8")
@@ -74,13 +83,21 @@ def run(args: argparse.Namespace) -> int:
     if len(weights) != len(args.bundle):
         raise VolumesError(f"--weights given {len(weights)} times for {len(args.bundle)} bundles; give one per bundle")
     if args.engine == "ray":
+        if args.backend != "torch":
+            raise VolumesError(f"--backend {args.backend} runs with --engine local only")
         return _run_ray(args, weights)
+    from volumes.inference.onnx_backend import require_onnxruntime, use_backend
+
+    if args.backend.startswith("onnxruntime"):
+        require_onnxruntime()  # before discovery and model loading: a missing extra is said at once
     cases = discover_cases(args.input, section=args.section)
     device = resolve_device(args.device, distributed=True)
     overrides = parse_overrides(args.set)
-    models = [load_bundle(root, device=device, weights=w, overrides=overrides) for root, w in zip(args.bundle, weights)]
+    models = [use_backend(load_bundle(root, device=device, weights=w, overrides=overrides), args.backend)
+              for root, w in zip(args.bundle, weights)]
     runner = BatchInference(models, args.output, resume=args.resume, workers=args.workers,
-                            figures=not args.no_figures, progress=not args.no_progress)
+                            figures=not args.no_figures, progress=not args.no_progress,
+                            share_encoder=not args.no_share_encoder)
     summary = runner.run([case.to_dict() for case in cases])
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary.line())

@@ -35,7 +35,8 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.track_running_stats or x.dim() != self._get_no_batch_dim() + 1:
             return super().forward(x)
-        return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+        # num_features, not x.shape[1]: the same count, but a constant when traced for ONNX export
+        return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
 
 
 class InstanceNorm3d(nn.InstanceNorm3d):

@@ -46,7 +46,9 @@ def _pos_embed_cached(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     prefix_pos, patch_pos = self.pos_embed[:, :class_in_grid], self.pos_embed[:, class_in_grid:]
 
     cacheable = not (torch.is_grad_enabled() and self.pos_embed.requires_grad)
-    key = (height, width, patch_pos.dtype, patch_pos.device)
+    # int(): under torch.onnx.export the sizes are traced values; as ints the export finds
+    # the grid cached by a warm-up pass and records it as a constant (no bicubic op in ONNX)
+    key = (int(height), int(width), patch_pos.dtype, patch_pos.device)
     # The parameter's version counter moves with every in-place change (an optimiser
     # step, load_state_dict), so a grid resampled from older values is never reused.
     version = (self.pos_embed.data_ptr(), self.pos_embed._version)

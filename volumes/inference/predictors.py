@@ -49,6 +49,15 @@ class SegmentationPredictor:
     * ``device`` (CUDA when present): ``volumes infer --device``; under torchrun each
       process takes its own GPU.
 
+    Two knobs of ``volumes infer`` act on the networks from outside the bundle:
+
+    * ``--backend`` (``torch``): ``onnxruntime`` runs the encoder and the 2D decoder as ONNX
+      graphs on the CPU (features within 1e-4; :mod:`volumes.inference.onnx_backend`),
+      ``onnxruntime-int8`` with int8 encoder weights (changes labels; see docs/PERFORMANCE.md).
+    * ``--no-share-encoder``: by default bundles with the same encoder weights and slice
+      preparation encode a case once for all their heads
+      (:mod:`volumes.inference.shared_encoder`); same results, more memory per case.
+
     The classification bundle shares ``encoder_chunk_size``, ``encoder_autocast`` and
     ``device``. Keys that change the outputs are part of the bundle's model key, so
     ``--resume`` redoes cases when they change.

@@ -233,10 +233,14 @@ class BatchInference:
             and cost one more loaded volume of memory (docs/PERFORMANCE.md).
         figures: draw ``overview.png`` per case and put it in the report.
         progress: show a progress bar with ETA.
+        share_encoder: bundles with the same encoder (name, weights hash, options) and slice
+            preparation run it once per case and share its features
+            (:mod:`volumes.inference.shared_encoder`); False runs each bundle's own.
     """
 
     def __init__(self, models: Sequence[BundleModel], output_dir: str | Path, *, resume: bool = False,
-                 workers: int | None = None, figures: bool = True, progress: bool = True):
+                 workers: int | None = None, figures: bool = True, progress: bool = True,
+                 share_encoder: bool = True):
         models = list(models)
         if not models:
             raise VolumesError("no bundles to run")
@@ -254,6 +258,9 @@ class BatchInference:
         self.figures = figures
         self.progress = progress
         self._rank = 0
+        from volumes.inference.shared_encoder import EncoderSharing
+
+        self.sharing = EncoderSharing(models, enabled=share_encoder)
 
     # ------------------------------------------------------------------ per case
     def _case_dir(self, item: Mapping[str, Any]) -> Path:
@@ -332,7 +339,7 @@ class BatchInference:
                        "preprocess": prepared.timings.get(f"preprocess:{bid}", 0.0)}
             try:
                 start = time.perf_counter()
-                result = model.predictor.predict(prepared.data.pop(bid))
+                result = self.sharing.predict(model, prepared.data.pop(bid))
                 timings["infer"] = time.perf_counter() - start
             except Exception as exc:
                 raise _StageError("infer", exc) from exc
