@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from volumes.evaluation.calibration import brier_score, expected_calibration_error, fit_temperature, softmax
+from volumes.calibration import brier_score, expected_calibration_error, fit_temperature, softmax
 
 
 def _sampled(temperature: float, n: int = 20000, k: int = 3, seed: int = 0):
@@ -48,7 +48,7 @@ def test_fit_temperature_refuses_mismatched_inputs():
 
 
 def test_calibration_metrics_fit_on_validation_and_score_the_test_split():
-    from volumes.evaluation.calibration import calibration_metrics
+    from volumes.calibration import calibration_metrics
 
     logits, labels = _sampled(2.5, n=8000, seed=1)
     p = softmax(logits)  # over-confident: the labels follow T = 2.5

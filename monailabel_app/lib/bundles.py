@@ -8,7 +8,8 @@ Each served model has a folder ``<model_dir>/<model>/`` holding
   replaced atomically by every finished training run, which starts from it.
 * ``model.settings.json``: the settings the checkpoint was trained with (network,
   slice preparation, labels; :mod:`volumes.bundle`), published with it, so inference
-  refuses app settings that do not fit the weights with the differing keys named.
+  refuses app settings that do not fit the weights with the differing keys named;
+  ``model.calibration.json`` (the classifier's temperature) travels the same way.
 * ``train_stats.json``: what the last training run did (shown in ``/info``).
 * ``runs/<run id>/``: each training run's datalist, checkpoints and TensorBoard logs.
 """
@@ -142,7 +143,10 @@ class ModelBundle:
         from volumes.atomic import atomic_write_bytes
         from volumes.bundle import SaveSettings
 
+        from volumes.calibration import calibration_path
+
         SaveSettings(self.checkpoint, self.parser("train").get_parsed_content("checkpoint_settings")).write()
+        calibration_path(self.checkpoint).unlink(missing_ok=True)  # not fitted for these weights
         state = {"model": {k: v.detach().cpu() for k, v in state_dict.items()}}
         atomic_write_bytes(self.checkpoint, lambda handle: torch.save(state, handle))
 
@@ -154,13 +158,15 @@ class ModelBundle:
         """
         from volumes.atomic import atomic_path
         from volumes.bundle import settings_path
+        from volumes.calibration import calibration_path
 
-        source_settings, settings = settings_path(source), settings_path(self.checkpoint)
-        if source_settings.is_file():
-            with atomic_path(settings, suffix=".json.tmp") as tmp:
-                shutil.copyfile(source_settings, tmp)
-        else:
-            settings.unlink(missing_ok=True)
+        for companion in (settings_path, calibration_path):  # settings; the classifier's temperature
+            given, published = companion(source), companion(self.checkpoint)
+            if given.is_file():
+                with atomic_path(published, suffix=".json.tmp") as tmp:
+                    shutil.copyfile(given, tmp)
+            else:
+                published.unlink(missing_ok=True)
         with atomic_path(self.checkpoint, suffix=".pt.tmp") as tmp:
             shutil.copyfile(source, tmp)
 

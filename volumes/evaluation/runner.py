@@ -28,7 +28,7 @@ import torch
 
 from volumes.encoders.config import EncoderConfig
 from volumes.errors import ConfigError
-from volumes.evaluation.calibration import calibration_metrics
+from volumes.calibration import calibration_metrics
 from volumes.evaluation.data import EvaluationData, stratified_split
 from volumes.evaluation.features import FEATURE_KINDS, FeatureLayout, FeatureSet, evaluation_embedder, standardize
 from volumes.evaluation.fewshot import DEFAULT_DRAWS, DEFAULT_FEWSHOT_L2, DEFAULT_SHOTS, fewshot_indices

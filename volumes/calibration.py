@@ -8,13 +8,25 @@ over-confident classifier.
 * :func:`fit_temperature`: ``T`` from validation logits and labels.
 * :func:`expected_calibration_error`: the standard ECE with equal-width confidence bins.
 * :func:`brier_score`: mean squared distance of the probability vector to the one-hot label.
+* :class:`FitTemperature`: the classification bundle's training handler that fits ``T`` on
+  the validation split whenever the checkpoint saver keeps a new best checkpoint, and
+  writes it beside it (``model.calibration.json``); :func:`load_temperature` reads it at
+  inference (``T = 1`` for a checkpoint without one, said once in the log).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
-__all__ = ["brier_score", "calibration_metrics", "expected_calibration_error", "fit_temperature", "softmax"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["FitTemperature", "brier_score", "calibration_metrics", "calibration_path", "load_temperature", "expected_calibration_error", "fit_temperature", "softmax"]
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -101,3 +113,98 @@ def calibration_metrics(val_probabilities: np.ndarray, val_labels: np.ndarray, t
         "test_brier_calibrated": brier_score(calibrated, test_labels),
         "test_acc_calibrated": float(np.mean(calibrated.argmax(axis=1) == np.asarray(test_labels))),
     }
+
+
+# ---------------------------------------------------------------------------- with the checkpoint
+def calibration_path(checkpoint: str | Path) -> Path:
+    """``model.pt`` -> ``model.calibration.json`` beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name.rsplit(".", 1)[0] + ".calibration.json")
+
+
+def load_temperature(checkpoint: str | Path | None) -> float:
+    """The temperature saved with ``checkpoint``; 1.0 (uncalibrated, logged) when it has none.
+
+    Raises:
+        VolumesError: the calibration file is unreadable or holds no positive temperature.
+    """
+    from volumes.errors import VolumesError
+
+    if checkpoint is None:
+        return 1.0
+    path = calibration_path(checkpoint)
+    if not path.is_file():
+        logger.info("%s: no %s beside it (trained before calibration): probabilities are not calibrated (T = 1)",
+                    checkpoint, path.name)
+        return 1.0
+    try:
+        temperature = float(json.loads(path.read_text())["temperature"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VolumesError(f"{path}: unreadable calibration file ({exc})") from exc
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise VolumesError(f"{path}: temperature must be a positive number, got {temperature}")
+    return temperature
+
+
+class FitTemperature:
+    """Validation handler: fit the temperature of the checkpoint the saver keeps, and save it beside it.
+
+    Collects the validation run's probabilities (``pred``, after the bundle's softmax
+    postprocessing) and one-hot labels; when the key metric is at least the best so far
+    (the rule of ``CheckpointSaver(key_metric_greater_or_equal=True)``, so the file always
+    belongs to the saved weights), fits ``T`` on them and writes ``model.calibration.json``
+    atomically with the validation ECE and Brier score before and after.
+
+    Under torchrun (``multi_gpu_train.json``) the handler runs on rank 0 only and fits on
+    rank 0's share of the validation split.
+
+    Args:
+        checkpoint: the checkpoint file the saver writes.
+        key_metric: the evaluator's key metric name (``val_auc``).
+    """
+
+    def __init__(self, checkpoint: str | Path, key_metric: str = "val_auc"):
+        self.path = calibration_path(checkpoint)
+        self.key_metric = key_metric
+        self.best = -math.inf
+        self._probabilities: list[np.ndarray] = []
+        self._labels: list[int] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._reset())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_fit)
+
+    def _reset(self) -> None:
+        self._probabilities, self._labels = [], []
+
+    def _collect(self, engine: Any) -> None:
+        for item in engine.state.output:
+            self._probabilities.append(item["pred"].detach().float().cpu().numpy())
+            self._labels.append(int(item["label"].argmax()))
+
+    def _maybe_fit(self, engine: Any) -> None:
+        score = float(engine.state.metrics.get(self.key_metric, math.nan))
+        if not self._labels or math.isnan(score) or score < self.best:
+            return
+        self.best = score
+        self.write(np.stack(self._probabilities), np.asarray(self._labels))
+
+    def write(self, probabilities: np.ndarray, labels: np.ndarray) -> Path:
+        from volumes.atomic import atomic_write_bytes
+
+        temperature = fit_temperature(np.log(probabilities + 1e-12), labels)
+        calibrated = softmax(np.log(probabilities + 1e-12), temperature)
+        content = {
+            "method": "temperature scaling", "temperature": temperature, "fitted_on": "validation split",
+            "cases": int(len(labels)),
+            "val_ece": expected_calibration_error(probabilities, labels),
+            "val_ece_calibrated": expected_calibration_error(calibrated, labels),
+            "val_brier": brier_score(probabilities, labels),
+            "val_brier_calibrated": brier_score(calibrated, labels),
+        }
+        text = json.dumps(content, indent=1) + "\n"
+        atomic_write_bytes(self.path, lambda handle: handle.write(text.encode()))
+        return self.path
