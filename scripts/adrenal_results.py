@@ -30,7 +30,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -40,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from volumes.reporting import cpu_model, format_params as fmt_params, quick_subset
+from volumes.reporting import command_line, format_params as fmt_params, machine_line, quick_subset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file from a checkout without installing
@@ -117,9 +116,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def command_line(argv: Sequence[str] | None) -> str:
-    parts = list(sys.argv[1:] if argv is None else argv)
-    return " ".join([".venv/bin/python scripts/adrenal_results.py", *parts]).strip()
 
 
 # --------------------------------------------------------------------------- data
@@ -129,56 +125,63 @@ def default_slice_size(volume_size: int, patch: int) -> int:
 
 
 # --------------------------------------------------------------------------- embeddings
-def make_embedder_class():
+def blank_sharing_embedder(network, transform, preprocessing: dict[str, Any], **kwargs: Any):
+    """A :class:`~volumes.embedding.SliceEmbedder` whose features encode each distinct blank slice once per run.
+
+    The encoder embeds every slice on its own, so a slice of constant value (the empty
+    background slices that make up ~60% of an AdrenalMNIST3D mask volume) always gets the
+    same embedding: :class:`BlankSharingFeatures` computes it once and reuses it. Same cache
+    keys as the plain embedder of ``network``.
+    """
+    from volumes.embedding import SliceEmbedder
+
+    return SliceEmbedder(blank_sharing_features(network), transform, preprocessing, **kwargs)
+
+
+def blank_sharing_features(network):
+    """:class:`~volumes.embedding.ClassifierFeatures` of an axial ``network`` with blank slices shared."""
     import torch
     from monai.data import MetaTensor
 
-    from volumes.embedding import SliceEmbedder
+    from volumes.embedding import ClassifierFeatures
     from volumes.networks import slice_spacing_mm
 
-    class BlankSharingEmbedder(SliceEmbedder):
-        """A :class:`SliceEmbedder` that encodes each distinct blank slice once per run.
+    class BlankSharingFeatures(ClassifierFeatures):
+        def __init__(self, network):
+            super().__init__(network)
+            self._blank: dict[tuple[float, ...], torch.Tensor] = {}  # blank value per channel -> embedding
 
-        The encoder embeds every slice on its own, so a slice of constant value (the empty
-        background slices that make up ~60% of an AdrenalMNIST3D mask volume) always gets
-        the same embedding; it is computed once and reused. Other slices go through
-        ``network.embed`` as usual; positions are the slice index times the affine's spacing.
-        """
-
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self._blank: dict[tuple[float, ...], torch.Tensor] = {}
-
-        def _embed(self, volume: torch.Tensor) -> torch.Tensor:
-            self.features.encoded_slices += int(volume.shape[-1])  # SliceEmbedder.encoded_slices reads it
-            x, _, _ = self.network.embed(volume.to(self.device))
+        def _embed(self, volume: torch.Tensor, device: torch.device) -> torch.Tensor:
+            self.encoded_slices += int(volume.shape[-1])
+            x, _, _ = self.network.embed(volume.to(device))
             return x[0].cpu()
 
-        def _compute(self, image: torch.Tensor) -> dict:
+        def compute(self, images, device):
             if tuple(self.network.planes) != ("axial",):
-                return super()._compute(image)
-            self.network.encoder.to(self.device)
+                return super().compute(images, device)
+            return [self._one(image, device) for image in images]
+
+        def _one(self, image: torch.Tensor, device: torch.device) -> dict:
             plain = image.as_tensor() if isinstance(image, MetaTensor) else image
             depth = plain.shape[-1]
             per_slice = plain.reshape(plain.shape[0], -1, depth)
             low, high = per_slice.amin(dim=1), per_slice.amax(dim=1)  # [C, D]
             blank = (low == high).all(dim=0)
-            with torch.inference_mode():
-                rows: list[torch.Tensor | None] = [None] * depth
-                busy = (~blank).nonzero().flatten()
-                if busy.numel():
-                    for index, row in zip(busy.tolist(), self._embed(plain[None][..., busy])):
-                        rows[index] = row
-                for index in blank.nonzero().flatten().tolist():
-                    value = tuple(low[:, index].tolist())
-                    if value not in self._blank:
-                        self._blank[value] = self._embed(plain[None][..., index : index + 1])[0]
-                    rows[index] = self._blank[value]
-                spacing = slice_spacing_mm(image.unsqueeze(0), 4)[0].cpu()
+            rows: list[torch.Tensor | None] = [None] * depth
+            busy = (~blank).nonzero().flatten()
+            if busy.numel():
+                for index, row in zip(busy.tolist(), self._embed(plain[None][..., busy], device)):
+                    rows[index] = row
+            for index in blank.nonzero().flatten().tolist():
+                value = tuple(low[:, index].tolist())
+                if value not in self._blank:
+                    self._blank[value] = self._embed(plain[None][..., index : index + 1], device)[0]
+                rows[index] = self._blank[value]
+            spacing = slice_spacing_mm(image.unsqueeze(0), 4)[0].cpu()  # positions: slice index x spacing
             positions = torch.arange(depth, dtype=torch.float32) * spacing
             return {"embedding": torch.stack(rows).numpy(), "positions": positions.numpy()}
 
-    return BlankSharingEmbedder
+    return BlankSharingFeatures(network)
 
 
 # --------------------------------------------------------------------------- training
@@ -318,13 +321,6 @@ def results_table(summaries: list[MethodSummary], embed_seconds: float, majority
     return "\n".join(lines)
 
 
-def machine_line(threads: int) -> str:
-    model = cpu_model()
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (
-        f"{os.cpu_count()} CPU cores ({model}), no GPU, shared with other jobs "
-        f"(load average at start: {load}); torch uses {threads} thread(s)"
-    )
 
 
 def render_markdown(ctx: dict[str, Any], summaries: list[MethodSummary]) -> str:
@@ -479,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     transform = Compose([PrepareSlicesd("image", axis="axial", channel_mode="repeat",
                                         patch_size=encoder.patch_size, size=slice_size)])
-    embedder = make_embedder_class()(
+    embedder = blank_sharing_embedder(
         network, transform, preprocessing, cache_dir=None if args.no_cache else (args.cache_dir or _default_cache()),
         label_key="class_label", progress=progress,
     )
@@ -571,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "timm hub weights" if args.pretrained else "random init")
         ctx = {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": command_line(argv), "random_encoder": not (args.weights or args.pretrained),
+            "command": command_line("adrenal_results.py", argv), "random_encoder": not (args.weights or args.pretrained),
             "encoder_state": weights_state, "encoder_seed": args.encoder_seed, "encoder": args.encoder,
             "seeds": args.seeds, "counts": counts, "volume_size": volume_size, "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,

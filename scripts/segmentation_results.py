@@ -59,7 +59,7 @@ from typing import Any, Callable, Sequence
 
 from volumes.arrays import spacing_mm
 from volumes.atomic import atomic_write_bytes
-from volumes.reporting import cpu_model, format_params as fmt_params
+from volumes.reporting import command_line, format_params as fmt_params, load_average, machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file from a checkout without installing
@@ -118,22 +118,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def command_line(argv: Sequence[str] | None) -> str:
-    parts = list(sys.argv[1:] if argv is None else argv)
-    return " ".join([".venv/bin/python scripts/segmentation_results.py", *map(shlex.quote, parts)]).strip()
 
 
-def machine_line(threads: int) -> str:
-    model = cpu_model()
-    try:
-        nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        nproc = str(os.cpu_count())
-    return f"`nproc` = {nproc} ({model}), no GPU, torch.get_num_threads() = {threads}"
 
 
-def load_average() -> str:
-    return ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 # --------------------------------------------------------------------------- data
@@ -653,7 +641,7 @@ Rows (b), (c) and (d) each trained for a budget of {ctx['budget_s']:g} s of wall
 
 ## Machine and timing
 
-- {ctx['machine']}; load average {ctx['load_start']} at start, {ctx['load_end']} at the end. The machine's 2 cores
+- {ctx['machine']}; load average {ctx['load_end']} at the end. The machine's 2 cores
   are shared with other people's jobs (test runs among them) that run at the same time, so wall times, and with
   them the steps each budget bought, are noisy: a quieter machine gives every row more steps in the same budget.
 - Software: torch {torch.__version__}, MONAI {monai.__version__}, timm {timm.__version__}, Python {platform.python_version()}.
@@ -826,7 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mapping_text = "; ".join(f"{name} ← {id_text(ids)}" for name, ids in inverse.items())
     ctx.update(
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        command=command_line(argv), block=args.block, depth=case.depth, n_test=len(test_z),
+        command=command_line("segmentation_results.py", argv), block=args.block, depth=case.depth, n_test=len(test_z),
         budget_s=args.budget_s, num_classes=num_classes, swin_feature_size=args.swin_feature_size,
         organ_voxels=case.organ_voxels, skipped=skipped, ct_shape="×".join(str(s) for s in reference.shape),
         spacing=" × ".join(f"{s:g}" for s in case.spacing), mapping_text=mapping_text,

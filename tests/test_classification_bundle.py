@@ -178,7 +178,7 @@ def test_torchrun_two_cpu_processes_write_exactly_one_checkpoint(tmp_path):
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "model.settings.json"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.calibration.json", "model.pt", "model.settings.json"]
 
     # Distributed evaluation of that checkpoint: metrics gathered from both ranks, saved once.
     configs = [CONFIGS / "train.json", CONFIGS / "evaluate.json", CONFIGS / "multi_gpu_evaluate.json"]
@@ -187,3 +187,48 @@ def test_torchrun_two_cpu_processes_write_exactly_one_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in metrics] == ["val_auc", "val_accuracy"]
+
+
+def test_inference_applies_the_temperature_fitted_at_training(trained):
+    """Training saves T beside model.pt (fitted on the validation split); inference divides the logits by it."""
+    import numpy as np
+
+    from volumes.calibration import calibration_path, softmax
+
+    datalist = json.loads((trained / "data" / "phantoms" / "datalist.json").read_text())
+    saved = calibration_path(trained / "models" / "model.pt")
+    calibration = json.loads(saved.read_text())
+    temperature = calibration["temperature"]
+    assert temperature > 0 and calibration["cases"] == len(datalist["validation"])
+    assert calibration["val_ece_calibrated"] <= calibration["val_ece"] + 0.05  # fitted on these very cases
+
+    def predictions():
+        _run(["inference.json"], trained)
+        return [json.loads(line) for line in (trained / "eval" / "predictions.jsonl").read_text().splitlines()]
+
+    for row in predictions():
+        raw = np.array([list(row["probabilities_uncalibrated"].values())])
+        expected = softmax(np.log(np.clip(raw, 1e-6, None)), temperature)[0]
+        np.testing.assert_allclose(list(row["probabilities"].values()), expected, atol=1e-3)
+        assert row["temperature"] == temperature
+    # a checkpoint trained before calibration existed: T = 1, the probabilities as they were
+    hidden = saved.rename(saved.with_suffix(".hidden"))
+    try:
+        for row in predictions():
+            assert row["temperature"] == 1.0 and row["probabilities"] == row["probabilities_uncalibrated"]
+    finally:
+        hidden.rename(saved)
+
+
+def test_a_broken_calibration_file_is_named(tmp_path):
+    from volumes.calibration import calibration_path, load_temperature
+    from volumes.errors import VolumesError
+
+    checkpoint = tmp_path / "model.pt"
+    assert load_temperature(checkpoint) == 1.0
+    calibration_path(checkpoint).write_text('{"temperature": -2}')
+    with pytest.raises(VolumesError, match="model.calibration.json: temperature must be a positive number"):
+        load_temperature(checkpoint)
+    calibration_path(checkpoint).write_text("{not json")
+    with pytest.raises(VolumesError, match="model.calibration.json: unreadable calibration file"):
+        load_temperature(checkpoint)

@@ -31,10 +31,16 @@ def test_quick_demo_trains_both_bundles_and_runs_batch_inference(tmp_path, capsy
         assert (tmp_path / "bundles" / bundle / "models" / "model.pt").is_file()
     scores = json.loads((tmp_path / "demo_scores.json").read_text())
     assert scores["phantom_cases_scored"] >= 2 and 0.0 <= scores["mean_dice"] <= 1.0
+    # the classifier's probabilities come calibrated, with the temperature the training fitted
+    temperature = json.loads((tmp_path / "bundles" / "dinov2_slice_classification" / "models" /
+                              "model.calibration.json").read_text())["temperature"]
+    assert 0.0 <= scores["ece_calibrated"] <= 1.0 and 0.0 <= scores["brier_calibrated"] <= 2.0
+    assert "ECE" in printed and "Brier" in printed
     rows = [json.loads(line) for line in (tmp_path / "infer" / "predictions.jsonl").read_text().splitlines()]
     cases = {row["case_id"] for row in rows}
     assert any(case.endswith("_dicom") and case.startswith("seg_") for case in cases)
     assert ("real_example_ct" in cases and "real_example_ct_dicom" in cases) == SHARED.is_dir()
+    assert {row["temperature"] for row in rows if row["task"] == "classification"} == {temperature}
     assert (tmp_path / "infer" / "failures.csv").read_text().count("\n") == 1  # header only
 
 

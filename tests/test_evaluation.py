@@ -134,6 +134,12 @@ def test_linear_probe_on_each_feature_kind(volume_eval):
         assert run["test_auc"] >= 0.9 and run["test_acc"] >= 0.75
         assert result.details["dim"] == dims[kind] and result.trainable_params == dims[kind] * 2 + 2
         assert result.details["l2"] in [row["l2"] for row in result.details["sweep"]]
+        # temperature fitted on the validation split: positive, same accuracy, scores in range
+        assert run["temperature"] > 0 and run["test_acc_calibrated"] == pytest.approx(run["test_acc"])
+        for key in ("test_ece", "test_ece_calibrated"):
+            assert 0.0 <= run[key] <= 1.0
+        for key in ("test_brier", "test_brier_calibrated"):
+            assert 0.0 <= run[key] <= 2.0
 
 
 def test_fewshot_sampler_is_stratified_and_reproducible():

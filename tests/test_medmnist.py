@@ -136,7 +136,7 @@ def test_blank_sharing_embedder_matches_slice_embedder(tmp_path):
     network = SliceClassifier(2, aggregator="mean", encoder_kwargs={"model_kwargs": {"depth": 1}})
     transform = Compose([PrepareSlicesd("image", size=28)])
     items = load_medmnist3d(write_archive(tmp_path / "tiny.npz", size=8), "train")[:3]
-    sharing = load_script().make_embedder_class()(network, transform, {"size": 28}, progress=False)
+    sharing = load_script().blank_sharing_embedder(network, transform, {"size": 28}, progress=False)
     plain = SliceEmbedder(network, transform, {"size": 28}, progress=False)
     for shared, reference in zip(sharing(items), plain(items)):
         torch.testing.assert_close(shared["embedding"], reference["embedding"], atol=1e-4, rtol=1e-4)

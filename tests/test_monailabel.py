@@ -231,6 +231,35 @@ def test_spacingd_with_image_path_fails_in_monai_but_not_in_the_app(tmp_path):
     assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_a_published_checkpoint_carries_its_settings_and_never_a_stale_file(tmp_path):
+    """model.settings.json travels with model.pt, so inference checks the app's settings against the weights."""
+    import torch
+
+    from lib.bundles import ModelBundle
+    from lib.config import parse_conf
+
+    from volumes.errors import VolumesError
+
+    settings = parse_conf({"models": "segmentation", "model_dir": str(tmp_path / "model"), "encoder_depth": "1",
+                           "size": "28"}, APP)
+    bundle = ModelBundle("segmentation", settings)
+    checkpoint = bundle.ensure_checkpoint()  # a fresh network: its settings are the config's
+    published = checkpoint.with_name("model.settings.json")
+    saved = json.loads(published.read_text())
+    assert saved["preprocessing"]["size"] == 28 and saved["network"]["encoder_model_kwargs"]["depth"] == 1
+    bundle.predictor("cpu")  # loads: the settings fit
+    # served with other settings than the weights were trained with: refused, the key named
+    other = ModelBundle("segmentation", parse_conf({"models": "segmentation", "model_dir": str(tmp_path / "model"),
+                                                     "encoder_depth": "1", "size": "56"}, APP))
+    with pytest.raises(VolumesError, match="preprocessing.size: trained with 28, configured 56"):
+        other.predictor("cpu")
+    # a checkpoint from elsewhere without settings: published without, the old file removed
+    foreign = tmp_path / "foreign.pt"
+    torch.save(torch.load(checkpoint, weights_only=True), foreign)
+    bundle.publish_file(foreign)
+    assert not published.exists() and checkpoint.read_bytes() == foreign.read_bytes()
+
+
 def test_bind_host_check_and_training_split():
     from lib.security import BindAddressError, bind_host, check_bind_host
     from lib.trainers import class_index, split_items
@@ -391,6 +420,12 @@ def test_a_saved_label_is_used_by_the_next_training_and_dice_beats_chance(server
 
     # a new checkpoint: the uncertainty scores are computed again
     assert client.next_sample("uncertainty", {})["cached"] == 0
+    # its settings were published with it: the run's, as the served network was built
+    served = server["base"] / "model" / "segmentation"
+    settings = json.loads((served / "model.settings.json").read_text())
+    run_settings = served / "runs" / stats["run_id"] / "models" / "model.settings.json"
+    assert settings == json.loads(run_settings.read_text())
+    assert settings["preprocessing"]["size"] == 56 and settings["labels"] == LABELS
 
 
 def test_classification_training_uses_the_class_labels_in_the_image_info(server):

@@ -416,3 +416,16 @@ def test_a_released_study_stays_busy_until_its_instances_are_filed(scp, tmp_path
     assert scp.busy_studies() == set()
     assert len(filed()) == 3
     assert scp.ledger.studies()[0]["study_uid"] == study
+
+
+def test_a_dropped_connection_discards_its_instances(scp, tmp_path):
+    """A sender whose connection drops without A-RELEASE or A-ABORT (killed, cable pulled) keeps nothing here."""
+    files = sorted(_series(tmp_path / "s", slices=3).iterdir())
+    assoc = _associate(scp.port, "ORTHANC")
+    for path in files:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+    assoc.dul.socket.socket.close()  # the TCP connection goes, no DICOM goodbye
+    _wait_for(scp, "association_aborted")
+    assert [r["discarded"] for r in scp.audit.records() if r["event"] == "association_aborted"] == [3]
+    assert not list((tmp_path / "in").rglob("*.dcm")) and scp.busy_studies() == set()
+    assoc.kill()

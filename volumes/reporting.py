@@ -55,6 +55,29 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, ``"2.1, 1.9, 1.5"`` (``n/a`` off Unix)."""
+    return ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def machine_line(threads: int) -> str:
+    """The machine a figure was measured on, for a results page: cores, CPU model, GPU, load, torch threads."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{available_cores()} CPU cores ({cpu_model()}), {gpu}, load average {load_average()} at the start; "
+            f"torch uses {threads} thread(s)")
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command that reproduces a run of ``scripts/<script>`` (``argv`` None: this process's arguments)."""
+    import shlex
+    import sys
+
+    parts = list(sys.argv[1:] if argv is None else argv)
+    return " ".join([f".venv/bin/python scripts/{script}", *map(shlex.quote, parts)]).strip()
+
+
 def quick_subset(items: list[dict], per_class: int, label_key: str = "class_label") -> list[dict]:
     """The first ``per_class`` items of each label, file order kept (every class stays present)."""
     counts: dict[int, int] = {}

@@ -6,6 +6,10 @@ Each served model has a folder ``<model_dir>/<model>/`` holding
   it). Created on first start from ``--conf <model>_weights``, else the bundle's own
   ``models/model.pt`` (with ``use_pretrained``), else a freshly initialised network;
   replaced atomically by every finished training run, which starts from it.
+* ``model.settings.json``: the settings the checkpoint was trained with (network,
+  slice preparation, labels; :mod:`volumes.bundle`), published with it, so inference
+  refuses app settings that do not fit the weights with the differing keys named;
+  ``model.calibration.json`` (the classifier's temperature) travels the same way.
 * ``train_stats.json``: what the last training run did (shown in ``/info``).
 * ``runs/<run id>/``: each training run's datalist, checkpoints and TensorBoard logs.
 """
@@ -132,16 +136,37 @@ class ModelBundle:
         return parser.get_parsed_content("network_def")
 
     def publish_state(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Make ``state_dict`` the current checkpoint (written next to it, then renamed)."""
-        from volumes.atomic import atomic_write_bytes
+        """Make ``state_dict`` the current checkpoint (written next to it, then renamed).
 
+        Its settings are those of this app's training config (the network it was built from).
+        """
+        from volumes.atomic import atomic_write_bytes
+        from volumes.bundle import SaveSettings
+
+        from volumes.calibration import calibration_path
+
+        SaveSettings(self.checkpoint, self.parser("train").get_parsed_content("checkpoint_settings")).write()
+        calibration_path(self.checkpoint).unlink(missing_ok=True)  # not fitted for these weights
         state = {"model": {k: v.detach().cpu() for k, v in state_dict.items()}}
         atomic_write_bytes(self.checkpoint, lambda handle: torch.save(state, handle))
 
     def publish_file(self, source: Path) -> None:
-        """Make a checkpoint file the current checkpoint (copied next to it, then renamed)."""
-        from volumes.atomic import atomic_path
+        """Make a checkpoint file the current checkpoint (copied next to it, then renamed).
 
+        The settings saved beside ``source`` travel with it; a checkpoint without them (trained
+        elsewhere) is published without, so a stale settings file never describes it.
+        """
+        from volumes.atomic import atomic_path
+        from volumes.bundle import settings_path
+        from volumes.calibration import calibration_path
+
+        for companion in (settings_path, calibration_path):  # settings; the classifier's temperature
+            given, published = companion(source), companion(self.checkpoint)
+            if given.is_file():
+                with atomic_path(published, suffix=".json.tmp") as tmp:
+                    shutil.copyfile(given, tmp)
+            else:
+                published.unlink(missing_ok=True)
         with atomic_path(self.checkpoint, suffix=".pt.tmp") as tmp:
             shutil.copyfile(source, tmp)
 

@@ -113,7 +113,7 @@ def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, 
     from volumes.segmentation import per_case_metrics
 
     rows = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
-    dice, scores, truths = [], [], []
+    dice, scores, truths, probabilities, raw = [], [], [], [], []
     for row in rows:
         info = known.get(row["case_id"], {})
         if row["task"] == "segmentation" and info.get("label"):
@@ -126,6 +126,8 @@ def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, 
         if row["task"] == "classification" and row["case_id"].startswith("cls_") and info.get("class_label") is not None:
             scores.append(list(row["probabilities"].values())[-1])
             truths.append(int(info["class_label"]))
+            probabilities.append(list(row["probabilities"].values()))
+            raw.append(list(row.get("probabilities_uncalibrated", row["probabilities"]).values()))
     result: dict[str, Any] = {"phantom_cases_scored": len(dice), "mean_dice": float(np.mean(dice)) if dice else None}
     if truths:
         predicted = [int(s > 0.5) for s in scores]
@@ -136,6 +138,12 @@ def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, 
         if len(set(truths)) == 2:
             result["auc"] = float(compute_roc_auc(torch.tensor(scores), torch.tensor(truths)))
         result["classified_cases"] = len(truths)
+        from volumes.calibration import brier_score, expected_calibration_error
+
+        # the temperature was fitted on the validation split at training (model.calibration.json)
+        for name, values in (("uncalibrated", raw), ("calibrated", probabilities)):
+            result[f"ece_{name}"] = expected_calibration_error(np.array(values), np.array(truths))
+            result[f"brier_{name}"] = brier_score(np.array(values), np.array(truths))
     return result
 
 
@@ -182,7 +190,9 @@ def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None
     if "accuracy" in result:
         auc = f", AUC {result['auc']:.3f}" if "auc" in result else ""
         summary += (f"; classification: accuracy {result['accuracy']:.3f}{auc} over "
-                    f"{result['classified_cases']} held-out phantoms")
+                    f"{result['classified_cases']} held-out phantoms, ECE {result['ece_uncalibrated']:.3f} -> "
+                    f"{result['ece_calibrated']:.3f} and Brier {result['brier_uncalibrated']:.3f} -> "
+                    f"{result['brier_calibrated']:.3f} with the temperature fitted on the validation split")
     (out / "demo_scores.json").write_text(json.dumps(result, indent=1) + "\n")
     print(summary)
     print(f"demo finished in {time.perf_counter() - start:.0f} s; open {output / 'report.html'}")

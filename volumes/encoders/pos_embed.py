@@ -46,9 +46,13 @@ def _pos_embed_cached(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     prefix_pos, patch_pos = self.pos_embed[:, :class_in_grid], self.pos_embed[:, class_in_grid:]
 
     cacheable = not (torch.is_grad_enabled() and self.pos_embed.requires_grad)
-    # int(): under torch.onnx.export the sizes are traced values; as ints the export finds
-    # the grid cached by a warm-up pass and records it as a constant (no bicubic op in ONNX)
-    key = (int(height), int(width), patch_pos.dtype, patch_pos.device)
+    # int() under torch.onnx.export only: there the sizes are traced values, and as ints the
+    # export finds the grid cached by a warm-up pass and records it as a constant (no bicubic
+    # op in ONNX). Under torch.jit.trace they stay as they are: its check_trace re-traces,
+    # and a cache hit on the second pass would make the two graphs differ.
+    if torch.onnx.is_in_onnx_export():
+        height, width = int(height), int(width)
+    key = (height, width, patch_pos.dtype, patch_pos.device)
     # The parameter's version counter moves with every in-place change (an optimiser
     # step, load_state_dict), so a grid resampled from older values is never reused.
     version = (self.pos_embed.data_ptr(), self.pos_embed._version)

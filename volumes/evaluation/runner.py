@@ -28,6 +28,7 @@ import torch
 
 from volumes.encoders.config import EncoderConfig
 from volumes.errors import ConfigError
+from volumes.calibration import calibration_metrics
 from volumes.evaluation.data import EvaluationData, stratified_split
 from volumes.evaluation.features import FEATURE_KINDS, FeatureLayout, FeatureSet, evaluation_embedder, standardize
 from volumes.evaluation.fewshot import DEFAULT_DRAWS, DEFAULT_FEWSHOT_L2, DEFAULT_SHOTS, fewshot_indices
@@ -251,12 +252,14 @@ class Evaluator:
             start = time.perf_counter()
             model, sweep = select_logistic(sets["train"].x, sets["train"].y, sets["val"].x, sets["val"].y,
                                            num_classes=self.data.num_classes, l2_grid=l2_grid, metric=select_metric)
-            metrics = classification_metrics(model.predict_proba(sets["test"].x), sets["test"].y)
+            test_p = model.predict_proba(sets["test"].x)
+            metrics = classification_metrics(test_p, sets["test"].y)
             chosen = next(row for row in sweep if row["l2"] == model.l2)
             dim = sets["train"].x.shape[1]
+            calibration = calibration_metrics(model.predict_proba(sets["val"].x), sets["val"].y, test_p, sets["test"].y)
             out.append(ProtocolResult(
                 "linear", kind,
-                [{"test_auc": metrics["auc"], "test_acc": metrics["acc"], "val_auc": chosen["val_auc"]}],
+                [{"test_auc": metrics["auc"], "test_acc": metrics["acc"], "val_auc": chosen["val_auc"], **calibration}],
                 dim * self.data.num_classes + self.data.num_classes, time.perf_counter() - start,
                 {"features": kind, "dim": dim, "l2": model.l2, "select_metric": select_metric, "sweep": sweep},
             ))

@@ -372,9 +372,12 @@ class BatchInference:
                     if figure_mask is None:
                         figure_mask, figure_labels = mask, model.predictor.labels
                 else:
-                    row.update({k: result[k] for k in ("probabilities", "predicted", "top_slices")})
+                    calibration = ("probabilities_uncalibrated", "temperature")
+                    row.update({k: result[k] for k in ("probabilities", "predicted", "top_slices", *calibration)
+                                if k in result})
                     path = case_dir / f"{bid}_probabilities.json"
-                    content = {k: row[k] for k in ("case_id", "bundle", "probabilities", "predicted", "top_slices")}
+                    content = {k: row[k] for k in ("case_id", "bundle", "probabilities", "predicted", "top_slices",
+                                                   *calibration) if k in row}
                     content["importance"] = [round(float(v), 6) for v in result["importance"]]
                     atomic_write_bytes(path, lambda f, c=content: f.write(json.dumps(c, indent=1).encode()))
                     row["outputs"]["probabilities"] = rel(path)
@@ -514,6 +517,10 @@ def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
     flat["predicted"] = row.get("predicted", "")
     for name, p in row.get("probabilities", {}).items():
         flat[f"p_{name}"] = p
+    for name, p in row.get("probabilities_uncalibrated", {}).items():
+        flat[f"p_uncalibrated_{name}"] = p
+    if "temperature" in row:
+        flat["temperature"] = row["temperature"]
     if "top_slices" in row:
         flat["top_slices"] = " ".join(str(s["slice"]) for s in row["top_slices"])
     for organ, ml in row.get("organ_volumes_ml", {}).items():

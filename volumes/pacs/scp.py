@@ -122,8 +122,11 @@ class StorageSCP:
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
+            # EVT_ABORTED also covers a connection that drops without an A-ABORT (pynetdicom
+            # turns it into an A-P-ABORT). EVT_CONN_CLOSE is not a discard signal: it fires on the
+            # network thread when a peer closes after our A-RELEASE-RP, possibly before the
+            # association thread has run _on_released, and would throw away a released study.
             (evt.EVT_ABORTED, self._on_aborted),
-            (evt.EVT_CONN_CLOSE, self._on_aborted),
         ]
         self._server = ae.start_server((self.config.bind, self.config.port), block=False, evt_handlers=handlers)
         self.audit.event("listen_started", ae_title=self.config.ae_title, bind=self.config.bind,
@@ -215,7 +218,7 @@ class StorageSCP:
             pending = self._pending.get(id(event.assoc))
             if pending is None:
                 return
-            pending.filing = True  # the connection closing now (EVT_CONN_CLOSE) must not discard it
+            pending.filing = True  # a late abort event must not discard it now
         try:
             self._file(pending)
         finally:
@@ -245,6 +248,8 @@ class StorageSCP:
                          duplicates=duplicates, studies=sorted({s for _, s, _, _ in pending.items}))
 
     def _on_aborted(self, event: Any) -> None:
+        if getattr(event.assoc, "is_released", False):
+            return  # released: _on_released files its instances
         with self._lock:
             pending = self._pending.get(id(event.assoc))
             if pending is None or pending.filing:

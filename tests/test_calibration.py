@@ -1,0 +1,59 @@
+"""Temperature scaling, ECE and Brier score against known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from volumes.calibration import brier_score, expected_calibration_error, fit_temperature, softmax
+
+
+def _sampled(temperature: float, n: int = 20000, k: int = 3, seed: int = 0):
+    """Logits whose labels are drawn from softmax(logits / temperature): T is the true temperature."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 3.0, (n, k))
+    p = softmax(logits, temperature)
+    labels = (rng.random(n)[:, None] > np.cumsum(p, axis=1)).sum(axis=1)
+    return logits, labels
+
+
+@pytest.mark.parametrize("true_t", [0.5, 1.0, 2.5])
+def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_with(true_t):
+    logits, labels = _sampled(true_t)
+    assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.05)
+
+
+def test_calibrated_scores_have_a_small_ece_and_overconfident_ones_a_large_one():
+    logits, labels = _sampled(2.5)
+    raw, scaled = softmax(logits), softmax(logits, fit_temperature(logits, labels))
+    assert expected_calibration_error(scaled, labels) < 0.02
+    assert expected_calibration_error(raw, labels) > 0.08  # T=1 is over-confident for labels drawn at T=2.5
+    assert brier_score(scaled, labels) < brier_score(raw, labels)
+    assert (scaled.argmax(1) == raw.argmax(1)).all()  # the ranking, and so accuracy and AUC, do not change
+
+
+def test_ece_and_brier_by_hand():
+    p = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    y = np.array([0, 1, 1, 1])
+    # bins of 0.5 width: (0.5, 1] holds all four; accuracy 3/4, mean confidence (0.9+0.8+0.7+0.6)/4 = 0.75
+    assert expected_calibration_error(p, y, bins=2) == pytest.approx(0.0)
+    # 15 bins: 0.9 (correct), 0.8 (wrong), 0.7 (correct), 0.6 (correct) each alone
+    assert expected_calibration_error(p, y, bins=15) == pytest.approx((0.1 + 0.8 + 0.3 + 0.4) / 4)
+    assert brier_score(p, y) == pytest.approx((0.02 + 1.28 + 0.18 + 0.32) / 4)
+
+
+def test_fit_temperature_refuses_mismatched_inputs():
+    with pytest.raises(ValueError, match="logits"):
+        fit_temperature(np.zeros((3, 2)), np.zeros(2, dtype=int))
+
+
+def test_calibration_metrics_fit_on_validation_and_score_the_test_split():
+    from volumes.calibration import calibration_metrics
+
+    logits, labels = _sampled(2.5, n=8000, seed=1)
+    p = softmax(logits)  # over-confident: the labels follow T = 2.5
+    out = calibration_metrics(p[:4000], labels[:4000], p[4000:], labels[4000:])
+    assert out["temperature"] == pytest.approx(2.5, rel=0.08)
+    assert out["test_ece_calibrated"] < 0.03 < out["test_ece"]
+    assert out["test_brier_calibrated"] < out["test_brier"]
+    assert out["test_acc_calibrated"] == pytest.approx(float(np.mean(p[4000:].argmax(1) == labels[4000:])))

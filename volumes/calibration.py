@@ -1,0 +1,210 @@
+"""Post-hoc calibration of a classifier's probabilities: temperature scaling, ECE and Brier score.
+
+Temperature scaling (Guo et al., ICML 2017) divides the logits by one scalar ``T > 0``
+fitted on held-out data by minimising the negative log-likelihood; it changes the
+probabilities, not the ranking (argmax and AUC stay the same). ``T > 1`` softens an
+over-confident classifier.
+
+* :func:`fit_temperature`: ``T`` from validation logits and labels.
+* :func:`expected_calibration_error`: the standard ECE with equal-width confidence bins.
+* :func:`brier_score`: mean squared distance of the probability vector to the one-hot label.
+* :class:`FitTemperature`: the classification bundle's training handler that fits ``T`` on
+  the validation split whenever the checkpoint saver keeps a new best checkpoint, and
+  writes it beside it (``model.calibration.json``); :func:`load_temperature` reads it at
+  inference (``T = 1`` for a checkpoint without one, said once in the log).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FitTemperature", "brier_score", "calibration_metrics", "calibration_path", "load_temperature", "expected_calibration_error", "fit_temperature", "softmax"]
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits [N, K] / temperature`` (float64, numerically stable)."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(labels)), labels].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature that minimises the NLL of ``softmax(logits / T)`` on ``labels``.
+
+    Args:
+        logits: ``[N, K]`` held-out logits (validation split, never the test split).
+        labels: ``[N]`` integer class labels.
+        bounds: the search range of ``T``; a separable validation set pushes ``T`` to the
+            lower bound (any sharper is "better"), so the bound keeps it finite.
+
+    A bounded 1-D search on ``log T`` (the NLL is smooth in it), deterministic.
+    """
+    from scipy.optimize import minimize_scalar
+
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
+        raise ValueError(f"fit_temperature needs logits [N, K] and labels [N], got {logits.shape} and {labels.shape}")
+    low, high = np.log(bounds[0]), np.log(bounds[1])
+    result = minimize_scalar(lambda log_t: _nll(logits, labels, float(np.exp(log_t))), bounds=(low, high),
+                             method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(result.x))
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE: ``sum_b |B_b| / N * |accuracy(B_b) - confidence(B_b)|`` over ``bins`` equal-width bins.
+
+    The confidence of a case is its largest probability; bin ``b`` holds confidences in
+    ``((b-1)/bins, b/bins]`` (the first bin includes 0). ``probabilities`` is ``[N, K]``.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(ece)
+
+
+def brier_score(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over cases of ``sum_k (p_k - y_k)^2`` (Brier's multi-class form; 0 is perfect, 2 the worst)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    onehot = np.eye(probabilities.shape[1])[np.asarray(labels, dtype=np.int64)]
+    return float(((probabilities - onehot) ** 2).sum(axis=1).mean())
+
+
+def calibration_metrics(val_probabilities: np.ndarray, val_labels: np.ndarray, test_probabilities: np.ndarray,
+                        test_labels: np.ndarray) -> dict[str, float]:
+    """Test ECE and Brier score before and after a temperature fitted on the validation split.
+
+    Works from probabilities: ``log p`` differs from the logits by a constant per row, which
+    the softmax removes, so ``softmax(log p / T)`` is temperature scaling of the logits.
+    Returns ``temperature``, ``test_ece``, ``test_brier``, ``test_ece_calibrated``,
+    ``test_brier_calibrated`` and ``test_acc_calibrated`` (unchanged argmax: the same accuracy).
+    """
+    eps = 1e-12
+    temperature = fit_temperature(np.log(np.asarray(val_probabilities) + eps), val_labels)
+    calibrated = softmax(np.log(np.asarray(test_probabilities) + eps), temperature)
+    return {
+        "temperature": temperature,
+        "test_ece": expected_calibration_error(test_probabilities, test_labels),
+        "test_brier": brier_score(test_probabilities, test_labels),
+        "test_ece_calibrated": expected_calibration_error(calibrated, test_labels),
+        "test_brier_calibrated": brier_score(calibrated, test_labels),
+        "test_acc_calibrated": float(np.mean(calibrated.argmax(axis=1) == np.asarray(test_labels))),
+    }
+
+
+# ---------------------------------------------------------------------------- with the checkpoint
+def calibration_path(checkpoint: str | Path) -> Path:
+    """``model.pt`` -> ``model.calibration.json`` beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name.rsplit(".", 1)[0] + ".calibration.json")
+
+
+def load_temperature(checkpoint: str | Path | None) -> float:
+    """The temperature saved with ``checkpoint``; 1.0 (uncalibrated, logged) when it has none.
+
+    Raises:
+        VolumesError: the calibration file is unreadable or holds no positive temperature.
+    """
+    from volumes.errors import VolumesError
+
+    if checkpoint is None:
+        return 1.0
+    path = calibration_path(checkpoint)
+    if not path.is_file():
+        logger.info("%s: no %s beside it (trained before calibration): probabilities are not calibrated (T = 1)",
+                    checkpoint, path.name)
+        return 1.0
+    try:
+        temperature = float(json.loads(path.read_text())["temperature"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VolumesError(f"{path}: unreadable calibration file ({exc})") from exc
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise VolumesError(f"{path}: temperature must be a positive number, got {temperature}")
+    return temperature
+
+
+class FitTemperature:
+    """Validation handler: fit the temperature of the checkpoint the saver keeps, and save it beside it.
+
+    Collects the validation run's probabilities (``pred``, after the bundle's softmax
+    postprocessing) and one-hot labels; when the key metric is at least the best so far
+    (the rule of ``CheckpointSaver(key_metric_greater_or_equal=True)``, so the file always
+    belongs to the saved weights), fits ``T`` on them and writes ``model.calibration.json``
+    atomically with the validation ECE and Brier score before and after.
+
+    Under torchrun (``multi_gpu_train.json``) the handler runs on rank 0 only and fits on
+    rank 0's share of the validation split.
+
+    Args:
+        checkpoint: the checkpoint file the saver writes.
+        key_metric: the evaluator's key metric name (``val_auc``).
+    """
+
+    def __init__(self, checkpoint: str | Path, key_metric: str = "val_auc"):
+        self.path = calibration_path(checkpoint)
+        self.key_metric = key_metric
+        self.best = -math.inf
+        self._probabilities: list[np.ndarray] = []
+        self._labels: list[int] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._reset())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_fit)
+
+    def _reset(self) -> None:
+        self._probabilities, self._labels = [], []
+
+    def _collect(self, engine: Any) -> None:
+        for item in engine.state.output:
+            self._probabilities.append(item["pred"].detach().float().cpu().numpy())
+            self._labels.append(int(item["label"].argmax()))
+
+    def _maybe_fit(self, engine: Any) -> None:
+        score = float(engine.state.metrics.get(self.key_metric, math.nan))
+        if not self._labels or math.isnan(score) or score < self.best:
+            return
+        self.best = score
+        self.write(np.stack(self._probabilities), np.asarray(self._labels))
+
+    def write(self, probabilities: np.ndarray, labels: np.ndarray) -> Path:
+        from volumes.atomic import atomic_write_bytes
+
+        temperature = fit_temperature(np.log(probabilities + 1e-12), labels)
+        calibrated = softmax(np.log(probabilities + 1e-12), temperature)
+        content = {
+            "method": "temperature scaling", "temperature": temperature, "fitted_on": "validation split",
+            "cases": int(len(labels)),
+            "val_ece": expected_calibration_error(probabilities, labels),
+            "val_ece_calibrated": expected_calibration_error(calibrated, labels),
+            "val_brier": brier_score(probabilities, labels),
+            "val_brier_calibrated": brier_score(calibrated, labels),
+        }
+        text = json.dumps(content, indent=1) + "\n"
+        atomic_write_bytes(self.path, lambda handle: handle.write(text.encode()))
+        return self.path
