@@ -184,11 +184,15 @@ class SliceSegmenter(nn.Module):
         self.head = nn.Conv2d(feature_size, num_classes, kernel_size=1)
         self.refine = Refine3D(feature_size, num_classes) if refine else None
         self.chunk_size = int(chunk_size or self.encoder.chunk_size)
+        # a volumes.quality.SegmentationProbe while one is attached (volumes.quality.attached)
+        self.qc_probe = None
 
     def _decode(self, slices: torch.Tensor) -> torch.Tensor:
         """Slices ``[n, 3, H, W]`` -> decoder features ``[n, F, H, W]``."""
-        grids = self.encoder(slices, with_grids=True).patch_grids
-        return self.decoder(grids, slices)
+        encoded = self.encoder(slices, with_grids=True)
+        if self.qc_probe is not None:  # quality control: the slices' class tokens
+            self.qc_probe.add_slices(slices, encoded.cls)
+        return self.decoder(encoded.patch_grids, slices)
 
     def per_slice(self, slices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slices ``[n, 3, H, W]`` -> decoder features ``[n, F, H, W]`` and 2D logits ``[n, K, H, W]``.
@@ -213,7 +217,10 @@ class SliceSegmenter(nn.Module):
         """
         stacked = self._stack(logits, batch)
         if self.refine is not None:
-            stacked = stacked + self.refine(self._stack(features, batch))
+            refined = stacked + self.refine(self._stack(features, batch))
+            if self.qc_probe is not None:  # quality control: where the 3D refinement changed the 2D answer
+                self.qc_probe.add_slab(stacked, refined)
+            stacked = refined
         return stacked
 
     @staticmethod

@@ -9,7 +9,8 @@ Each served model has a folder ``<model_dir>/<model>/`` holding
 * ``model.settings.json``: the settings the checkpoint was trained with (network,
   slice preparation, labels; :mod:`volumes.bundle`), published with it, so inference
   refuses app settings that do not fit the weights with the differing keys named;
-  ``model.calibration.json`` (the classifier's temperature) travels the same way.
+  ``model.calibration.json`` (the classifier's temperature) and ``model.qc.json`` with
+  ``model.qc_index.npy`` (the segmenter's quality-control reference) travel the same way.
 * ``train_stats.json``: what the last training run did (shown in ``/info``).
 * ``runs/<run id>/``: each training run's datalist, checkpoints and TensorBoard logs.
 """
@@ -144,9 +145,11 @@ class ModelBundle:
         from volumes.bundle import SaveSettings
 
         from volumes.calibration import calibration_path
+        from volumes.quality import quality_paths
 
         SaveSettings(self.checkpoint, self.parser("train").get_parsed_content("checkpoint_settings")).write()
-        calibration_path(self.checkpoint).unlink(missing_ok=True)  # not fitted for these weights
+        for fitted in (calibration_path(self.checkpoint), *quality_paths(self.checkpoint)):
+            fitted.unlink(missing_ok=True)  # not fitted for these weights
         state = {"model": {k: v.detach().cpu() for k, v in state_dict.items()}}
         atomic_write_bytes(self.checkpoint, lambda handle: torch.save(state, handle))
 
@@ -159,8 +162,11 @@ class ModelBundle:
         from volumes.atomic import atomic_path
         from volumes.bundle import settings_path
         from volumes.calibration import calibration_path
+        from volumes.quality import quality_paths
 
-        for companion in (settings_path, calibration_path):  # settings; the classifier's temperature
+        # settings; the classifier's temperature; the segmenter's quality-control reference
+        companions = (settings_path, calibration_path, lambda p: quality_paths(p)[0], lambda p: quality_paths(p)[1])
+        for companion in companions:
             given, published = companion(source), companion(self.checkpoint)
             if given.is_file():
                 with atomic_path(published, suffix=".json.tmp") as tmp:

@@ -48,11 +48,21 @@ class BundleModel:
         return sha256_files(self.weights)
 
     @cached_property
+    def fitted_sha256(self) -> str | None:
+        """Hash of what training fitted beside the weights and the predictor reads (the classifier's
+        temperature, the segmenter's quality-control reference); None when there is none."""
+        files = list(getattr(self.predictor, "fitted_files", []) or [])
+        return sha256_files(files) if files else None
+
+    @cached_property
     def model_key(self) -> str:
-        """Identity of everything that decides this bundle's outputs (version, weights, settings)."""
+        """Identity of everything that decides this bundle's outputs (version, weights, fitted files, settings)."""
+        identity = {"bundle": self.bundle_id, "version": self.version, "weights": self.weights_sha256,
+                    "settings": self.settings}
+        if self.fitted_sha256 is not None:
+            identity["fitted"] = self.fitted_sha256
         content = json.dumps(
-            {"bundle": self.bundle_id, "version": self.version, "weights": self.weights_sha256,
-             "settings": self.settings},
+            identity,
             sort_keys=True, default=str,
         )
         return hashlib.sha256(content.encode()).hexdigest()

@@ -71,29 +71,48 @@ class SegmentationPredictor:
             (``volumes.segmentation.segmentation_postprocessing(..., metrics=False)``).
         labels: names by label value (0 is background).
         device: where the network runs.
+        quality: the checkpoint whose quality-control reference (``model.qc.json`` and
+            ``model.qc_index.npy``, fitted at the end of training by
+            :class:`volumes.quality.FitQualityControl`) scores each case; its result is
+            ``quality`` (score, pass / review flag and reasons per case and organ). None or
+            no file: no QC.
     """
 
     task = "segmentation"
 
     def __init__(self, network: torch.nn.Module, transform: Callable[[dict], dict], inferer: Callable,
-                 postprocessing: Callable[[dict], dict], labels: Sequence[str], device: str | torch.device = "cpu"):
+                 postprocessing: Callable[[dict], dict], labels: Sequence[str], device: str | torch.device = "cpu",
+                 quality: str | Any = None):
+        from volumes.quality import load_quality_reference, quality_paths
+
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.transform = transform
         self.inferer = inferer
         self.postprocessing = postprocessing
         self.labels = list(labels)
+        self.quality = load_quality_reference(quality, self.labels)
+        self.fitted_files = [p for p in quality_paths(quality) if p.is_file()] if self.quality is not None else []
 
     def prepare(self, item: Mapping[str, Any]) -> dict[str, Any]:
         return self.transform(dict(item))
 
     def predict(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        """Returns ``{"label_map": MetaTensor [1, X, Y, Z] uint8}`` on the loaded volume's grid."""
+        """Returns ``{"label_map": MetaTensor [1, X, Y, Z] uint8}`` on the loaded volume's grid, and
+        ``quality`` (:meth:`volumes.quality.QualityReference.assess`) when the checkpoint has a QC reference."""
+        from volumes.arrays import spacing_mm
+        from volumes.quality import SegmentationProbe, measure_case, predict_with_probe
+
         image = data["image"]
-        with torch.inference_mode():
-            step = {"image": image, "pred": self.inferer(_batch(image, self.device), self.network)[0].cpu()}
+        probe = SegmentationProbe() if self.quality is not None else None
+        step = {"image": image, "pred": predict_with_probe(self.network, self.inferer, image, self.device, probe)}
+        result: dict[str, Any] = {}
+        if self.quality is not None:
+            measured = measure_case(step["pred"], probe, spacing_mm(image.affine), self.labels)
+            result["quality"] = self.quality.assess(measured)
         # no other reference to the logits: the postprocessing frees them once the label map exists
-        return {"label_map": self.postprocessing(step)["pred"]}
+        result["label_map"] = self.postprocessing(step)["pred"]
+        return result
 
 
 class ClassificationPredictor:
@@ -115,7 +134,7 @@ class ClassificationPredictor:
 
     def __init__(self, network: torch.nn.Module, transform: Callable[[dict], dict], class_names: Sequence[str],
                  top_k: int = 5, device: str | torch.device = "cpu", calibration: str | Any = None):
-        from volumes.calibration import load_temperature
+        from volumes.calibration import calibration_path, load_temperature
 
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
@@ -123,6 +142,8 @@ class ClassificationPredictor:
         self.class_names = list(class_names)
         self.top_k = int(top_k)
         self.temperature = load_temperature(calibration)
+        fitted = calibration_path(calibration) if calibration is not None else None
+        self.fitted_files = [fitted] if fitted is not None and fitted.is_file() else []
 
     def prepare(self, item: Mapping[str, Any]) -> dict[str, Any]:
         return self.transform(dict(item))

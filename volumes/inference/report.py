@@ -205,6 +205,7 @@ def case_figure(
     top_slices: Iterable[int | Mapping[str, Any]] = (),
     title: str = "",
     window: tuple[float, float] | None = None,
+    badge: tuple[str, str] | None = None,
 ) -> Path:
     """Draw one case (three orthogonal views, optional mask and slice importance) to a PNG.
 
@@ -222,6 +223,8 @@ def case_figure(
             mark on the importance plot.
         title: figure title.
         window: ``(level, width)``; default see :func:`display_window`.
+        badge: ``(text, colour)`` drawn in a coloured box at the top left (the quality-control
+            flag: :func:`quality_badge`).
 
     The axial cut is at the most important slice when ``importance`` is given, else at the
     centroid of the label foreground, else at the centre; coronal and sagittal cuts go
@@ -334,11 +337,31 @@ def case_figure(
             fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
+    if badge:
+        text, colour = badge
+        fig.text(0.01, 0.97, text, ha="left", va="top", fontsize=9, color="white", wrap=True,
+                 bbox={"boxstyle": "round,pad=0.3", "facecolor": colour, "edgecolor": "none"})
 
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=FIGURE_DPI)
     return path
+
+
+#: Badge colours of the quality-control flags.
+QC_COLOURS = {"pass": "#2e7d32", "review": "#e65100"}
+
+
+def quality_badge(quality: Mapping[str, Any] | None, max_reasons: int = 3) -> tuple[str, str] | None:
+    """``(text, colour)`` of a segmentation's quality-control result for :func:`case_figure`; None without one."""
+    if not quality:
+        return None
+    flag = str(quality.get("flag", "?"))
+    text = f"QC {flag} (score {_number(quality.get('score'), '.1f')}, threshold {_number(quality.get('threshold'), '.1f')})"
+    reasons = list(quality.get("reasons") or [])
+    if reasons:
+        text += ": " + "; ".join(reasons[:max_reasons]) + (f" (+{len(reasons) - max_reasons})" if len(reasons) > max_reasons else "")
+    return text, QC_COLOURS.get(flag, "#555555")
 
 
 # --------------------------------------------------------------------------- HTML report
@@ -361,6 +384,9 @@ section.case { border-top: 2px solid #888; margin-top: 2em; }
 .bundle { display: inline-block; vertical-align: top; margin-right: 2em; }
 img.figure { max-width: 100%; height: auto; border: 1px solid #ddd; }
 nav ol { columns: 3; font-size: 0.92em; }
+.qc { padding: 0 0.4em; border-radius: 0.3em; color: white; font-weight: 600; }
+.qc.pass { background: #2e7d32; } .qc.review { background: #e65100; }
+.flagged td { background: #fff6ec; }
 """
 
 
@@ -446,12 +472,59 @@ def _classification_html(row: Mapping[str, Any]) -> str:
 
 
 
+def _flag_html(flag: Any) -> str:
+    flag = str(flag or "n/a")
+    return f'<span class="qc {_e(flag)}">{_e(flag)}</span>'
+
+
 def _segmentation_html(row: Mapping[str, Any]) -> str:
     volumes = row.get("organ_volumes_ml") or {}
     if not volumes:
         return '<p class="muted">No organ volumes.</p>'
-    lines = "".join(f'<tr><td>{_e(k)}</td><td class="num">{_number(v, ".1f")}</td></tr>' for k, v in volumes.items())
-    return f"<table><tr><th>organ</th><th>volume (mL)</th></tr>{lines}</table>"
+    quality = row.get("quality") or {}
+    organs = quality.get("organs") or {}
+    head = "<tr><th>organ</th><th>volume (mL)</th>" + ("<th>QC</th><th>score</th><th>reasons</th>" if quality else "")
+    lines = []
+    for k, v in volumes.items():
+        cells = f'<td>{_e(k)}</td><td class="num">{_number(v, ".1f")}</td>'
+        if quality:
+            o = organs.get(k, {})
+            cells += (f"<td>{_flag_html(o.get('flag'))}</td><td class=\"num\">{_number(o.get('score'), '.1f')}</td>"
+                      f"<td>{_e(', '.join(o.get('reasons') or []))}</td>")
+        lines.append(f"<tr>{cells}</tr>")
+    summary = ""
+    if quality:
+        summary = (f"<p>Quality control: {_flag_html(quality.get('flag'))} (score {_number(quality.get('score'), '.2f')}, "
+                   f"threshold {_number(quality.get('threshold'), '.2f')}, image z {_number(quality.get('ood_z'), '.2f')})</p>")
+    return f"{summary}<table>{head}</tr>{''.join(lines)}</table>"
+
+
+def _flagged_html(rows: Sequence[Mapping[str, Any]], anchors: Mapping[str, str]) -> str:
+    """The segmentations quality control flagged for review, worst first (the report's first table)."""
+    checked = [r for r in rows if r.get("quality")]
+    if not checked:
+        return ""
+    flagged = sorted((r for r in checked if r["quality"].get("flag") == "review"),
+                     key=lambda r: -float(r["quality"].get("score") or 0.0))
+    parts = [f'<section id="quality"><h2>Flagged for review ({len(flagged)} of {len(checked)} segmentations)</h2>']
+    if not flagged:
+        parts.append("<p>Quality control passed every segmentation.</p></section>")
+        return "".join(parts)
+    lines = []
+    for r in flagged:
+        case_id = str(r.get("case_id", ""))
+        name = f'<a href="#{anchors[case_id]}">{_e(case_id)}</a>' if case_id in anchors else _e(case_id)
+        q = r["quality"]
+        organs = ", ".join(k for k, o in (q.get("organs") or {}).items() if o.get("flag") == "review")
+        lines.append(f"<tr><td>{name}</td><td>{_e(r.get('bundle', ''))}</td>"
+                     f'<td class="num">{_number(q.get("score"), ".1f")}</td><td>{_e(organs)}</td>'
+                     f"<td>{_e('; '.join(q.get('reasons') or []))}</td></tr>")
+    parts.append('<table class="flagged"><tr><th>case</th><th>bundle</th><th>score</th><th>organs</th>'
+                 f"<th>reasons</th></tr>{''.join(lines)}</table>")
+    parts.append('<p class="muted">Score: the largest z-score of the quality signs (docs/QC.md); '
+                 f"review above the threshold fitted on the validation split "
+                 f"({_number(flagged[0]['quality'].get('threshold'), '.2f')}).</p></section>")
+    return "".join(parts)
 
 
 _OUTPUT_NAMES = {"segmentation": "segmentation (NIfTI)", "dicom_seg": "DICOM SEG"}
@@ -568,6 +641,7 @@ def write_report(
     if summary:
         parts.append(_key_value_table(summary, "summary"))
     parts.append("</header>")
+    parts.append(_flagged_html(rows, anchors))
 
     toc = []
     for case_id, anchor in anchors.items():

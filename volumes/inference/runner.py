@@ -327,7 +327,7 @@ class BatchInference:
         case_dir.mkdir(parents=True, exist_ok=True)
         rel = lambda path: Path(path).relative_to(self.output_dir).as_posix()  # noqa: E731
         rows, files = [], []
-        figure_mask, figure_labels, importance, top = None, (), None, ()
+        figure_mask, figure_labels, figure_quality, importance, top = None, (), None, None, ()
         for model in self.models:
             bid = model.bundle_id
             if bid not in prepared.data:
@@ -362,6 +362,8 @@ class BatchInference:
                                                       np.asarray(volume.affine))
                     row["organ_volumes_ml"] = {k: round(v, 3) for k, v in organ_volumes_ml(
                         mask, spacing_mm(volume.affine), model.predictor.labels).items()}
+                    if result.get("quality") is not None:
+                        row["quality"] = result["quality"]
                     if Path(item["image"]).is_dir():
                         from volumes.inference.dicom_seg import write_dicom_seg
 
@@ -370,7 +372,7 @@ class BatchInference:
                                               series_uid=item.get("series_uid"))
                         row["outputs"]["dicom_seg"] = rel(seg)
                     if figure_mask is None:
-                        figure_mask, figure_labels = mask, model.predictor.labels
+                        figure_mask, figure_labels, figure_quality = mask, model.predictor.labels, row.get("quality")
                 else:
                     calibration = ("probabilities_uncalibrated", "temperature")
                     row.update({k: result[k] for k in ("probabilities", "predicted", "top_slices", *calibration)
@@ -391,7 +393,7 @@ class BatchInference:
             rows.append(row)
         if self.figures:
             try:
-                from volumes.inference.report import case_figure
+                from volumes.inference.report import case_figure, quality_badge
 
                 start = time.perf_counter()
                 depth = volume.shape[-1]
@@ -399,7 +401,8 @@ class BatchInference:
                 curve = importance if importance is not None and len(importance) == depth else None
                 figure = case_figure(np.asarray(volume[0]), spacing_mm(volume.affine), case_dir / FIGURE,
                                      label_map=figure_mask, labels=figure_labels, importance=curve,
-                                     top_slices=top if curve is not None else (), title=str(item["case_id"]))
+                                     top_slices=top if curve is not None else (), title=str(item["case_id"]),
+                                     badge=quality_badge(figure_quality))
                 for row in rows:
                     row["outputs"]["figure"] = rel(figure)
                     row["timings_s"]["figure"] = round(time.perf_counter() - start, 4)
@@ -523,6 +526,14 @@ def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
         flat["temperature"] = row["temperature"]
     if "top_slices" in row:
         flat["top_slices"] = " ".join(str(s["slice"]) for s in row["top_slices"])
+    quality = row.get("quality")
+    if quality:  # segmentation quality control (volumes.quality)
+        flat.update({"qc_flag": quality.get("flag"), "qc_score": quality.get("score"),
+                     "qc_threshold": quality.get("threshold"), "qc_ood_z": quality.get("ood_z"),
+                     "qc_reasons": "; ".join(quality.get("reasons", []))})
+        for organ, values in quality.get("organs", {}).items():
+            flat[f"qc_flag_{organ}"] = values.get("flag")
+            flat[f"qc_score_{organ}"] = values.get("score")
     for organ, ml in row.get("organ_volumes_ml", {}).items():
         flat[f"volume_ml_{organ}"] = ml
     for key, path in row.get("outputs", {}).items():

@@ -203,7 +203,7 @@ class PacsNode:
                 marked = mark_seg(work / seg_file, results / f"{row['bundle']}_seg.dcm", key, identity)
                 files.append(marked)
                 segs.append((pydicom.dcmread(marked), identity, row.get("organ_volumes_ml", {}),
-                             list(model.predictor.labels)))
+                             list(model.predictor.labels), row.get("quality")))
             else:
                 predicted = row["predicted"]
                 classes.append((identity, predicted, float(row["probabilities"][predicted])))
@@ -218,6 +218,7 @@ class PacsNode:
         self.audit.event("inferred", job_key=key, outputs=outputs["sop_instance_uids"],
                          models=[_identity(m) for m in models],
                          organ_volumes_ml={s[1]["bundle"]: s[2] for s in segs},
+                         quality={s[1]["bundle"]: (s[4] or {}).get("flag") for s in segs},
                          classification={c[0]["bundle"]: {"predicted": c[1], "probability": c[2]} for c in classes},
                          **base)
         return outputs

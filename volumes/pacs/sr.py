@@ -8,7 +8,9 @@ and references are the runner's).
 
 :func:`build_sr` writes a DICOM Comprehensive 3D SR holding a TID 1500 Measurement
 Report (highdicom): one TID 1411 volumetric group per organ present, with its volume in
-mL, referencing the organ's segment in the SEG; and, for each classifier, a TID 1501
+mL (and its quality-control flag and score, :mod:`volumes.quality`, when the segmenter has
+them, plus a TID 1501 group with the case's flag), referencing the organ's segment in the
+SEG; and, for each classifier, a TID 1501
 group with the predicted class as a qualitative evaluation and its probability as a
 measurement. The observer is a device (the algorithm), the evidence is the source
 images and the SEG.
@@ -37,6 +39,11 @@ _ML = ("mL", "UCUM", "milliliter")
 # TID 1501 reserves "Finding" (DCM 121071) for the finding type, so the evaluation has its own concept name
 _CLASSIFICATION = ("classification", _PRIVATE_SCHEME, "AI volume classification")
 _NO_UNITS = ("1", "UCUM", "no units")
+# quality control of a segmentation (volumes.quality): a flag per organ and per case, and its score
+_QC = ("qc-flag", _PRIVATE_SCHEME, "AI segmentation quality control")
+_QC_SCORE = ("qc-score", _PRIVATE_SCHEME, "AI segmentation quality control score")
+_QC_FLAGS = {"pass": ("qc-pass", _PRIVATE_SCHEME, "Quality control passed"),
+             "review": ("qc-review", _PRIVATE_SCHEME, "Review recommended")}
 # A fixed creation time: the same inputs must give the same bytes, not only the same UIDs.
 _FIXED_DATE, _FIXED_TIME = "20000101", "000000"
 
@@ -99,6 +106,17 @@ def _concept(hd: Any, triple: tuple[str, str, str]) -> Any:
     return hd.sr.CodedConcept(value=triple[0], scheme_designator=triple[1], meaning=triple[2])
 
 
+def _quality_items(hd: Any, quality: Mapping[str, Any] | None, algorithm: Any) -> tuple[list, list]:
+    """The QC flag as a qualitative evaluation and its score as a measurement (empty without QC)."""
+    if not quality or quality.get("flag") not in _QC_FLAGS:
+        return [], []
+    evaluation = hd.sr.QualitativeEvaluation(name=_concept(hd, _QC), value=_concept(hd, _QC_FLAGS[quality["flag"]]))
+    score = quality.get("score")
+    measurements = [] if score is None else [hd.sr.Measurement(
+        name=_concept(hd, _QC_SCORE), value=round(float(score), 3), unit=_concept(hd, _NO_UNITS), algorithm_id=algorithm)]
+    return [evaluation], measurements
+
+
 def build_sr(
     sources: Sequence[Any],
     segs: Sequence[tuple[Any, Mapping[str, str], Mapping[str, float], Sequence[str]]],
@@ -112,8 +130,11 @@ def build_sr(
 
     Args:
         sources: the source images' headers (pydicom data sets, slice order).
-        segs: per segmentation bundle ``(seg_dataset, model, organ_volumes_ml, labels)``;
-            ``labels[k]`` is segment number ``k`` of the SEG (``labels[0]`` background).
+        segs: per segmentation bundle ``(seg_dataset, model, organ_volumes_ml, labels)`` or
+            ``(..., labels, quality)``; ``labels[k]`` is segment number ``k`` of the SEG
+            (``labels[0]`` background); ``quality`` is the row's quality-control result
+            (:mod:`volumes.quality`), written as qualitative evaluations: the flag and score
+            of each organ in its group, and the case's in a group of its own.
         classifications: per classifier ``(model, predicted_label, probability)``.
         out_path: the SR file (written atomically).
         key: the job key, from which the SR's UIDs derive.
@@ -123,7 +144,8 @@ def build_sr(
 
     from volumes.inference.dicom_seg import _segment_codes
 
-    models = [m for _, m, _, _ in segs] + [m for m, _, _ in classifications]
+    segs = [(*seg, None) if len(seg) == 4 else tuple(seg) for seg in segs]
+    models = [seg[1] for seg in segs] + [m for m, _, _ in classifications]
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derived_uid(key, "device"), name=", ".join(m["bundle"] for m in models)[:64],
         manufacturer_name=MANUFACTURER, model_name=", ".join(m["bundle"] for m in models)[:64])
@@ -131,8 +153,9 @@ def build_sr(
         observer_type=codes.DCM.Device, observer_identifying_attributes=device))
     groups: list[Any] = []
     series_uid = str(sources[0].SeriesInstanceUID)
-    for seg, model, volumes_ml, labels in segs:
+    for seg, model, volumes_ml, labels, quality in segs:
         algorithm = hd.sr.AlgorithmIdentification(name=model["bundle"], version=str(model["version"]))
+        organs_qc = (quality or {}).get("organs") or {}
         for number, name in enumerate(labels[1:], start=1):
             if float(volumes_ml.get(name, 0.0)) <= 0.0:
                 continue  # absent organs have no frames in the SEG: nothing to reference
@@ -142,11 +165,18 @@ def build_sr(
                 segment_number=number, source_series=hd.sr.SourceSeriesForSegmentation(series_uid))
             volume = hd.sr.Measurement(name=codes.SCT.Volume, value=float(volumes_ml[name]),
                                        unit=_concept(hd, _ML), algorithm_id=algorithm)
+            evaluations, measurements = _quality_items(hd, organs_qc.get(name), algorithm)
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=derived_uid(key, model["bundle"], "tracking", name), identifier=f"{name} ({model['bundle']})"),
                 referenced_segment=segment, finding_type=property_type, algorithm_id=algorithm,
-                measurements=[volume]))
+                measurements=[volume, *measurements], qualitative_evaluations=evaluations or None))
+        if quality:  # the case's flag, also when an organ it flags has no segment (not found)
+            evaluations, measurements = _quality_items(hd, quality, algorithm)
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(key, model["bundle"], "tracking", "qc"),
+                                                             identifier=f"quality control ({model['bundle']})"),
+                algorithm_id=algorithm, qualitative_evaluations=evaluations, measurements=measurements))
     for model, predicted, probability in classifications:
         algorithm = hd.sr.AlgorithmIdentification(name=model["bundle"], version=str(model["version"]))
         finding = _concept(hd, (str(predicted)[:16], _PRIVATE_SCHEME, f"Class {predicted}"[:64]))
@@ -168,7 +198,7 @@ def build_sr(
         contribution_description=(f"{AI_PREFIX} by algorithm {m['bundle']} version {m['version']}, weights sha256 "
                                   f"{m['weights_sha256']}, volumes {__version__}")) for m in models]
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*sources, *(seg for seg, _, _, _ in segs)], content=report,
+        evidence=[*sources, *(seg[0] for seg in segs)], content=report,
         series_instance_uid=derived_uid(key, "sr", "series"), series_number=series_number,
         sop_instance_uid=derived_uid(key, "sr", "instance"), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, contributing_equipment=equipment,
