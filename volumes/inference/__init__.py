@@ -5,7 +5,8 @@
 * :mod:`~volumes.inference.runner`: the batch - prefetch, fault isolation, resume, torchrun.
 * :mod:`~volumes.inference.ray_engine`: the same per-case stages and merge on a Ray cluster.
 * :mod:`~volumes.inference.dicom_seg`: DICOM SEG output referencing the source series.
-* :mod:`~volumes.inference.report`: figures and ``report.html``.
+* :mod:`~volumes.inference.figures`: the figure of each case (views, mask, importance, QC badge).
+* :mod:`~volumes.inference.report`: ``report.html``.
 """
 
 from volumes.inference.bundles import BundleModel, load_bundle

@@ -393,7 +393,7 @@ class BatchInference:
             rows.append(row)
         if self.figures:
             try:
-                from volumes.inference.report import case_figure, quality_badge
+                from volumes.inference.figures import case_figure, quality_badge
 
                 start = time.perf_counter()
                 depth = volume.shape[-1]
