@@ -64,6 +64,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bundle", type=Path, help="a trained segmentation bundle (default: train one in --out)")
     parser.add_argument("--extra-cases", type=int, default=15, help="held-out phantoms besides the test split")
     parser.add_argument("--seed", type=int, default=5000, help="first seed of the extra phantoms")
+    parser.add_argument("--no-test-split", dest="test_split", action="store_false",
+                        help="only the extra phantoms (e.g. when the test split was looked at while developing)")
     parser.add_argument("--doc", type=Path, help="write the results page here (markdown)")
     parser.add_argument("--figure", type=Path, help="write the score-vs-Dice figure here (PNG)")
     return parser.parse_args(argv)
@@ -78,14 +80,16 @@ def train(out: Path) -> tuple[Path, float]:
     return bundle, time.perf_counter() - start
 
 
-def held_out_cases(bundle: Path, out: Path, extra: int, seed: int) -> list[dict]:
-    """The bundle's test split and ``extra`` new phantoms: ``{case_id, image, label}``."""
+def held_out_cases(bundle: Path, out: Path, extra: int, seed: int, test_split: bool = True) -> list[dict]:
+    """The bundle's test split (unless ``test_split`` is False) and ``extra`` new phantoms: ``{case_id, image, label}``."""
     from volumes.bundle import datalist_section
     from volumes.data.phantoms import PhantomConfig, generate_phantom, write_case
 
     cases = [{"case_id": f"test_{i['case_id']}", "image": i["image"], "label": i["label"]}
-             for i in datalist_section(bundle / "data" / "phantoms" / "datalist.json", "test")]
-    config = PhantomConfig.segmentation_demo()
+             for i in datalist_section(bundle / "data" / "phantoms" / "datalist.json", "test")] if test_split else []
+    # the bundle's cohort settings (its task decides the organ volumes' distribution)
+    infos = json.loads((bundle / "data" / "phantoms" / "cases.json").read_text())
+    config = PhantomConfig.segmentation_demo(task=next(iter(infos.values()))["task"])
     for n in range(extra):
         entry = write_case(generate_phantom(seed + n, config), out / "extra", f"extra_{seed + n}")
         cases.append({"case_id": f"extra_{seed + n}", "image": str(out / "extra" / entry["image"]),
@@ -135,7 +139,8 @@ def organ_rows(output: Path, known: dict[str, dict], labels: list[str]) -> list[
             rows.append({"case_id": row["case_id"], "condition": info["condition"], "organ": organ, "dice": value,
                          "present": bool((info["label"] == labels.index(organ)).any()),
                          "volume_ml": row["organ_volumes_ml"][organ], "score": qc["score"], "flag": qc["flag"],
-                         "case_flag": quality["flag"], "z": qc["z"], "reasons": qc["reasons"]})
+                         "case_flag": quality["flag"], "case_score": quality["score"],
+                         "z": {**qc["z"], "ood": quality["ood_z"] or 0.0}, "reasons": qc["reasons"]})
     return rows
 
 
@@ -151,8 +156,18 @@ def summarise(rows: list[dict], reference: dict) -> dict[str, Any]:
     flagged = [r["flag"] == "review" for r in rows]
     clean = [r for r in rows if r["condition"] == "clean"]
     clean_cases = {r["case_id"]: r["case_flag"] == "review" for r in clean}
+    cases: dict[str, dict] = {}
+    for r in rows:  # a case needs review when any of its organs has Dice < 0.8
+        case = cases.setdefault(r["case_id"], {"score": r["case_score"], "flag": r["case_flag"] == "review",
+                                               "bad": False})
+        case["bad"] |= r["dice"] < DICE_BAR
+    case_bad = [c["bad"] for c in cases.values()]
     result = {
         "organs": len(rows), "below_bar": int(sum(bad)), "auroc": roc_auc(scores, bad),
+        "cases": len(cases), "cases_below_bar": int(sum(case_bad)),
+        "case_auroc": roc_auc([c["score"] for c in cases.values()], case_bad),
+        "case_sensitivity": _rate([c["flag"] for c in cases.values() if c["bad"]]),
+        "case_false_alarm_rate": _rate([c["flag"] for c in cases.values() if not c["bad"]]),
         "auroc_by_sign": {s: roc_auc([r["z"].get(s, 0.0) for r in rows], bad) for s in SIGNS},
         "sensitivity": _rate([f for f, b in zip(flagged, bad) if b]),
         "false_alarm_rate": _rate([f for f, b in zip(flagged, bad) if not b]),
@@ -185,21 +200,24 @@ def figure(rows: list[dict], threshold: float, path: Path) -> None:
 
     from volumes.quality import DICE_BAR
 
-    fig = Figure(figsize=(12, 5), dpi=100)
+    fig = Figure(figsize=(14, 5), dpi=100)
     FigureCanvasAgg(fig)
-    ax, roc = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    grid = fig.add_gridspec(1, 2, width_ratios=(1.35, 1.0), wspace=0.45)
+    ax, roc = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     cmap = matplotlib.colormaps["tab20"]
+    floor = 0.1  # a score of 0 (every sign on the good side) is drawn at the bottom of the log axis
     for i, condition in enumerate(CONDITIONS):
         part = [r for r in rows if r["condition"] == condition]
-        ax.scatter([r["dice"] for r in part], [max(r["score"], 1e-2) for r in part], s=14, alpha=0.75,
+        ax.scatter([r["dice"] for r in part], [max(r["score"], floor) for r in part], s=12, alpha=0.7,
                    color=cmap(i / max(len(CONDITIONS) - 1, 1)), label=condition, edgecolors="none")
     ax.axhline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.2f}")
     ax.axvline(DICE_BAR, color="0.5", linestyle=":", linewidth=1)
-    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_yscale("log")
+    ax.set_ylim(floor * 0.8, max(r["score"] for r in rows) * 1.5)
     ax.set_xlabel("organ Dice against the (corrupted) labels")
-    ax.set_ylabel("QC score (largest z of the signs)")
+    ax.set_ylabel(f"QC score (largest z of the signs; < {floor} drawn at {floor})")
     ax.set_title("QC score vs Dice, held-out phantoms")
-    ax.legend(fontsize=7, loc="upper right", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     bad = np.array([r["dice"] < DICE_BAR for r in rows])
     for name, values in [("score", [r["score"] for r in rows])] + [(s, [r["z"].get(s, 0.0) for r in rows]) for s in SIGNS]:
         v = np.asarray(values, np.float64)
@@ -212,7 +230,7 @@ def figure(rows: list[dict], threshold: float, path: Path) -> None:
     roc.set_ylabel("sensitivity (organs with Dice < 0.8)")
     roc.set_title("ROC of the score and of each sign alone")
     roc.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.11, top=0.93)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
 
@@ -235,7 +253,8 @@ def render(result: dict, context: dict) -> str:
         f"({v['threshold_rule']}; validation AUROC {_f(v['auroc'])}, {v['organs_below_dice_bar']} of {v['organs']} "
         "validation organs below Dice 0.8).",
         "",
-        f"Held-out phantoms: {context['cases']} cases (the bundle's test split and {context['extra']} new seeds), "
+        f"Held-out phantoms: {context['cases']} cases ({context['split']}{context['extra']} new phantoms of the "
+        f"bundle's cohort settings, seeds from {context['seed']}), "
         f"each clean and under {len(CONDITIONS) - 1} corruptions, {result['organs']} organ results in all, "
         f"{result['below_bar']} of them with Dice < 0.8.",
         "",
@@ -244,8 +263,13 @@ def render(result: dict, context: dict) -> str:
         f"| sensitivity of the flag (organs with Dice < 0.8 flagged) | {_f(result['sensitivity'])} |",
         f"| false-alarm rate (organs with Dice >= 0.8 flagged), all conditions | {_f(result['false_alarm_rate'])} |",
         f"| false-alarm rate on clean cases (organs with Dice >= 0.8 flagged) | **{_f(result['clean_organ_false_alarm_rate'])}** |",
-        f"| clean cases flagged (any organ or the image) | {_f(result['clean_case_flag_rate'])} of {result['clean_cases']} |",
-        "", "AUROC of each sign alone (its z-score) for Dice < 0.8:", "",
+        f"| clean cases flagged (any organ or the image) | {round(result['clean_case_flag_rate'] * result['clean_cases'])} "
+        f"of {result['clean_cases']} |",
+        f"| case level: AUROC of the case score for 'some organ has Dice < 0.8' ({result['cases_below_bar']} of "
+        f"{result['cases']} cases) | {_f(result['case_auroc'])} |",
+        f"| case level: sensitivity / false-alarm rate of the case flag | {_f(result['case_sensitivity'])} / "
+        f"{_f(result['case_false_alarm_rate'])} |",
+        "", "AUROC of each sign alone (its z-score; `ood` is the case's) for an organ's Dice < 0.8:", "",
         markdown_table(list(SIGNS), [[_f(result["auroc_by_sign"][s]) for s in SIGNS]], "r" * len(SIGNS)),
         "", "Per condition (organ rows; 'flagged' counts organs, 'cases flagged' counts cases with any flag):", "",
     ]
@@ -287,9 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     context["training"] = f"{SEGMENTATION}, {context['training']}"
     print("[2/4] writing the held-out cases under every condition", flush=True)
-    cases = held_out_cases(bundle, args.out, args.extra_cases, args.seed)
+    cases = held_out_cases(bundle, args.out, args.extra_cases, args.seed, args.test_split)
     known = write_inputs(cases, args.out / "inputs")
-    context.update(cases=len(cases), extra=args.extra_cases)
+    context.update(cases=len(cases), extra=args.extra_cases, seed=args.seed,
+                   split="the bundle's test split and " if args.test_split else "")
     print(f"[3/4] volumes infer on {len(known)} inputs", flush=True)
     model = load_bundle(bundle, device="cpu")
     output = args.out / "infer"

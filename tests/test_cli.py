@@ -42,6 +42,11 @@ def test_quick_demo_trains_both_bundles_and_runs_batch_inference(tmp_path, capsy
     assert ("real_example_ct" in cases and "real_example_ct_dicom" in cases) == SHARED.is_dir()
     assert {row["temperature"] for row in rows if row["task"] == "classification"} == {temperature}
     assert (tmp_path / "infer" / "failures.csv").read_text().count("\n") == 1  # header only
+    # every segmentation carries its quality-control flag, and the demo counts the flagged ones
+    segmentations = [row for row in rows if row["task"] == "segmentation"]
+    assert segmentations and all(row["quality"]["flag"] in ("pass", "review") for row in segmentations)
+    assert scores["qc_checked"] == len(segmentations) and "quality control flagged" in printed
+    assert scores["qc_review"] == sorted(r["case_id"] for r in segmentations if r["quality"]["flag"] == "review")
 
 
 def test_embed_writes_one_embedding_per_slice(cohort, tmp_path, capsys):

@@ -83,6 +83,50 @@ def test_inference_writes_label_maps_in_the_input_geometry(trained):
         assert (labels == reference).mean() > 0.95
 
 
+def test_training_fits_quality_control_that_flags_wrongly_scaled_input(trained, tmp_path):
+    """QC fitted at the end of training; held-out phantoms stored without the rescale intercept
+    (HU + 1024: a pipeline mistake the model cannot read) are flagged, their clean twins are not
+    flagged as unusual, and the outputs say so."""
+    from volumes.data.corruptions import corrupt
+    from volumes.inference import BatchInference, load_bundle
+    from volumes.quality import load_quality_reference
+
+    labels = json.loads((CONFIGS / "inference.json").read_text())["labels"]
+    reference = load_quality_reference(trained / "models" / "model.pt", labels)
+    assert reference is not None and reference.threshold >= 2.0
+    assert reference.validation["cases"] == 5 and reference.validation["organs"] == 30
+    assert reference.validation["false_alarm_rate"] <= 0.1  # the rule the threshold was chosen by
+    datalist = json.loads((trained / "data" / "phantoms" / "datalist.json").read_text())
+    root, inputs = trained / "data" / "phantoms", tmp_path / "in"
+    inputs.mkdir()
+    for item in datalist["test"]:
+        source = nib.load(root / item["image"])
+        case_id = Path(item["image"]).name.split(".")[0]
+        shutil.copy(root / item["image"], inputs / f"{case_id}.nii.gz")
+        image, _, affine = corrupt("no_intercept", np.asanyarray(source.dataobj), np.zeros(source.shape), source.affine)
+        nib.save(nib.Nifti1Image(image.astype(np.int16), affine), inputs / f"{case_id}_no_intercept.nii.gz")
+    model = load_bundle(trained, overrides=SMALL)
+    assert model.fitted_sha256 is not None  # the QC files are part of the model key
+    output = tmp_path / "out"
+    from volumes.data.discovery import discover_cases
+
+    BatchInference([model], output, progress=False).run([c.to_dict() for c in discover_cases(inputs)])
+    rows = {r["case_id"]: r for r in map(json.loads, (output / "predictions.jsonl").read_text().splitlines())}
+    clean = [r["quality"] for k, r in rows.items() if not k.endswith("_no_intercept")]
+    wrong = [r["quality"] for k, r in rows.items() if k.endswith("_no_intercept")]
+    assert len(clean) == len(wrong) == len(datalist["test"])
+    for quality in wrong:
+        assert quality["flag"] == "review" and quality["reasons"][0] == "unusual image"
+        assert quality["ood_z"] > 10 * quality["threshold"]
+    assert all(q["ood_z"] <= q["threshold"] for q in clean)
+    assert max(q["score"] for q in clean) < min(q["score"] for q in wrong)
+    flagged = [o["flag"] == "review" for q in clean for o in q["organs"].values()]
+    assert np.mean(flagged) < 0.5  # most organs of clean held-out phantoms pass
+    table = (output / "predictions.csv").read_text()
+    assert "qc_flag,qc_score" in table and "qc_flag_liver" in table
+    assert "Flagged for review" in (output / "report.html").read_text()
+
+
 def test_verify_metadata_against_the_monai_schema(tmp_path, shared_data):
     schema = shared_data.parent / "monai" / "meta_schema_20240725.json"
     if not schema.is_file():

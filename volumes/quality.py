@@ -18,9 +18,9 @@ while the segmenter predicts, five signs that a mask should be checked by a pers
 
 Each sign becomes a z-score against a robust reference (median and scaled MAD, with a
 floor on the scale: :data:`SCALE_FLOORS`), one-sided where only one direction is bad. An
-organ's score is the largest of its z-scores and of the case's ``ood`` z-score; a case's
-score is the largest of its organs'. A score above the threshold flags ``review``,
-otherwise ``pass``, and the reasons name the signs above the threshold.
+organ's score is the largest of its z-scores; a case's score is the largest of its organs'
+and of its ``ood`` z-score. A score above the threshold flags ``review``, otherwise
+``pass``, and the reasons name the signs above the threshold.
 
 Where the references come from (:func:`fit_reference`, run at the end of training by the
 segmentation bundle's :class:`FitQualityControl`):
@@ -28,11 +28,11 @@ segmentation bundle's :class:`FitQualityControl`):
 * the embedding index and the volume reference: the training split (the labels' volumes);
 * the ``ood`` reference: the case distances of the validation split, and of each training
   case against the index without its own slices;
-* ``margin``, ``agreement`` and ``fragments``: the validation split's predictions, per organ;
+* ``margin``, ``agreement`` and ``fragments``: the validation split's predictions, a centre
+  per organ and one scale pooled over the organs;
 * the threshold: the validation split's organs scored leave-one-case-out (each case
-  against references fitted without it), chosen to separate organs with Dice < 0.8 from
-  the others (Youden's J) when the split has both, else as the 95th percentile of the
-  scores (5% false alarms), and never below :data:`MIN_THRESHOLD`.
+  against references fitted without it); the smallest threshold that flags at most 10% of
+  the organs with Dice >= 0.8 (:data:`FALSE_ALARM_TARGET`), never below :data:`MIN_THRESHOLD`.
 
 Saved beside the checkpoint: ``model.qc.json`` (references, threshold, validation figures;
 readable) and ``model.qc_index.npy`` (the index). :func:`load_quality_reference` reads them
@@ -80,8 +80,8 @@ SCALE_FLOORS = {"ood": 0.1, "volume": 0.1, "margin": 0.02, "agreement": 0.02, "f
 MIN_THRESHOLD = 2.0
 #: An organ "needs review" in the validation and the study when its Dice is below this.
 DICE_BAR = 0.8
-#: Target false-alarm rate when the validation split has no organ below DICE_BAR.
-FALSE_ALARM_TARGET = 0.05
+#: The threshold flags at most this fraction of the validation organs with Dice >= DICE_BAR.
+FALSE_ALARM_TARGET = 0.1
 K_NEIGHBOURS = 5
 INDEX_SIZE = 2048
 
@@ -308,23 +308,26 @@ class QualityReference:
         return distance, ood_z, organs
 
     def assess(self, measurements: Mapping[str, Any]) -> dict[str, Any]:
-        """Score, flag and reasons of one case and of each of its organs (JSON-ready, rounded)."""
+        """Score, flag and reasons of one case and of each of its organs (JSON-ready, rounded).
+
+        An organ's score is the largest z of its own signs; the case's is the largest of its
+        organs' scores and its ``ood`` z.
+        """
         distance, ood_z, z = self.z_scores(measurements)
         organs, reasons, scores = {}, [], [ood_z] if math.isfinite(ood_z) else []
+        if math.isfinite(ood_z) and ood_z > self.threshold:
+            reasons.append(MEANING["ood"])
         for name, values in measurements["organs"].items():
-            signs = {"ood": ood_z, **z[name]}
-            finite = {k: v for k, v in signs.items() if math.isfinite(v)}
-            score = max(finite.values()) if finite else 0.0
+            finite = {k: v for k, v in z[name].items() if math.isfinite(v)}
+            score = max(finite.values(), default=0.0)
             scores.append(score)
             above = sorted((k for k, v in finite.items() if v > self.threshold), key=lambda k: -finite[k])
-            flag = "review" if score > self.threshold else "pass"
             organs[name] = {
-                "score": round(score, 3), "flag": flag, "reasons": [MEANING[k] for k in above],
-                "z": {k: round(v, 3) for k, v in finite.items()}, **{k: _plain(v) for k, v in values.items()},
+                "score": round(score, 3), "flag": "review" if score > self.threshold else "pass",
+                "reasons": [MEANING[k] for k in above], "z": {k: round(v, 3) for k, v in finite.items()},
+                **{k: _plain(v) for k, v in values.items()},
             }
-            reasons += [f"{name}: {MEANING[k]}" for k in above if k != "ood"]
-        if math.isfinite(ood_z) and ood_z > self.threshold:
-            reasons.insert(0, MEANING["ood"])
+            reasons += [f"{name}: {MEANING[k]}" for k in above]
         case_score = max(scores, default=0.0)
         return {
             "score": round(case_score, 3), "flag": "review" if case_score > self.threshold else "pass",
@@ -403,18 +406,27 @@ def load_quality_reference(checkpoint: str | Path | None, labels: Sequence[str] 
 
 
 # ---------------------------------------------------------------------------- fitting
+def _pooled(values: Mapping[str, Sequence[float]], floor: float) -> dict[str, dict[str, float]]:
+    """Per organ: its median, and one scale for all organs (1.4826 x the median absolute deviation
+    of every value from its organ's median, at least ``floor``): a few validation cases cannot
+    estimate a spread per organ, all their organs together can."""
+    centers = {name: _robust(v, floor)["center"] for name, v in values.items()}
+    deviations = [abs(x - centers[name]) for name, v in values.items() for x in v
+                  if _finite(x) and centers[name] is not None]
+    scale = max(1.4826 * float(np.median(deviations)), floor) if deviations else None
+    return {name: {"center": centers[name], "scale": scale if centers[name] is not None else None,
+                   "n": sum(_finite(x) for x in values[name])} for name in values}
+
+
 def _organ_reference(labels: Sequence[str], train_volumes: Sequence[Mapping[str, float]],
                      validation: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    organs = {}
-    for name in labels[1:]:
-        values = [m["organs"][name] for m in validation]
-        organs[name] = {
-            "volume": _robust([math.log1p(v.get(name, 0.0)) for v in train_volumes], SCALE_FLOORS["volume"]),
-            "margin": _robust([v["margin"] for v in values], SCALE_FLOORS["margin"]),
-            "agreement": _robust([v["agreement"] for v in values], SCALE_FLOORS["agreement"]),
-            "fragments": _robust([v["fragment_fraction"] for v in values], SCALE_FLOORS["fragments"]),
-        }
-    return organs
+    """Volume per organ from the training labels; margin, agreement and fragments per organ from the
+    validation predictions, with a scale pooled over the organs."""
+    names = list(labels[1:])
+    pooled = {sign: _pooled({n: [m["organs"][n][key] for m in validation] for n in names}, SCALE_FLOORS[sign])
+              for sign, key in (("margin", "margin"), ("agreement", "agreement"), ("fragments", "fragment_fraction"))}
+    return {n: {"volume": _robust([math.log1p(v.get(n, 0.0)) for v in train_volumes], SCALE_FLOORS["volume"]),
+                **{sign: pooled[sign][n] for sign in pooled}} for n in names}
 
 
 def _ood_reference(values: Sequence[float]) -> dict[str, float]:
@@ -425,25 +437,21 @@ def _ood_reference(values: Sequence[float]) -> dict[str, float]:
 
 
 def choose_threshold(scores: Sequence[float], positive: Sequence[bool]) -> tuple[float, str]:
-    """The flag's threshold from validation scores: Youden's J with both classes, else a 95th percentile.
+    """The flag's threshold from validation scores: at most :data:`FALSE_ALARM_TARGET` of the organs
+    with Dice >= 0.8 flagged, and never below :data:`MIN_THRESHOLD`.
 
-    Never below :data:`MIN_THRESHOLD`. Returns the threshold and how it was chosen.
+    The smallest such threshold also flags the most organs below the bar, so the positives
+    do not change the choice (only what is reported about it). Returns the threshold and
+    how it was chosen.
     """
     s, y = np.asarray(scores, np.float64), np.asarray(positive, bool)
-    if s.size == 0:
-        return MIN_THRESHOLD, "no validation organs: the minimum"
-    if y.any() and (~y).any():
-        best, best_j = MIN_THRESHOLD, -math.inf
-        for t in sorted(set(s.tolist()) | {MIN_THRESHOLD}):
-            if t < MIN_THRESHOLD:
-                continue
-            j = float((s[y] > t).mean() - (s[~y] > t).mean())
-            if j > best_j:
-                best, best_j = t, j
-        return float(best), f"Youden's J on the validation organs (J = {best_j:.3f})"
-    clean = s[~y] if (~y).any() else s
-    t = float(np.quantile(clean, 1.0 - FALSE_ALARM_TARGET))
-    return max(t, MIN_THRESHOLD), f"{100 * (1 - FALSE_ALARM_TARGET):.0f}th percentile of the validation organs' scores"
+    negatives = np.sort(s[~y])
+    if negatives.size == 0:
+        return MIN_THRESHOLD, "no validation organ with Dice >= 0.8: the minimum"
+    allowed = math.floor(FALSE_ALARM_TARGET * negatives.size)  # negatives that may lie above the threshold
+    threshold = float(negatives[negatives.size - 1 - allowed])
+    return max(threshold, MIN_THRESHOLD), (f"at most {100 * FALSE_ALARM_TARGET:.0f}% of the {negatives.size} validation "
+                                           "organs with Dice >= 0.8 flagged")
 
 
 def fit_reference(labels: Sequence[str], train_embeddings: Sequence[np.ndarray],
@@ -485,17 +493,13 @@ def fit_reference(labels: Sequence[str], train_embeddings: Sequence[np.ndarray],
                                 _organ_reference(labels, train_volumes, [validation[i] for i in keep]),
                                 MIN_THRESHOLD, k)
 
-    scores, positive, per_feature = [], [], {f: [] for f in FEATURES}
+    scores, positive = [], []
     for i, (measurements, dice) in enumerate(zip(validation, validation_dice)):
         scorer = reference_without(i if len(validation) > 1 else None)
-        _, ood_z, z = scorer.z_scores(measurements)
+        _, _, z = scorer.z_scores(measurements)
         for name in labels[1:]:
-            signs = {"ood": ood_z, **z[name]}
-            finite = [v for v in signs.values() if math.isfinite(v)]
-            scores.append(max(finite) if finite else 0.0)
+            scores.append(max((v for v in z[name].values() if math.isfinite(v)), default=0.0))
             positive.append(dice[name] < DICE_BAR)
-            for feature, value in signs.items():
-                per_feature[feature].append(value)
     threshold, how = choose_threshold(scores, positive)
     reference = reference_without(None)
     reference.threshold = threshold

@@ -7,9 +7,9 @@
    cohorts, one of them also written as a DICOM series, and - when ``../shared/data`` is
    beside the checkout - the real example CT (NIfTI) and the real DICOM series.
 3. Run both bundles with :class:`volumes.inference.BatchInference` (what ``volumes infer`` runs).
-4. Score what can be scored: Dice of the masks against the phantoms' ground truth and
-   accuracy/AUC of the classifier on its own held-out phantoms; print where
-   ``report.html`` is.
+4. Score what can be scored: Dice of the masks against the phantoms' ground truth,
+   accuracy/AUC and calibration of the classifier on its own held-out phantoms, and which
+   segmentations quality control flagged for review; print where ``report.html`` is.
 
 The encoders are random-initialised (no model hub here): the numbers show the pipeline
 learning on phantoms, not DINOv2 quality, and masks on the real CT from a phantom-trained
@@ -129,6 +129,11 @@ def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, 
             probabilities.append(list(row["probabilities"].values()))
             raw.append(list(row.get("probabilities_uncalibrated", row["probabilities"]).values()))
     result: dict[str, Any] = {"phantom_cases_scored": len(dice), "mean_dice": float(np.mean(dice)) if dice else None}
+    flags = {row["case_id"]: row["quality"]["flag"] for row in rows
+             if row["task"] == "segmentation" and row.get("quality")}
+    if flags:  # segmentation quality control (docs/QC.md): the cases it sends to a person
+        result["qc_review"] = sorted(case for case, flag in flags.items() if flag == "review")
+        result["qc_checked"] = len(flags)
     if truths:
         predicted = [int(s > 0.5) for s in scores]
         result["accuracy"] = float(np.mean([p == t for p, t in zip(predicted, truths)]))
@@ -193,6 +198,10 @@ def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None
                     f"{result['classified_cases']} held-out phantoms, ECE {result['ece_uncalibrated']:.3f} -> "
                     f"{result['ece_calibrated']:.3f} and Brier {result['brier_uncalibrated']:.3f} -> "
                     f"{result['brier_calibrated']:.3f} with the temperature fitted on the validation split")
+    if "qc_checked" in result:
+        review = result["qc_review"]
+        summary += (f"; quality control flagged {len(review)} of {result['qc_checked']} segmentations for review"
+                    + (f" ({', '.join(review[:6])}{', ...' if len(review) > 6 else ''})" if review else ""))
     (out / "demo_scores.json").write_text(json.dumps(result, indent=1) + "\n")
     print(summary)
     print(f"demo finished in {time.perf_counter() - start:.0f} s; open {output / 'report.html'}")
