@@ -57,3 +57,22 @@ def test_calibration_metrics_fit_on_validation_and_score_the_test_split():
     assert out["test_ece_calibrated"] < 0.03 < out["test_ece"]
     assert out["test_brier_calibrated"] < out["test_brier"]
     assert out["test_acc_calibrated"] == pytest.approx(float(np.mean(p[4000:].argmax(1) == labels[4000:])))
+
+
+def test_calibration_report_scores_the_test_split_before_and_after_the_saved_temperature(tmp_path):
+    import json
+
+    from volumes.calibration import CalibrationReport, calibration_path
+
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    calibration_path(checkpoint).write_text(json.dumps({"temperature": 2.0}))
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    labels = np.array([0, 1, 1, 1])
+    report = json.loads(CalibrationReport(checkpoint, tmp_path / "eval").write(probabilities, labels).read_text())
+    softened = softmax(np.log(probabilities), 2.0)
+    assert report["temperature"] == 2.0 and report["cases"] == 4
+    assert report["ece"] == pytest.approx(expected_calibration_error(probabilities, labels))
+    assert report["ece_calibrated"] == pytest.approx(expected_calibration_error(softened, labels))
+    assert report["brier_calibrated"] == pytest.approx(brier_score(softened, labels))
+    assert report["accuracy"] == report["accuracy_calibrated"] == 0.75

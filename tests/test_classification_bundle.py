@@ -82,9 +82,24 @@ def test_checkpoint_settings_travel_with_the_weights(trained):
 
 
 def test_evaluate_on_the_test_split(trained):
+    import numpy as np
+
+    from volumes.calibration import brier_score, softmax
+
     _run(["train.json", "evaluate.json"], trained)
     metrics = (trained / "eval" / "metrics.csv").read_text()
     assert "val_auc" in metrics and "val_accuracy" in metrics
+    # calibration on the test split, before and after the temperature saved at training
+    report = json.loads((trained / "eval" / "calibration.json").read_text())
+    datalist = json.loads((trained / "data" / "phantoms" / "datalist.json").read_text())
+    saved = json.loads((trained / "models" / "model.calibration.json").read_text())
+    assert report["cases"] == len(datalist["test"]) and report["temperature"] == saved["temperature"]
+    assert report["accuracy_calibrated"] == report["accuracy"]  # temperature scaling keeps the argmax
+    for key in ("ece", "ece_calibrated"):
+        assert 0.0 <= report[key] <= 1.0
+    # the Brier score of a constant 0.5 answer is 0.5: the numbers are on that scale
+    assert brier_score(softmax(np.zeros((4, 2))), np.array([0, 1, 0, 1])) == 0.5
+    assert 0.0 <= report["brier_calibrated"] <= 2.0
 
 
 def test_inference_writes_probabilities_and_top_slices(trained):

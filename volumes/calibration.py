@@ -12,6 +12,8 @@ over-confident classifier.
   the validation split whenever the checkpoint saver keeps a new best checkpoint, and
   writes it beside it (``model.calibration.json``); :func:`load_temperature` reads it at
   inference (``T = 1`` for a checkpoint without one, said once in the log).
+* :class:`CalibrationReport`: the bundle's evaluation handler that writes the test split's
+  ECE, Brier score and accuracy before and after that temperature (``eval/calibration.json``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FitTemperature", "brier_score", "calibration_metrics", "calibration_path", "load_temperature", "expected_calibration_error", "fit_temperature", "softmax"]
+__all__ = ["CalibrationReport", "FitTemperature", "brier_score", "calibration_metrics", "calibration_path", "load_temperature", "expected_calibration_error", "fit_temperature", "softmax"]
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -146,7 +148,79 @@ def load_temperature(checkpoint: str | Path | None) -> float:
     return temperature
 
 
-class FitTemperature:
+class _ValidationProbabilities:
+    """Collects one validation run's probabilities (``pred``, after the bundle's softmax) and labels."""
+
+    def __init__(self) -> None:
+        self._probabilities: list[np.ndarray] = []
+        self._labels: list[int] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._reset())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._completed)
+
+    def _reset(self) -> None:
+        self._probabilities, self._labels = [], []
+
+    def _collect(self, engine: Any) -> None:
+        for item in engine.state.output:
+            self._probabilities.append(item["pred"].detach().float().cpu().numpy())
+            self._labels.append(int(item["label"].argmax()))
+
+    def _completed(self, engine: Any) -> None:
+        raise NotImplementedError
+
+
+class CalibrationReport(_ValidationProbabilities):
+    """Evaluation handler: the test split's ECE, Brier score and accuracy before and after the saved temperature.
+
+    Written atomically to ``output_dir/calibration.json`` when the evaluation run ends
+    (the classification bundle's ``evaluate.json``). Temperature scaling keeps the argmax,
+    so the accuracy at the calibrated 0.5 threshold (binary) or argmax equals the
+    uncalibrated one; the report says both.
+
+    Args:
+        checkpoint: the evaluated checkpoint (its ``model.calibration.json``; T = 1 without one).
+        output_dir: where ``calibration.json`` goes.
+    """
+
+    def __init__(self, checkpoint: str | Path, output_dir: str | Path):
+        super().__init__()
+        self.checkpoint, self.path = Path(checkpoint), Path(output_dir) / "calibration.json"
+
+    def _completed(self, engine: Any) -> None:
+        if self._labels:
+            self.write(np.stack(self._probabilities), np.asarray(self._labels))
+
+    def write(self, probabilities: np.ndarray, labels: np.ndarray) -> Path:
+        from volumes.atomic import atomic_write_bytes
+
+        temperature = load_temperature(self.checkpoint)
+        calibrated = softmax(np.log(probabilities + 1e-12), temperature)
+
+        def accuracy(p: np.ndarray) -> float:
+            predicted = (p[:, 1] >= 0.5).astype(int) if p.shape[1] == 2 else p.argmax(axis=1)
+            return float(np.mean(predicted == labels))
+
+        content = {
+            "temperature": temperature, "cases": int(len(labels)), "split": "test",
+            "ece": expected_calibration_error(probabilities, labels),
+            "ece_calibrated": expected_calibration_error(calibrated, labels),
+            "brier": brier_score(probabilities, labels), "brier_calibrated": brier_score(calibrated, labels),
+            "accuracy": accuracy(probabilities), "accuracy_calibrated": accuracy(calibrated),
+        }
+        text = json.dumps(content, indent=1) + "\n"
+        atomic_write_bytes(self.path, lambda handle: handle.write(text.encode()))
+        logger.info("calibration on the test split (%s): ECE %.3f -> %.3f, Brier %.3f -> %.3f, accuracy %.3f",
+                    self.path, content["ece"], content["ece_calibrated"], content["brier"],
+                    content["brier_calibrated"], content["accuracy_calibrated"])
+        return self.path
+
+
+class FitTemperature(_ValidationProbabilities):
     """Validation handler: fit the temperature of the checkpoint the saver keeps, and save it beside it.
 
     Collects the validation run's probabilities (``pred``, after the bundle's softmax
@@ -164,28 +238,12 @@ class FitTemperature:
     """
 
     def __init__(self, checkpoint: str | Path, key_metric: str = "val_auc"):
+        super().__init__()
         self.path = calibration_path(checkpoint)
         self.key_metric = key_metric
         self.best = -math.inf
-        self._probabilities: list[np.ndarray] = []
-        self._labels: list[int] = []
 
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._reset())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_fit)
-
-    def _reset(self) -> None:
-        self._probabilities, self._labels = [], []
-
-    def _collect(self, engine: Any) -> None:
-        for item in engine.state.output:
-            self._probabilities.append(item["pred"].detach().float().cpu().numpy())
-            self._labels.append(int(item["label"].argmax()))
-
-    def _maybe_fit(self, engine: Any) -> None:
+    def _completed(self, engine: Any) -> None:
         score = float(engine.state.metrics.get(self.key_metric, math.nan))
         if not self._labels or math.isnan(score) or score < self.best:
             return
