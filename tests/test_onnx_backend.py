@@ -39,13 +39,49 @@ def test_a_missing_runtime_names_the_extra(monkeypatch):
         require_onnxruntime()
 
 
-def test_openvino_and_unknown_backends_say_so():
+def test_a_missing_openvino_names_its_extra(monkeypatch):
+    from volumes.inference.onnx_backend import require_openvino
+
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino":
+            raise ImportError("No module named 'openvino'", name="openvino")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    with pytest.raises(VolumesError, match=r"openvino is not installed.*pip install 'volumes\[openvino\]'"):
+        require_openvino()
+
+
+def test_unknown_backends_say_so():
     from volumes.inference.onnx_backend import use_backend
 
-    with pytest.raises(VolumesError, match="openvino is not implemented"):
-        use_backend(object(), "openvino")
     with pytest.raises(VolumesError, match="choose one of"):
         use_backend(object(), "tensorrt")
+
+
+def test_openvino_runs_the_same_exports_as_onnxruntime_within_1e4(tmp_path, one_torch_thread):
+    pytest.importorskip("openvino", reason="the openvino extra (pip install 'volumes[openvino]') is not installed")
+    from volumes.inference.onnx_backend import OnnxDecoder, OnnxSliceEncoder
+    from volumes.networks import SliceSegmenter
+
+    torch.manual_seed(0)
+    net = SliceSegmenter(7, "vit_small_patch14_dinov2", encoder_kwargs={"model_kwargs": {"depth": 2}}).eval()
+    encoder = OnnxSliceEncoder(net.encoder, tmp_path, runtime="openvino")
+    decoder = OnnxDecoder(net.decoder, tmp_path, runtime="openvino")
+    assert encoder.backend == "openvino"
+    for n in (2, 9):  # dynamic slice count
+        slices = torch.randn(n, 3, 56, 56)
+        with torch.no_grad():
+            ref = net.encoder(slices, with_grids=True)
+            got = encoder(slices, with_grids=True)
+            for a, b in zip((got.cls, got.patch_mean, *got.patch_grids), (ref.cls, ref.patch_mean, *ref.patch_grids)):
+                assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-4
+            features, expected = decoder(ref.patch_grids, slices), net.decoder(ref.patch_grids, slices)
+        assert features.shape == expected.shape and float((features - expected).abs().max()) <= 1e-4
+    with pytest.raises(VolumesError, match="int8 quantisation is done with onnxruntime only"):
+        OnnxSliceEncoder(net.encoder, tmp_path, quantize=True, runtime="openvino")
 
 
 def test_encoder_and_decoder_match_torch_for_any_slice_count(tmp_path, one_torch_thread):
@@ -117,7 +153,14 @@ def test_volumes_infer_onnxruntime_gives_the_torch_label_maps(tmp_path, one_torc
     shutil.copy(tmp_path / "staging" / entry["image"], tmp_path / "input" / "p0.nii.gz")
     weights = _weights(tmp_path)
     outputs = {}
-    for backend in ("torch", "onnxruntime", "onnxruntime-int8"):
+    backends = ["torch", "onnxruntime", "onnxruntime-int8"]
+    try:
+        import openvino  # noqa: F401
+
+        backends.append("openvino")
+    except ImportError:
+        pass
+    for backend in backends:
         assert _infer(tmp_path / "input", tmp_path / backend, weights, "--backend", backend) == 0
         case = tmp_path / backend / "p0"
         outputs[backend] = (np.asarray(nib.load(case / "dinov2_unet_segmentation_seg.nii.gz").dataobj),
@@ -130,6 +173,11 @@ def test_volumes_infer_onnxruntime_gives_the_torch_label_maps(tmp_path, one_torc
     assert float(np.mean(label != ref_label)) <= 1e-4
     for name, p in ref_probs["probabilities"].items():
         assert abs(p - probs["probabilities"][name]) <= 1e-4
+    if "openvino" in outputs:  # the same exports compiled by OpenVINO
+        ov_label, ov_probs = outputs["openvino"]
+        assert float(np.mean(ov_label != ref_label)) <= 1e-4
+        for name, p in ref_probs["probabilities"].items():
+            assert abs(p - ov_probs["probabilities"][name]) <= 1e-4
     # the exports are cached beside the weights: encoder + decoder (fp32 and int8 encoder) and one classifier encoder
     assert len(list((weights[0].parent / "onnx").glob("*.onnx"))) == 3
     assert len(list((weights[1].parent / "onnx").glob("*.onnx"))) == 2

@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
                        help="torch (default); onnxruntime: the encoder and the 2D decoder exported to ONNX "
                             "(cached beside the weights) and run on the CPU by ONNX Runtime "
                             "(pip install 'volumes[onnx]'); onnxruntime-int8: the encoder's weights quantised "
-                            "to int8 as well; openvino: not implemented yet")
+                            "to int8 as well; openvino: the same ONNX files compiled by OpenVINO "
+                            "(pip install 'volumes[openvino]')")
     infer.add_argument("--no-progress", action="store_true")
     infer.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                        help="override a key of every bundle's inference config, e.g. inference_slab=8")
@@ -86,10 +87,12 @@ def run(args: argparse.Namespace) -> int:
         if args.backend != "torch":
             raise VolumesError(f"--backend {args.backend} runs with --engine local only")
         return _run_ray(args, weights)
-    from volumes.inference.onnx_backend import require_onnxruntime, use_backend
+    from volumes.inference.onnx_backend import require_onnxruntime, require_openvino, use_backend
 
     if args.backend.startswith("onnxruntime"):
         require_onnxruntime()  # before discovery and model loading: a missing extra is said at once
+    elif args.backend == "openvino":
+        require_openvino()
     cases = discover_cases(args.input, section=args.section)
     device = resolve_device(args.device, distributed=True)
     overrides = parse_overrides(args.set)

@@ -5,6 +5,8 @@ encoder (and a segmenter's 2D decoder) by modules that run an ONNX Runtime
 ``InferenceSession`` on the CPU; the aggregator, the 1x1 head, the 3D refinement and
 everything around them stay in torch. ``onnxruntime-int8`` also quantises the encoder's
 weights to int8 (``onnxruntime.quantization.quantize_dynamic``; the decoder stays fp32).
+``openvino`` compiles the same ONNX files with OpenVINO for the CPU (``pip install
+'volumes[openvino]'``).
 
 Export: ``torch.onnx.export`` (TorchScript exporter, opset 17) with a dynamic slice axis, on
 the first batch of each slice size (the position grid is resampled for that size and
@@ -33,7 +35,8 @@ from volumes.atomic import atomic_path
 from volumes.encoders.slice_encoder import SliceEncoder, SliceFeatures
 from volumes.errors import VolumesError
 
-__all__ = ["BACKENDS", "OPSET", "OnnxDecoder", "OnnxSliceEncoder", "require_onnxruntime", "use_backend"]
+__all__ = ["BACKENDS", "OPSET", "OnnxDecoder", "OnnxSliceEncoder", "require_onnxruntime", "require_openvino",
+           "use_backend"]
 
 BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "openvino")
 OPSET = 17
@@ -48,6 +51,35 @@ def require_onnxruntime() -> Any:
         raise VolumesError(f"--backend onnxruntime needs onnx and onnxruntime ({exc.name} is not installed): "
                            "pip install 'volumes[onnx]'") from exc
     return onnxruntime
+
+
+def require_openvino() -> Any:
+    """The ``openvino`` module, or a :class:`VolumesError` naming the extra to install."""
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export writes through it)
+        import openvino
+    except ImportError as exc:
+        raise VolumesError(f"--backend openvino needs onnx and openvino ({exc.name} is not installed): "
+                           "pip install 'volumes[openvino]'") from exc
+    return openvino
+
+
+class _OpenVinoSession:
+    """An ONNX file compiled by OpenVINO for the CPU, with ONNX Runtime's ``run(outputs, feeds)``."""
+
+    def __init__(self, path: Path):
+        ov = require_openvino()
+        core = ov.Core()
+        # the cores torch would use; latency: one request at a time, as the slab loop calls it; fp32
+        # (OpenVINO computes in bf16 by default on CPUs with AVX512-BF16: features off by ~1e-2)
+        config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": "f32"}
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, outputs: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.request.infer(feeds)
+        return [np.array(results[self.compiled.output(name)]) for name in outputs]
 
 
 def _digest(*parts: Any) -> str:
@@ -66,8 +98,9 @@ class _Exported:
     """One exported part: an ONNX file per slice size, cached on disk, and its session."""
 
     def __init__(self, module: nn.Module, cache_dir: Path, kind: str, identity: str, outputs: Sequence[str],
-                 inputs: Sequence[str], quantize: bool):
-        self.ort = require_onnxruntime()
+                 inputs: Sequence[str], quantize: bool, runtime: str = "onnxruntime"):
+        self.runtime = runtime
+        self.ort = require_openvino() if runtime == "openvino" else require_onnxruntime()
         self.module, self.cache_dir, self.kind = module, Path(cache_dir), kind
         self.identity, self.outputs, self.inputs, self.quantize = identity, list(outputs), list(inputs), quantize
         self.sessions: dict[tuple, Any] = {}
@@ -104,11 +137,15 @@ class _Exported:
                     self._export(path, example)
                 except OSError as exc:
                     raise VolumesError(f"{path}: cannot write the ONNX export ({exc})") from exc
-            options = self.ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()  # the cores torch would use
-            # no busy-waiting after a call: torch runs next (aggregator, 3D refinement) on the same cores
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.sessions[size] = self.ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            if self.runtime == "openvino":
+                self.sessions[size] = _OpenVinoSession(path)
+            else:
+                options = self.ort.SessionOptions()
+                options.intra_op_num_threads = torch.get_num_threads()  # the cores torch would use
+                # no busy-waiting after a call: torch runs next (aggregator, 3D refinement) on the same cores
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                self.sessions[size] = self.ort.InferenceSession(str(path), options,
+                                                                providers=["CPUExecutionProvider"])
             self.paths[size] = path
         return self.sessions[size]
 
@@ -143,19 +180,22 @@ class OnnxSliceEncoder(nn.Module):
     attributes are the torch encoder's (which stays for them and for the export).
     """
 
-    def __init__(self, encoder: SliceEncoder, cache_dir: str | Path, *, quantize: bool = False):
+    def __init__(self, encoder: SliceEncoder, cache_dir: str | Path, *, quantize: bool = False,
+                 runtime: str = "onnxruntime"):
         super().__init__()
         if encoder.num_registers:
-            raise VolumesError(f"--backend onnxruntime: {encoder.name} has register tokens, not exported yet")
+            raise VolumesError(f"--backend {runtime}: {encoder.name} has register tokens, not exported yet")
+        if quantize and runtime != "onnxruntime":
+            raise VolumesError(f"--backend {runtime}: int8 quantisation is done with onnxruntime only")
         self.torch_encoder = encoder
         self.exported_layers = tuple(sorted(set(encoder.layers)))
         self.layers = tuple(encoder.layers)
-        self.backend = "onnxruntime-int8" if quantize else "onnxruntime"
+        self.backend = "onnxruntime-int8" if quantize else runtime
         outputs = ["cls", "patch_mean", *(f"grid_{i}" for i in self.exported_layers)]
         identity = _digest(encoder.fingerprint(), encoder.name, self.exported_layers, encoder.norm_intermediates,
                            encoder.pos_embed_interpolation)
         self.graph = _Exported(_EncoderGraph(encoder, self.exported_layers), cache_dir, "encoder", identity, outputs,
-                               ["slices"], quantize)
+                               ["slices"], quantize, runtime)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -195,12 +235,12 @@ class OnnxDecoder(nn.Module):
     ``forward(grids 4 x [n, E, h/p, w/p], slices [n, 3, h, w]) -> features [n, F, h, w]``.
     """
 
-    def __init__(self, decoder: nn.Module, cache_dir: str | Path):
+    def __init__(self, decoder: nn.Module, cache_dir: str | Path, *, runtime: str = "onnxruntime"):
         super().__init__()
         self.torch_decoder = decoder
         identity = _digest(_state_digest(decoder), type(decoder).__name__)
         self.graph = _Exported(_DecoderGraph(decoder), cache_dir, "decoder", identity, ["features"],
-                               ["g0", "g1", "g2", "g3", "slices"], False)
+                               ["g0", "g1", "g2", "g3", "slices"], False, runtime)
 
     def forward(self, grids: Sequence[torch.Tensor], slices: torch.Tensor) -> torch.Tensor:
         if len(grids) != 4:
@@ -212,23 +252,20 @@ class OnnxDecoder(nn.Module):
 def use_backend(model: Any, backend: str, cache_dir: str | Path | None = None) -> Any:
     """Run ``model`` (a :class:`~volumes.inference.bundles.BundleModel`) on ``backend``; returns it.
 
-    ``torch`` changes nothing. ``onnxruntime`` / ``onnxruntime-int8`` replace the network's
-    encoder (and a segmenter's decoder) in place, exported to ``cache_dir`` (default:
+    ``torch`` changes nothing. ``onnxruntime`` / ``onnxruntime-int8`` / ``openvino`` replace the
+    network's encoder (and a segmenter's decoder) in place, exported to ``cache_dir`` (default:
     ``onnx/`` beside the weights); the backend joins the model's settings, so ``--resume``
     redoes cases run with another one.
 
     Raises:
-        VolumesError: an unknown backend, ``openvino`` (not implemented), onnxruntime missing,
-            or a network that does not run on the CPU.
+        VolumesError: an unknown backend, its runtime missing, or a network that does not run on the CPU.
     """
     if backend not in BACKENDS:
         raise VolumesError(f"--backend {backend!r}: choose one of {list(BACKENDS)}")
     if backend == "torch":
         return model
-    if backend == "openvino":
-        raise VolumesError("--backend openvino is not implemented yet; use --backend onnxruntime "
-                           "(pip install 'volumes[onnx]')")
-    require_onnxruntime()
+    runtime = "openvino" if backend == "openvino" else "onnxruntime"
+    require_openvino() if runtime == "openvino" else require_onnxruntime()
     predictor = model.predictor
     network = predictor.network
     if torch.device(predictor.device).type != "cpu":
@@ -237,9 +274,9 @@ def use_backend(model: Any, backend: str, cache_dir: str | Path | None = None) -
     if not isinstance(encoder, SliceEncoder):
         raise VolumesError(f"{model.bundle_id}: --backend {backend} needs a network with a SliceEncoder")
     cache = Path(cache_dir) if cache_dir is not None else Path(model.weights).parent / "onnx"
-    network.encoder = OnnxSliceEncoder(encoder, cache, quantize=backend == "onnxruntime-int8")
+    network.encoder = OnnxSliceEncoder(encoder, cache, quantize=backend == "onnxruntime-int8", runtime=runtime)
     if model.task == "segmentation":
-        network.decoder = OnnxDecoder(network.decoder, cache)
+        network.decoder = OnnxDecoder(network.decoder, cache, runtime=runtime)
     model.settings = {**model.settings, "backend": backend}
     model.__dict__.pop("model_key", None)  # recomputed with the backend
     return model
