@@ -256,8 +256,12 @@ def test_a_published_checkpoint_carries_its_settings_and_never_a_stale_file(tmp_
     # a checkpoint from elsewhere without settings: published without, the old file removed
     foreign = tmp_path / "foreign.pt"
     torch.save(torch.load(checkpoint, weights_only=True), foreign)
+    stale = [checkpoint.with_name("model.qc.json"), checkpoint.with_name("model.qc_index.npy")]
+    for path in stale:  # a quality-control reference fitted for the weights being replaced
+        path.write_text("{}")
     bundle.publish_file(foreign)
     assert not published.exists() and checkpoint.read_bytes() == foreign.read_bytes()
+    assert not any(path.exists() for path in stale)
 
 
 def test_bind_host_check_and_training_split():
@@ -411,7 +415,7 @@ def test_a_saved_label_is_used_by_the_next_training_and_dice_beats_chance(server
     assert used == set(LABELLED) | {"p3"}  # the label saved through the client is part of the run
     assert held_out not in used and stats["epoch"] == TRAIN_EPOCHS
 
-    after, _ = _infer_seg(client, held_out)
+    after, after_params = _infer_seg(client, held_out)
     dice, per_organ = _mean_dice(np.asarray(after.dataobj), truth / f"{held_out}_label.nii.gz")
     print(f"\nsegmentation training: {seconds:.0f} s; mean Dice on {held_out}: {dice:.3f} "
           f"(untrained {untrained:.3f}, uniform random {uniform:.3f}, best constant {constant:.3f}); "
@@ -426,6 +430,10 @@ def test_a_saved_label_is_used_by_the_next_training_and_dice_beats_chance(server
     run_settings = served / "runs" / stats["run_id"] / "models" / "model.settings.json"
     assert settings == json.loads(run_settings.read_text())
     assert settings["preprocessing"]["size"] == 56 and settings["labels"] == LABELS
+    # the run fitted quality control for its best checkpoint; it was published with it and inference reports it
+    assert (served / "model.qc.json").read_bytes() == (run_settings.parent / "model.qc.json").read_bytes()
+    quality = after_params["quality"]
+    assert quality["flag"] in ("pass", "review") and set(quality["organs"]) == set(LABELS[1:])
 
 
 def test_classification_training_uses_the_class_labels_in_the_image_info(server):

@@ -86,7 +86,8 @@ class BundleInferTask(BasicInferTask):
 class SegmentationInfer(BundleInferTask):
     """The segmentation bundle: a label map in the input's own shape and affine.
 
-    The result JSON has ``label_names`` (``{name: value}``) and ``organ_volumes_ml``.
+    The result JSON has ``label_names`` (``{name: value}``), ``organ_volumes_ml`` and, when the
+    checkpoint has a quality-control reference, ``quality`` (pass / review per case and organ).
     """
 
     def __init__(self, bundle: ModelBundle, device: str | None = None) -> None:
@@ -105,7 +106,11 @@ class SegmentationInfer(BundleInferTask):
         write_label_map(label_map, label_map.affine, path, original_affine=data["original_affine"])
         spacing = np.asarray(spacing_mm(label_map.affine))
         volumes = organ_volumes_ml(np.asarray(label_map[0]), spacing.tolist(), self.label_names)
-        return path, {"organ_volumes_ml": {k: round(v, 3) for k, v in volumes.items()}}
+        result: dict[str, Any] = {"organ_volumes_ml": {k: round(v, 3) for k, v in volumes.items()}}
+        quality = data[self.output_label_key].get("quality")
+        if quality is not None:  # the checkpoint's quality-control reference (docs/QC.md): flag, score, reasons
+            result["quality"] = quality
+        return path, result
 
     def uncertainty(self, image_path: str, device: str | torch.device = "cpu") -> float:
         """Mean normalised entropy of the softmax over the network's input grid, in ``[0, 1]``.
