@@ -206,3 +206,65 @@ def test_child_protocol_reports_why_a_child_gave_no_result():
     assert run.failure() == "the child gave no result (exit code 1): KeyError: 'threads'"
     killed = child.ChildRun(None, returncode=-9)
     assert killed.failure() == "the child gave no result (killed by signal 9; out of memory?)"
+
+
+def test_runtime_table_measures_every_cell_in_its_own_process(tmp_path):
+    """``volumes.apps.bench_runtime`` on tiny CTs: every cell reports seconds and peak RSS, the table has its rows."""
+    import importlib.util
+
+    out = tmp_path / "runtime"
+    proc = subprocess.run(
+        [sys.executable, "-m", "volumes.apps.bench_runtime", "--slices", "8", "12", "--matrix", "64", "--size", "28",
+         "--depth", "1", "--repeat", "1", "--roi", "64", "--feature-size", "12", "--threads", "1", "--launch", "fork",
+         "--work", str(out), "--json", str(out / "runtime.json"), "--markdown", str(out / "runtime.md")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "runtime.json").read_text())
+    onnx = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+    assert len(report["cells"]) == 10
+    for key, by_size in report["cells"].items():
+        assert list(by_size) == ["8", "12"], key
+        for n, cell in by_size.items():
+            if key.startswith("onnxruntime") and not onnx:
+                assert "onnxruntime" in cell["error"], (key, n, cell)
+                continue
+            assert cell["seconds"] > 0 and cell["peak_rss_mib"] > 0, (key, n, cell)
+            assert cell["seconds"] == min(cell["times_s"]) or abs(cell["seconds"] - min(cell["times_s"])) < 1e-3
+    for n in (8, 12):  # the same voxels: our encoder's grid (three windows) and the peers' (one channel)
+        assert report["cells"]["encoder"][str(n)]["input_shape"] == [3, 28, 28, n]
+        assert report["cells"]["swinunetr"][str(n)]["input_shape"] == [1, 28, 28, n]
+        assert report["cells"]["unet3d"][str(n)]["input_shape"] == [1, 28, 28, n]
+    assert len(report["cells"]["torch-2"]["8"]["shared_encoder_groups"]) == 1  # the two heads share one encoder
+    assert report["parameters"]["swinunetr"] > 0 and report["parameters"]["unet3d"] > 0
+    ratios = {row["name"]: row["values"] for row in report["ratios"]}
+    cells = report["cells"]
+    assert ratios["end to end / encoder alone (torch, 1 head)"]["8"] == pytest.approx(
+        cells["torch-1"]["8"]["seconds"] / cells["encoder"]["8"]["seconds"])
+    markdown = (out / "runtime.md").read_text()
+    for label in report["configurations"].values():
+        assert f"| {label} |" in markdown
+    assert "| configuration | 8 slices: s | 8 slices: peak RAM GiB | 12 slices: s |" in markdown
+    assert "--slices 8 12" in markdown and "Machine: " in markdown
+    assert markdown in proc.stdout
+
+
+def test_runtime_table_reports_a_failed_cell_and_goes_on(tmp_path):
+    from volumes.apps import bench_runtime
+
+    cell = bench_runtime._cell(bench_runtime.Launcher("exec", 1, tmp_path), {"kind": "nope", "threads": 1})
+    assert cell["error"] == "the child gave no result (exit code 1): ValueError: unknown cell kind 'nope'"
+    args = bench_runtime.build_parser().parse_args([])
+    configs = bench_runtime.configurations(args)
+    cells = {key: {"100": {"seconds": 2.0, "peak_rss_mib": 1024.0}} for key in configs}
+    cells["encoder"]["100"]["seconds"] = 1.0
+    cells["onnxruntime-1"]["100"] = cell
+    report = {"slices": [100], "matrix": 512, "size": 112, "depth": 12, "repeat": 2, "roi": 96, "sw_batch": 1,
+              "configurations": configs, "cells": cells, "onnx_export": {"onnxruntime": {"seconds": 3.0}},
+              "parameters": {}, "ratios": bench_runtime.goal_ratios(cells, [100]), "machine": "m", "command": "c",
+              "date": "d", "launch": "exec"}
+    text = bench_runtime.markdown(report)
+    assert "| ours, onnxruntime, 1 head (segmenter) | error | error |" in text
+    assert "| end to end / encoder alone (torch, 1 head) | <= 1.3 | 2.00 (missed) |" in text
+    assert "| torch / onnxruntime, 1 head | >= 1.5 | n/a |" in text
+    assert "| 2 heads / 1 head, torch | <= 1.15 | 1.00 (met) |" in text
+    assert f"* {configs['onnxruntime-1']}, 100 slices: {cell['error']}" in text
