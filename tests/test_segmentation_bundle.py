@@ -105,7 +105,7 @@ def test_training_fits_quality_control_that_flags_wrongly_scaled_input(trained, 
         shutil.copy(root / item["image"], inputs / f"{case_id}.nii.gz")
         image, _, affine = corrupt("no_intercept", np.asanyarray(source.dataobj), np.zeros(source.shape), source.affine)
         nib.save(nib.Nifti1Image(image.astype(np.int16), affine), inputs / f"{case_id}_no_intercept.nii.gz")
-    model = load_bundle(trained, overrides=SMALL)
+    model = load_bundle(BUNDLE, weights=trained / "models" / "model.pt", overrides=SMALL)
     assert model.fitted_sha256 is not None  # the QC files are part of the model key
     output = tmp_path / "out"
     from volumes.data.discovery import discover_cases

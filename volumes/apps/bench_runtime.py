@@ -12,7 +12,7 @@ child process, so each has its own peak RSS: one untimed warm-up, then the best 
 * ours, end to end from the file through :class:`~volumes.inference.BatchInference`
   (hash, load, preprocess, network, write the label map; ``figures=False``,
   ``workers=0``, no progress bar) for each backend (torch, onnxruntime,
-  onnxruntime-int8) with 1 head (the segmenter) and 2 heads (the segmenter and the
+  onnxruntime-int8, openvino) with 1 head (the segmenter) and 2 heads (the segmenter and the
   classifier sharing its encoder, as :mod:`volumes.apps.bench_heads` builds them).
   Random weights; loading the bundles is not timed (``setup_s``).
 * the segmenter's encoder alone (torch, ``encoder(slices, with_grids=True)`` over the
@@ -55,7 +55,7 @@ from typing import Any, Callable, Sequence
 
 from volumes.apps import child
 
-BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "openvino")
 PEERS = ("swinunetr", "unet3d")
 CLASSES = 7  # background + the six organs (peers.py)
 
@@ -76,20 +76,24 @@ def configurations(args: argparse.Namespace) -> dict[str, str]:
 # ------------------------------------------------------------------ child side
 
 
-def _best(run: Callable[[], Any], repeat: int, reset: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """One warm-up, then ``repeat`` timed calls (``reset`` untimed before each): the best, all, the warm-up's."""
+def _best(run: Callable[[], Any], repeat: int, reset: Callable[[], Any] | None = None,
+          warmup: bool = True) -> dict[str, Any]:
+    """One warm-up (unless ``warmup`` is False), then ``repeat`` timed calls (``reset`` untimed before each):
+    the best, all, the warm-up's."""
     reset = reset or (lambda: None)
-    reset()
-    start = time.perf_counter()
-    run()
-    warmup = time.perf_counter() - start
+    warmup_s = None
+    if warmup:
+        reset()
+        start = time.perf_counter()
+        run()
+        warmup_s = round(time.perf_counter() - start, 4)
     times = []
     for _ in range(repeat):
         reset()
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return {"seconds": min(times), "times_s": [round(t, 4) for t in times], "warmup_s": round(warmup, 4)}
+    return {"seconds": min(times), "times_s": [round(t, 4) for t in times], "warmup_s": warmup_s}
 
 
 def _parameters(module) -> int:
@@ -219,7 +223,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return {"seconds": time.perf_counter() - start, "peak_rss_mib": child.peak_rss_mib()}
     else:
         raise ValueError(f"unknown cell kind {kind!r}")
-    out.update(_best(run, spec["repeat"], getattr(run, "reset", None)))
+    out.update(_best(run, spec["repeat"], getattr(run, "reset", None), spec.get("warmup", True)))
     out["peak_rss_mib"] = child.peak_rss_mib()
     out["threads"] = torch.get_num_threads()
     return out
@@ -353,7 +357,8 @@ def markdown(report: dict[str, Any]) -> str:
                 row += ["error", "error" if "error" in cell else ""]
         rows.append(row)
     lines = [f"CT of {report['matrix']}x{report['matrix']} x N slices (`cached_ct`), seconds per case (best of "
-             f"{report['repeat']} after a warm-up) and the peak RSS of the cell's own process.", "",
+             f"{report['repeat']} after a warm-up; the 3D peers: best of {report.get('peer_repeat', report['repeat'])}, "
+             "no warm-up) and the peak RSS of the cell's own process.", "",
              markdown_table(header, rows), ""]
     ratio_header = ["ratio (same run)", "goal", *[f"{n} slices" for n in sizes]]
     ratio_rows = [[r["name"], r["goal"] or "-", *[_met(r["values"][str(n)], r["goal"]) for n in sizes]]
@@ -406,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=112, help="slice size our encoder sees (and the peers' grid)")
     parser.add_argument("--depth", type=int, default=None, help="ViT blocks (default: the full ViT-S, 12)")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per cell after the warm-up (best kept)")
+    parser.add_argument("--peer-repeat", type=int, default=1,
+                        help="timed runs of SwinUNETR and the 3D UNet, without a warm-up (each 800-slice pass of "
+                             "SwinUNETR takes minutes on a CPU; their first call has no export or cache to warm)")
     parser.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads (default: all cores)")
     parser.add_argument("--roi", type=int, default=96, help="peers' sliding-window size (a multiple of 32, >= 64)")
     parser.add_argument("--sw-batch", type=int, default=1, help="peers' windows per network call")
@@ -446,7 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = configurations(args)
     report: dict[str, Any] = {
         "issue": "18 part 4: runtime table", "slices": sizes, "matrix": args.matrix, "size": args.size,
-        "depth": args.depth or 12, "repeat": args.repeat, "threads": threads, "roi": args.roi,
+        "depth": args.depth or 12, "repeat": args.repeat, "peer_repeat": args.peer_repeat, "threads": threads,
+        "roi": args.roi,
         "sw_batch": args.sw_batch, "feature_size": args.feature_size, "launch": args.launch,
         "machine": machine, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([".venv/bin/python -m volumes.apps.bench_runtime", *map(shlex.quote, argv)]).strip(),
@@ -469,6 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec = {**base, "kind": kind, "ct": cts[n], "out": str(work / "out" / f"{key}_{n}")}
             if kind == "ours":
                 spec.update(backend=backend, heads=int(heads))
+            elif kind in PEERS:
+                spec.update(repeat=args.peer_repeat, warmup=False)
             cell = report["cells"][key][str(n)] = _cell(launcher, spec)
             done += 1
             shown = (f"{cell['seconds']:.2f} s, {cell['peak_rss_mib'] / 1024:.2f} GiB" if "seconds" in cell
