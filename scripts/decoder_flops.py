@@ -12,8 +12,12 @@ Output of ``python scripts/decoder_flops.py`` (GFLOP per slice; ratio = part / e
 
     | size | encoder | unetr decoder + head | ratio | light decoder + head | ratio | Refine3D |
     |---|---|---|---|---|---|---|
-    | 112 px | 2.867 | 1.123 | 0.392 | 0.305 | 0.106 | 0.073 |
-    | 224 px | 12.070 | 4.493 | 0.372 | 1.219 | 0.101 | 0.293 |
+    | 112 px | 2.867 | 1.123 | 0.392 | 0.289 | 0.101 | 0.176 |
+    | 224 px | 12.247 | 4.493 | 0.367 | 1.156 | 0.094 | 0.705 |
+
+The 1x1 head is 0.003 GFLOP at 112 px; Refine3D (a 3x3x3 convolution F -> F over the
+stacked features, then 1x1x1 to the classes) is not part of either 2D decoder and is the
+same for both.
 
 Run from the repository root: ``python scripts/decoder_flops.py [--sizes 112 224] [--depth 12]``.
 """

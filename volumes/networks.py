@@ -152,7 +152,7 @@ class SliceSegmenter(nn.Module):
             ``layers`` feed the decoder, shallow to deep).
         decoder: the 2D decoder: ``unetr`` (:class:`~volumes.decoders.SliceUNetDecoder`,
             MONAI UNETR blocks, 0.39 x a 12-block ViT-S/14's FLOPs) or ``light``
-            (:class:`~volumes.decoders.LightSliceDecoder`, 0.11 x; see
+            (:class:`~volumes.decoders.LightSliceDecoder`, 0.10 x; see
             ``scripts/decoder_flops.py``). Their weights are not interchangeable.
         feature_size: decoder channels at full resolution.
         refine: add :class:`Refine3D`, a light 3D head over the stacked decoder features
