@@ -92,3 +92,9 @@ def test_a_checkpoint_saved_before_the_decoder_setting_counts_as_unetr(tmp_path)
     load_network_weights(network("light"), new, settings={"network": {**configured["network"], "decoder": "light"}})
     with pytest.raises(VolumesError, match="network.decoder: trained with 'light', configured 'unetr'"):
         load_network_weights(network("unetr"), new, settings={"network": {**configured["network"], "decoder": "unetr"}})
+
+    bare = tmp_path / "bare.pt"  # no settings file at all (trained elsewhere): the state dict's keys tell
+    torch.save({"model": network("unetr").state_dict()}, bare)
+    load_network_weights(network("unetr"), bare)
+    with pytest.raises(VolumesError, match="weights are of the 'unetr' decoder, the config builds 'light'"):
+        load_network_weights(network("light"), bare, settings={"network": {"decoder": "light"}})

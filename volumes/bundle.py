@@ -150,8 +150,24 @@ def load_network_weights(network, checkpoint: str | Path, key: str = "model", se
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and key in state and isinstance(state[key], dict):
         state = state[key]
+    trained, configured = _decoder_of(state), getattr(network, "decoder_name", None)
+    if trained is not None and configured is not None and trained != configured:
+        # no settings file to say so (trained elsewhere or before settings were saved): the keys do
+        raise VolumesError(f"{checkpoint}: the weights are of the {trained!r} decoder, the config builds "
+                           f"{configured!r}: set decoder to {trained!r} (or retrain).")
     network.load_state_dict(state, strict=True)
     return network
+
+
+def _decoder_of(state: Any) -> str | None:
+    """Which SliceSegmenter 2D decoder a state dict holds (``unetr`` / ``light``), from its keys; None if neither."""
+    if not isinstance(state, Mapping):
+        return None
+    if "decoder.up.0.transp_conv.conv.weight" in state:
+        return "unetr"
+    if "decoder.project.0.weight" in state:
+        return "light"
+    return None
 
 
 def input_items(source: str | Path, section: str = "test") -> list[dict[str, Any]]:
