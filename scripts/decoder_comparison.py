@@ -173,6 +173,8 @@ def compare(decoder: str, args: argparse.Namespace) -> dict[str, Any]:
              "--rows", "a", "--budget-s", "5", "--data-dir", str(args.data_dir), "--output", str(md),
              "--work-dir", str(work / "segmentation_results")], work / "segmentation_results.log")
         result["real_ct_test_slices"] = test_slices_row(md)
+    else:
+        print(f"{decoder}: real CT skipped, no folder {args.data_dir}", flush=True)
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     return result
 

@@ -84,14 +84,14 @@ def _signature(net: SliceSegmenter) -> tuple[int, str, int]:
     return len(state), hashlib.sha256(text.encode()).hexdigest()[:16], sum(v.numel() for v in state.values())
 
 
-def test_the_unetr_decoder_state_dict_is_unchanged_and_the_default(one_torch_thread):
+def test_the_unetr_decoder_state_dict_is_unchanged_and_light_is_the_default(one_torch_thread):
     enc = {"model_kwargs": {"depth": 1}}
-    assert _signature(SliceSegmenter(7, decoder="unetr", encoder_kwargs=enc)) == UNETR_STATE
+    unetr = SliceSegmenter(7, decoder="unetr", encoder_kwargs=enc)
+    assert _signature(unetr) == UNETR_STATE
     default = SliceSegmenter(7, encoder_kwargs=enc)
-    assert default.decoder_name == "unetr" and _signature(default) == UNETR_STATE
-    light = SliceSegmenter(7, decoder="light", encoder_kwargs=enc)
+    assert default.decoder_name == "light" and isinstance(default.decoder, LightSliceDecoder)
     with pytest.raises(RuntimeError, match="Missing key"):  # weights of one decoder never load into the other
-        light.load_state_dict(default.state_dict())
+        default.load_state_dict(unetr.state_dict())
 
 
 def _flop_script():

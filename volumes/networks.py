@@ -144,16 +144,18 @@ class SliceClassifier(nn.Module):
 
 
 class SliceSegmenter(nn.Module):
-    """SliceEncoder + UNet-style decoder per slice, stacked to 3D, with optional 3D refinement.
+    """SliceEncoder + UNet-shaped 2D decoder per slice, stacked to 3D, with optional 3D refinement.
 
     Args:
         num_classes: ``K`` output channels (background included).
         encoder: timm DINOv2/DINOv3 name, or a ready :class:`SliceEncoder` (its four
             ``layers`` feed the decoder, shallow to deep).
-        decoder: the 2D decoder: ``unetr`` (:class:`~volumes.decoders.SliceUNetDecoder`,
-            MONAI UNETR blocks, 0.39 x a 12-block ViT-S/14's FLOPs) or ``light``
-            (:class:`~volumes.decoders.LightSliceDecoder`, 0.10 x; see
-            ``scripts/decoder_flops.py``). Their weights are not interchangeable.
+        decoder: the 2D decoder: ``light`` (:class:`~volumes.decoders.LightSliceDecoder`,
+            0.10 x a 12-block ViT-S/14's FLOPs at 112 px) or ``unetr``
+            (:class:`~volumes.decoders.SliceUNetDecoder`, MONAI UNETR blocks, 0.39 x; the
+            default before issue 18, so every older checkpoint holds it). Phantom-test Dice
+            of the two is within 0.01 (docs/PERFORMANCE.md, "A cheaper decoder"). Their
+            weights are not interchangeable.
         feature_size: decoder channels at full resolution.
         refine: add :class:`Refine3D`, a light 3D head over the stacked decoder features
             that adds inter-slice context (its output starts at zero).
@@ -171,7 +173,7 @@ class SliceSegmenter(nn.Module):
         num_classes: int = 7,
         encoder: str | SliceEncoder = "vit_small_patch14_dinov2",
         *,
-        decoder: str = "unetr",
+        decoder: str = "light",
         feature_size: int = 16,
         refine: bool = True,
         chunk_size: int | None = None,

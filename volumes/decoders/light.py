@@ -18,8 +18,12 @@ skip, which thin structures such as the aorta need) and cuts the cost where it w
 FLOPs per slice with the 1x1 head (``scripts/decoder_flops.py``; ViT-S/14 with 12 blocks,
 ``F = 16``): 0.289 GFLOP against the UNETR decoder's 1.123 at 112 px, 0.101 vs 0.392 of the
 encoder's 2.867 (at 224 px 1.156 vs 4.493, 0.094 vs 0.367 of 12.25). Of the 0.289, the two
-full-resolution convolutions take 0.126, the three stages 0.151. Channels-last throughout, with the fast :class:`InstanceNorm2d`, like the UNETR
-decoder; exports to ONNX (``OnnxDecoder``) and traces for any slice count and size.
+full-resolution convolutions take 0.126, the three stages 0.151.
+
+Channels-last throughout, with the fast :class:`InstanceNorm2d`, like the UNETR decoder;
+exports to ONNX (``OnnxDecoder``) and traces for any slice count and size. The default of
+``SliceSegmenter`` and of the segmentation bundle from 0.2.0: phantom-test Dice within
+0.01 of the UNETR decoder (docs/PERFORMANCE.md, "A cheaper decoder").
 """
 
 from __future__ import annotations
