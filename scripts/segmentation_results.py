@@ -12,7 +12,7 @@ not one of them) keep their organ; every other class becomes background.
 Rows of the table (Dice per organ in the original image space, after inverting the
 preprocessing with ``Invertd``):
 
-(a) ``volumes.networks.SliceSegmenter`` trained on generated phantoms only: ``--checkpoint``
+(a) ``volumes.networks.SliceSegmenter`` (``--decoder``) trained on generated phantoms only: ``--checkpoint``
     (a bundle's ``models/model.pt``), or, without it, trained here with the segmentation
     bundle itself (``python -m monai.bundle run --config_file .../train.json``) on a phantom
     cohort; if that run fails the same schedule runs through the ``volumes.segmentation``
@@ -77,6 +77,7 @@ EXTRA = ("aorta", "vertebrae")  # also labelled and scored, outside the mean
 ENCODER = "vit_small_patch14_dinov2"
 ENCODER_KWARGS = {"chunk_size": 32, "model_kwargs": {"depth": 4}}
 FEATURE_SIZE = 16
+BUNDLE_DECODER = json.loads((BUNDLE / "configs" / "train.json").read_text()).get("decoder", "unetr")
 # Training settings of bundles/dinov2_unet_segmentation/configs/train.json, used for (b).
 SLAB, SAMPLES, LR_SLICE, WEIGHT_DECAY, INFERENCE_SLAB = 8, 2, 3e-3, 1e-4, 16
 POS, NEG = 2.0, 1.0  # crop centres on an organ voxel 2 : 1, as volumes.segmentation.training_crops
@@ -106,6 +107,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block", type=int, default=16, help="axial slices per block of the train/test split")
     parser.add_argument("--swin-feature-size", type=int, default=24, help="SwinUNETR feature_size (multiple of 12)")
     parser.add_argument("--lr-3d", type=float, default=1e-3, help="AdamW learning rate of the 3D UNet and SwinUNETR")
+    parser.add_argument("--decoder", choices=("auto", "unetr", "light"), default="auto",
+                        help="the SliceSegmenter's 2D decoder for rows (a) and (b): auto = the one recorded with "
+                             "--checkpoint (model.settings.json; a file without the key = unetr), else the "
+                             "bundle's train.json's")
     parser.add_argument("--rows", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 suits a shared 2-core machine)")
@@ -115,7 +120,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--budget-s must be > 0, --block >= 2, --threads and --phantom-epochs >= 1")
     if args.swin_feature_size % 12:
         parser.error("--swin-feature-size must be a multiple of 12 (SwinUNETR)")
+    if args.decoder == "auto":
+        args.decoder = checkpoint_decoder(args.checkpoint)
     return args
+
+
+def checkpoint_decoder(checkpoint: Path | None) -> str:
+    """The decoder ``checkpoint`` was trained with (its settings file; without the key: unetr), else the bundle's."""
+    from volumes.bundle import OLD_CHECKPOINT_DEFAULTS, settings_path
+
+    if checkpoint is not None and settings_path(checkpoint).is_file():
+        saved = json.loads(settings_path(checkpoint).read_text()).get("network", {})
+        return saved.get("decoder", OLD_CHECKPOINT_DEFAULTS["network.decoder"])
+    return BUNDLE_DECODER
 
 
 
@@ -401,13 +418,13 @@ def phantom_dice(network, datalist: Path, preprocessing_config: dict[str, Any], 
 
 
 # --------------------------------------------------------------------------- models
-def slice_segmenter(num_classes: int, seed: int):
+def slice_segmenter(num_classes: int, seed: int, decoder: str = BUNDLE_DECODER):
     import torch
 
     from volumes.networks import SliceSegmenter
 
     torch.manual_seed(seed)
-    return SliceSegmenter(num_classes, encoder=ENCODER, feature_size=FEATURE_SIZE, refine=True,
+    return SliceSegmenter(num_classes, encoder=ENCODER, decoder=decoder, feature_size=FEATURE_SIZE, refine=True,
                           encoder_kwargs=json.loads(json.dumps(ENCODER_KWARGS)))
 
 
@@ -447,7 +464,7 @@ def run_phantom_training(args: argparse.Namespace, work_dir: Path, say: Callable
                "--bundle_root", str(bundle_root),
                "--encoder_model_kwargs", json.dumps(ENCODER_KWARGS["model_kwargs"]),
                "--epochs", str(args.phantom_epochs), "--validation_interval", str(args.phantom_epochs),
-               "--phantom_cases", str(args.phantom_cases), "--seed", str(args.seed)]
+               "--phantom_cases", str(args.phantom_cases), "--seed", str(args.seed), "--decoder", args.decoder]
         shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
         shown = shown.replace(str(bundle_root), "DIR").replace(str(REPO) + os.sep, "")
         say(f"(a) training on phantoms with the bundle: {shown}")
@@ -498,7 +515,7 @@ def train_phantoms_with_helpers(args: argparse.Namespace, bundle_root: Path, che
     datalist = ensure_phantom_cohort(bundle_root / "data" / "phantoms", n=args.phantom_cases, seed=0,
                                      kind="segmentation")
     set_determinism(seed=args.seed)
-    network = slice_segmenter(len(LABEL_NAMES), args.seed)
+    network = slice_segmenter(len(LABEL_NAMES), args.seed, args.decoder)
     preprocessing_config = bundle_preprocessing_config()
     load = segmentation_transforms(preprocessing_config, network.encoder.patch_size, keep_original_label=False)
     crops = training_crops(SLAB, SAMPLES)
@@ -597,7 +614,7 @@ Rows (b), (c) and (d) each trained for a budget of {ctx['budget_s']:g} s of wall
   far that carries to a real scan. "(a) whole CT" scores the same model on all {ctx['depth']} slices (sliding
   windows of {INFERENCE_SLAB} slices over the whole volume).
 - (b) trained on this CT's training slices: SliceSegmenter as in the bundle (`{ENCODER}`, 4 blocks, frozen random
-  weights, `feature_size={FEATURE_SIZE}`, `refine=True`), batches of {SAMPLES} slabs of {SLAB} whole slices.
+  weights, `decoder={ctx['decoder']!r}`, `feature_size={FEATURE_SIZE}`, `refine=True`), batches of {SAMPLES} slabs of {SLAB} whole slices.
 - (c) `monai.networks.nets.UNet(spatial_dims=3, in_channels=1, out_channels={ctx['num_classes']}, channels=(16, 32, 64, 128, 256),
   strides=(2, 2, 2, 2), num_res_units=2)`, batches of {SAMPLES} crops of {ROI_3D[0]}×{ROI_3D[1]}×{ROI_3D[2]} voxels;
   sliding-window inference with that window, overlap 0.25, Gaussian weighting.
@@ -730,7 +747,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 checkpoint, how, phantom_s, steps = run_phantom_training(args, work_dir, say)
                 datalist = work_dir / "phantom_bundle" / "data" / "phantoms" / "datalist.json"
-            net = load_network_weights(slice_segmenter(num_classes, args.seed), checkpoint).eval()
+            net = load_network_weights(slice_segmenter(num_classes, args.seed, args.decoder), checkpoint,
+                                       settings={"network": {"decoder": args.decoder}}).eval()
             params = count_params(net)
             trained = TrainResult(steps=steps or 0, seconds=phantom_s) if phantom_s is not None else None
             dice, secs = evaluate(net, lambda x: slab(x, net), image)
@@ -751,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (b) SliceSegmenter trained on the CT's training slices
         if "b" in args.rows:
             set_determinism(seed=args.seed)
-            net = slice_segmenter(num_classes, args.seed)
+            net = slice_segmenter(num_classes, args.seed, args.decoder)
             say(f"(b) training SliceSegmenter for {args.budget_s:g} s")
             result = train_budgeted(net, slice_batches(case, args.seed), lr=LR_SLICE, budget_s=args.budget_s,
                                     name="(b)", log=say)
@@ -822,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_blocks=", ".join(f"{lo}–{hi}" for lo, hi in case.test_blocks),
         preprocessing_config=preprocessing_config,
         prepared_shape="×".join(str(s) for s in case.prepared["image"].shape[1:3]),
-        seed=args.seed, lr_3d=args.lr_3d, machine=machine_line(torch.get_num_threads()),
+        seed=args.seed, lr_3d=args.lr_3d, decoder=args.decoder, machine=machine_line(torch.get_num_threads()),
         load_start=load_start, load_end=load_average(), total_s=time.perf_counter() - t0,
     )
     ctx["bundle_epochs"] = train_config.get("epochs")

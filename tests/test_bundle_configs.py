@@ -58,3 +58,43 @@ def test_saved_settings_are_checked_key_by_key(tmp_path):
     settings_path(checkpoint).write_text("{not json")
     with pytest.raises(VolumesError, match="unreadable settings file"):
         check_settings(checkpoint, trained)
+
+
+def test_a_checkpoint_saved_before_the_decoder_setting_counts_as_unetr(tmp_path):
+    import torch
+
+    from volumes.bundle import load_network_weights
+    from volumes.networks import SliceSegmenter
+
+    def network(decoder):
+        torch.manual_seed(0)
+        return SliceSegmenter(3, decoder=decoder, feature_size=4, refine=False,
+                              encoder_kwargs={"model_kwargs": {"depth": 1}})
+
+    settings = json.loads((BUNDLES / "dinov2_unet_segmentation" / "configs" / "train.json").read_text())
+    assert settings["decoder"] in ("unetr", "light")  # built by network_def and saved with the weights
+    assert settings["network_def"]["decoder"] == settings["checkpoint_settings"]["network"]["decoder"] == "@decoder"
+    configured = {"network": {"encoder": "vit_small_patch14_dinov2", "feature_size": 4}}
+    old = tmp_path / "old" / "model.pt"  # settings written before "decoder" existed: UNETR weights
+    old.parent.mkdir()
+    torch.save({"model": network("unetr").state_dict()}, old)
+    SaveSettings(old, configured).write()
+    assert "decoder" not in json.loads(settings_path(old).read_text())["network"]
+    load_network_weights(network("unetr"), old, settings={"network": {**configured["network"], "decoder": "unetr"}})
+    load_network_weights(network("unetr"), old, settings=configured)  # a config without the key is not compared
+    with pytest.raises(VolumesError, match="network.decoder: trained with 'unetr', configured 'light'"):
+        load_network_weights(network("light"), old, settings={"network": {**configured["network"], "decoder": "light"}})
+
+    new = tmp_path / "new" / "model.pt"  # trained with the light decoder: refused by a unetr config
+    new.parent.mkdir()
+    torch.save({"model": network("light").state_dict()}, new)
+    SaveSettings(new, {"network": {**configured["network"], "decoder": "light"}}).write()
+    load_network_weights(network("light"), new, settings={"network": {**configured["network"], "decoder": "light"}})
+    with pytest.raises(VolumesError, match="network.decoder: trained with 'light', configured 'unetr'"):
+        load_network_weights(network("unetr"), new, settings={"network": {**configured["network"], "decoder": "unetr"}})
+
+    bare = tmp_path / "bare.pt"  # no settings file at all (trained elsewhere): the state dict's keys tell
+    torch.save({"model": network("unetr").state_dict()}, bare)
+    load_network_weights(network("unetr"), bare)
+    with pytest.raises(VolumesError, match="weights are of the 'unetr' decoder, the config builds 'light'"):
+        load_network_weights(network("light"), bare, settings={"network": {"decoder": "light"}})

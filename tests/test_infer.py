@@ -129,7 +129,7 @@ def test_masks_have_the_input_geometry_and_organ_volumes_match_them(run):
         voxel_ml = float(np.prod(written.header.get_zooms()[:3])) / 1000
         for index, organ in enumerate(LABELS[1:], start=1):
             assert row["organ_volumes_ml"][organ] == pytest.approx((mask == index).sum() * voxel_ml, rel=1e-4, abs=1e-3)
-        assert row["input_sha256"] and row["weights_sha256"] and row["bundle_version"] == "0.1.0"
+        assert row["input_sha256"] and row["weights_sha256"] and row["bundle_version"] == "0.2.0"
         assert set(row["timings_s"]) >= {"load", "preprocess", "infer", "write"}
 
 

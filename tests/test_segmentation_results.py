@@ -58,3 +58,17 @@ def test_skips_cleanly_without_data(tmp_path: Path, capsys):
     output = tmp_path / "results.md"
     assert script.main(["--data-dir", str(tmp_path / "missing"), "--output", str(output)]) == 0
     assert "skipped" in capsys.readouterr().out and not output.exists()
+
+
+def test_the_decoder_follows_the_checkpoint_settings(tmp_path: Path):
+    script = _load_script()
+    checkpoint = tmp_path / "models" / "model.pt"
+    checkpoint.parent.mkdir()
+    assert script.checkpoint_decoder(None) == script.checkpoint_decoder(checkpoint) == script.BUNDLE_DECODER
+    settings = checkpoint.with_name("model.settings.json")
+    settings.write_text('{"network": {"encoder": "vit_small_patch14_dinov2"}}')  # saved before "decoder" existed
+    assert script.checkpoint_decoder(checkpoint) == "unetr"
+    settings.write_text('{"network": {"decoder": "light"}}')
+    assert script.checkpoint_decoder(checkpoint) == "light"
+    assert script.parse_args(["--checkpoint", str(checkpoint)]).decoder == "light"
+    assert script.parse_args(["--checkpoint", str(checkpoint), "--decoder", "unetr"]).decoder == "unetr"

@@ -100,12 +100,20 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
+# Settings added after checkpoints had been saved without them, with the value every such
+# checkpoint was trained with: a saved settings file that lacks the key is read as having it.
+# network.decoder: the segmentation bundle had only the UNETR decoder before "light" came.
+OLD_CHECKPOINT_DEFAULTS: dict[str, Any] = {"network.decoder": "unetr"}
+
+
 def check_settings(checkpoint: str | Path, configured: Mapping[str, Any]) -> None:
     """Raise :class:`VolumesError` when ``configured`` differs from the settings saved with ``checkpoint``.
 
-    Keys present on one side only are not compared (older checkpoints saved fewer); a
-    checkpoint without a settings file (trained elsewhere, or before settings were saved)
-    is not checked.
+    Keys present on one side only are not compared (older checkpoints saved fewer), except
+    those of :data:`OLD_CHECKPOINT_DEFAULTS`: a saved file without one of them was written
+    before the key existed and is compared as having its old value (a checkpoint trained
+    before the ``decoder`` setting holds UNETR decoder weights). A checkpoint without a
+    settings file (trained elsewhere, or before settings were saved) is not checked.
     """
     path = settings_path(checkpoint)
     if not path.is_file():
@@ -115,6 +123,7 @@ def check_settings(checkpoint: str | Path, configured: Mapping[str, Any]) -> Non
     except (OSError, ValueError) as exc:
         raise VolumesError(f"{path}: unreadable settings file ({exc})") from exc
     trained, config = _flatten(saved), _flatten(_plain(dict(configured)))
+    trained = {**OLD_CHECKPOINT_DEFAULTS, **trained}
     differ = [f"{key}: trained with {trained[key]!r}, configured {config[key]!r}"
               for key in sorted(set(trained) & set(config)) if trained[key] != config[key]]
     if differ:
@@ -141,8 +150,24 @@ def load_network_weights(network, checkpoint: str | Path, key: str = "model", se
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and key in state and isinstance(state[key], dict):
         state = state[key]
+    trained, configured = _decoder_of(state), getattr(network, "decoder_name", None)
+    if trained is not None and configured is not None and trained != configured:
+        # no settings file to say so (trained elsewhere or before settings were saved): the keys do
+        raise VolumesError(f"{checkpoint}: the weights are of the {trained!r} decoder, the config builds "
+                           f"{configured!r}: set decoder to {trained!r} (or retrain).")
     network.load_state_dict(state, strict=True)
     return network
+
+
+def _decoder_of(state: Any) -> str | None:
+    """Which SliceSegmenter 2D decoder a state dict holds (``unetr`` / ``light``), from its keys; None if neither."""
+    if not isinstance(state, Mapping):
+        return None
+    if "decoder.up.0.transp_conv.conv.weight" in state:
+        return "unetr"
+    if "decoder.project.0.weight" in state:
+        return "light"
+    return None
 
 
 def input_items(source: str | Path, section: str = "test") -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from volumes.aggregators import build_aggregator, concat_planes
-from volumes.decoders import Refine3D, SliceUNetDecoder
+from volumes.decoders import DECODERS, Refine3D
 from volumes.encoders import SliceEncoder, volume_to_slices
 from volumes.errors import ConfigError
 
@@ -144,12 +144,18 @@ class SliceClassifier(nn.Module):
 
 
 class SliceSegmenter(nn.Module):
-    """SliceEncoder + UNet-style decoder per slice, stacked to 3D, with optional 3D refinement.
+    """SliceEncoder + UNet-shaped 2D decoder per slice, stacked to 3D, with optional 3D refinement.
 
     Args:
         num_classes: ``K`` output channels (background included).
         encoder: timm DINOv2/DINOv3 name, or a ready :class:`SliceEncoder` (its four
             ``layers`` feed the decoder, shallow to deep).
+        decoder: the 2D decoder: ``light`` (:class:`~volumes.decoders.LightSliceDecoder`,
+            0.10 x a 12-block ViT-S/14's FLOPs at 112 px) or ``unetr``
+            (:class:`~volumes.decoders.SliceUNetDecoder`, MONAI UNETR blocks, 0.39 x; the
+            default before issue 18, so every older checkpoint holds it). Phantom-test Dice
+            of the two is within 0.01 (docs/PERFORMANCE.md, "A cheaper decoder"). Their
+            weights are not interchangeable.
         feature_size: decoder channels at full resolution.
         refine: add :class:`Refine3D`, a light 3D head over the stacked decoder features
             that adds inter-slice context (its output starts at zero).
@@ -167,6 +173,7 @@ class SliceSegmenter(nn.Module):
         num_classes: int = 7,
         encoder: str | SliceEncoder = "vit_small_patch14_dinov2",
         *,
+        decoder: str = "light",
         feature_size: int = 16,
         refine: bool = True,
         chunk_size: int | None = None,
@@ -175,12 +182,15 @@ class SliceSegmenter(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ConfigError("num_classes", num_classes, "an integer >= 2 (background + organs)")
+        if decoder not in DECODERS:
+            raise ConfigError("decoder", decoder, list(DECODERS))
         self.encoder = encoder if isinstance(encoder, SliceEncoder) else SliceEncoder(encoder, **(encoder_kwargs or {}))
         if len(self.encoder.layers) != 4:
             raise ConfigError("encoder layers", list(self.encoder.layers), "exactly four block indices")
         self.num_classes = int(num_classes)
-        self.decoder = SliceUNetDecoder(self.encoder.embed_dim, in_channels=3, feature_size=feature_size,
-                                       patch_size=self.encoder.patch_size)
+        self.decoder_name = decoder
+        self.decoder = DECODERS[decoder](self.encoder.embed_dim, in_channels=3, feature_size=feature_size,
+                                         patch_size=self.encoder.patch_size)
         self.head = nn.Conv2d(feature_size, num_classes, kernel_size=1)
         self.refine = Refine3D(feature_size, num_classes) if refine else None
         self.chunk_size = int(chunk_size or self.encoder.chunk_size)
