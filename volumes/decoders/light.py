@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from volumes.decoders.unet import InstanceNorm2d
+from volumes.decoders.unet import InstanceNorm2d, decoder_inputs
 
 
 class ConvNormAct(nn.Sequential):
@@ -89,13 +89,7 @@ class LightSliceDecoder(nn.Module):
         self.final = ConvNormAct(2 * f, f)
 
     def forward(self, grids: Sequence[torch.Tensor], slices: torch.Tensor) -> torch.Tensor:
-        if len(grids) != 4:
-            raise ValueError(f"LightSliceDecoder needs 4 patch grids (shallow to deep), got {len(grids)}")
-        h, w = slices.shape[-2:]
-        if h % 2 or w % 2:
-            raise ValueError(f"LightSliceDecoder needs even slice sizes, got {h}x{w}")
-        grids = [g.contiguous(memory_format=torch.channels_last) for g in grids]
-        slices = slices.contiguous(memory_format=torch.channels_last)
+        grids, slices = decoder_inputs(type(self).__name__, grids, slices)
         x = self.project[3](grids[3])
         for k, stage in enumerate(self.stages):  # 1/p -> 2/p -> 4/p -> 8/p
             i = 2 - k

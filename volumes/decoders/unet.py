@@ -65,6 +65,18 @@ def use_fast_instance_norms(module: nn.Module) -> nn.Module:
     return module
 
 
+def decoder_inputs(name: str, grids: Sequence[torch.Tensor], slices: torch.Tensor
+                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A 2D decoder's checked inputs, channels-last: four grids (shallow to deep) and slices of even size."""
+    if len(grids) != 4:
+        raise ValueError(f"{name} needs 4 patch grids (shallow to deep), got {len(grids)}")
+    h, w = slices.shape[-2:]
+    if h % 2 or w % 2:
+        raise ValueError(f"{name} needs even slice sizes, got {h}x{w}")
+    return ([g.contiguous(memory_format=torch.channels_last) for g in grids],
+            slices.contiguous(memory_format=torch.channels_last))
+
+
 class SliceUNetDecoder(nn.Module):
     """Four patch grids ``[N, E, h, w]`` and the slices ``[N, C, H, W]`` -> features ``[N, F, H, W]``.
 
@@ -101,14 +113,8 @@ class SliceUNetDecoder(nn.Module):
         use_fast_instance_norms(self)
 
     def forward(self, grids: Sequence[torch.Tensor], slices: torch.Tensor) -> torch.Tensor:
-        if len(grids) != 4:
-            raise ValueError(f"SliceUNetDecoder needs 4 patch grids (shallow to deep), got {len(grids)}")
-        h, w = slices.shape[-2:]
-        if h % 2 or w % 2:
-            raise ValueError(f"SliceUNetDecoder needs even slice sizes, got {h}x{w}")
         # channels-last throughout (free for the ViT's grids, whose tokens are stored that way)
-        grids = [g.contiguous(memory_format=torch.channels_last) for g in grids]
-        slices = slices.contiguous(memory_format=torch.channels_last)
+        grids, slices = decoder_inputs(type(self).__name__, grids, slices)
         x = grids[3]
         for up, skip, grid in zip(self.up, reversed(self.skips), reversed(grids[:3])):
             x = up(x, skip(grid))

@@ -42,26 +42,25 @@ BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "openvino")
 OPSET = 17
 
 
-def require_onnxruntime() -> Any:
-    """The ``onnxruntime`` module, or a :class:`VolumesError` naming the extra to install."""
+def _require(runtime: str, extra: str) -> Any:
+    """The ``runtime`` module (and onnx, which ``torch.onnx.export`` writes through), or a
+    :class:`VolumesError` naming the extra to install."""
     try:
-        import onnx  # noqa: F401  (torch.onnx.export writes through it)
-        import onnxruntime
+        __import__("onnx")
+        return __import__(runtime)
     except ImportError as exc:
-        raise VolumesError(f"--backend onnxruntime needs onnx and onnxruntime ({exc.name} is not installed): "
-                           "pip install 'volumes[onnx]'") from exc
-    return onnxruntime
+        raise VolumesError(f"--backend {runtime} needs onnx and {runtime} ({exc.name} is not installed): "
+                           f"pip install 'volumes[{extra}]'") from exc
+
+
+def require_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or a :class:`VolumesError` naming the ``onnx`` extra."""
+    return _require("onnxruntime", "onnx")
 
 
 def require_openvino() -> Any:
-    """The ``openvino`` module, or a :class:`VolumesError` naming the extra to install."""
-    try:
-        import onnx  # noqa: F401  (torch.onnx.export writes through it)
-        import openvino
-    except ImportError as exc:
-        raise VolumesError(f"--backend openvino needs onnx and openvino ({exc.name} is not installed): "
-                           "pip install 'volumes[openvino]'") from exc
-    return openvino
+    """The ``openvino`` module, or a :class:`VolumesError` naming the ``openvino`` extra."""
+    return _require("openvino", "openvino")
 
 
 class _OpenVinoSession:
