@@ -220,13 +220,14 @@ def test_runtime_table_measures_every_cell_in_its_own_process(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "runtime.json").read_text())
-    onnx = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
-    assert len(report["cells"]) == 10
+    runtimes = {m: all(importlib.util.find_spec(x) is not None for x in ("onnx", m)) for m in ("onnxruntime", "openvino")}
+    assert len(report["cells"]) == 12  # 4 backends x 2 head counts, encoder, network, 2 peers
     for key, by_size in report["cells"].items():
         assert list(by_size) == ["8", "12"], key
         for n, cell in by_size.items():
-            if key.startswith("onnxruntime") and not onnx:
-                assert "onnxruntime" in cell["error"], (key, n, cell)
+            runtime = next((m for m in runtimes if key.startswith(m)), None)
+            if runtime is not None and not runtimes[runtime]:
+                assert runtime in cell["error"], (key, n, cell)
                 continue
             assert cell["seconds"] > 0 and cell["peak_rss_mib"] > 0, (key, n, cell)
             assert cell["seconds"] == min(cell["times_s"]) or abs(cell["seconds"] - min(cell["times_s"])) < 1e-3

@@ -191,7 +191,9 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "model.settings.json"]
+    # rank 0 alone writes the checkpoint, its settings and the quality-control reference it fits at the end
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        "model.pt", "model.qc.json", "model.qc_index.npy", "model.settings.json"]
 
     configs = [CONFIGS / "train.json", CONFIGS / "evaluate.json", CONFIGS / "multi_gpu_evaluate.json"]
     command[command.index("--config_file") + 1] = "[" + ",".join(f"'{c}'" for c in configs) + "]"
