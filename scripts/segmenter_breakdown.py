@@ -16,20 +16,10 @@ and ``predict`` (inferer + postprocessing).
 from __future__ import annotations
 
 import argparse
-import time
-from typing import Any, Callable
 
 import torch
 
-
-def best(run: Callable[[], Any], repeat: int) -> float:
-    run()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from volumes.apps.bench_heads import best_time
 
 
 def main() -> int:
@@ -61,19 +51,19 @@ def main() -> int:
         decode = lambda: torch.cat([net.decoder([g[i:i + 32] for g in encoded.patch_grids], slices[i:i + 32])  # noqa: E731
                                     for i in chunks])
         features = decode()
-        seconds["encoder"] = best(lambda: net.encoder(slices, with_grids=True), args.repeat)
-        seconds["2D decoder"] = best(decode, args.repeat)
-        seconds["1x1 head"] = best(lambda: net.head(features), args.repeat)
-        seconds["per_slice (encoder + decoder + head)"] = best(lambda: net.per_slice(slices), args.repeat)
-        seconds["slab inferer (the whole network)"] = best(lambda: predictor.inferer(image.unsqueeze(0), net),
+        seconds["encoder"] = best_time(lambda: net.encoder(slices, with_grids=True), args.repeat)
+        seconds["2D decoder"] = best_time(decode, args.repeat)
+        seconds["1x1 head"] = best_time(lambda: net.head(features), args.repeat)
+        seconds["per_slice (encoder + decoder + head)"] = best_time(lambda: net.per_slice(slices), args.repeat)
+        seconds["slab inferer (the whole network)"] = best_time(lambda: predictor.inferer(image.unsqueeze(0), net),
                                                           args.repeat)
         if net.refine is not None:
             stacked = net._stack(features, 1)
-            seconds["3D refinement over the whole stack"] = best(lambda: net.refine(stacked), args.repeat)
+            seconds["3D refinement over the whole stack"] = best_time(lambda: net.refine(stacked), args.repeat)
         logits = predictor.inferer(image.unsqueeze(0), net)[0]
-    seconds["postprocessing"] = best(lambda: predictor.postprocessing({"image": image, "pred": logits.clone()}),
+    seconds["postprocessing"] = best_time(lambda: predictor.postprocessing({"image": image, "pred": logits.clone()}),
                                      args.repeat)
-    seconds["predict"] = best(lambda: predictor.predict(data), args.repeat)
+    seconds["predict"] = best_time(lambda: predictor.predict(data), args.repeat)
     print(f"{tuple(image.shape)} prepared, {torch.get_num_threads()} threads")
     for name, value in seconds.items():
         print(f"{name:40s} {value:7.3f} s  ({value / seconds['encoder']:.2f}x the encoder)")

@@ -28,7 +28,7 @@ from volumes.paths import bundle_dir
 SEG, CLS = "dinov2_unet_segmentation", "dinov2_slice_classification"
 
 
-def _best(run: Callable[[], Any], repeat: int) -> float:
+def best_time(run: Callable[[], Any], repeat: int) -> float:
     run()  # warm-up: first-call costs (ONNX export, allocator, position grid)
     times = []
     for _ in range(repeat):
@@ -95,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"slices": args.slices, "matrix": args.matrix, "size": args.size,
                               "depth": args.depth or 12, "threads": torch.get_num_threads()}
     seconds = {
-        "1 head (segmentation)": _best(batch("seg"), args.repeat),
-        "2 heads, shared encoder": _best(batch("seg+cls"), args.repeat),
-        "2 heads, separate encoders": _best(batch("seg+cls", share=False), args.repeat),
+        "1 head (segmentation)": best_time(batch("seg"), args.repeat),
+        "2 heads, shared encoder": best_time(batch("seg+cls"), args.repeat),
+        "2 heads, separate encoders": best_time(batch("seg+cls", share=False), args.repeat),
     }
     for backend in ("onnxruntime", "onnxruntime-int8"):
-        seconds[f"1 head, {backend}"] = _best(batch("seg", backend=backend), args.repeat)
-        seconds[f"2 heads shared, {backend}"] = _best(batch("seg+cls", backend=backend), args.repeat)
+        seconds[f"1 head, {backend}"] = best_time(batch("seg", backend=backend), args.repeat)
+        seconds[f"2 heads shared, {backend}"] = best_time(batch("seg+cls", backend=backend), args.repeat)
     result["case_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     result["two_heads_over_one"] = round(seconds["2 heads, shared encoder"] / seconds["1 head (segmentation)"], 3)
     result["separate_over_shared"] = round(seconds["2 heads, separate encoders"] / seconds["2 heads, shared encoder"], 3)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for backend in ("torch", "onnxruntime", "onnxruntime-int8"):
         encoder = models("seg", backend)[0].predictor.network.encoder
         with torch.inference_mode():
-            per_slice[backend] = _best(lambda e=encoder: e(slices, with_grids=True), args.repeat) / args.slices
+            per_slice[backend] = best_time(lambda e=encoder: e(slices, with_grids=True), args.repeat) / args.slices
     result["encoder_ms_per_slice"] = {k: round(1000 * v, 3) for k, v in per_slice.items()}
     result["encoder_torch_over_onnxruntime"] = round(per_slice["torch"] / per_slice["onnxruntime"], 3)
     print(json.dumps(result, indent=1))
