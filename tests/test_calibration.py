@@ -76,3 +76,35 @@ def test_calibration_report_scores_the_test_split_before_and_after_the_saved_tem
     assert report["ece_calibrated"] == pytest.approx(expected_calibration_error(softened, labels))
     assert report["brier_calibrated"] == pytest.approx(brier_score(softened, labels))
     assert report["accuracy"] == report["accuracy_calibrated"] == 0.75
+
+
+def test_a_separable_validation_split_leaves_the_temperature_at_one(caplog):
+    """All right on validation: the NLL falls towards T -> 0, so nothing is fitted (the demo's T = 0.05 before)."""
+    from volumes.calibration import separable
+
+    logits = np.array([[2.0, -1.0], [-0.5, 1.5], [3.0, 0.0], [0.1, 0.4]])
+    labels = np.array([0, 1, 0, 1])
+    assert separable(logits, labels)
+    assert not separable(logits, np.array([0, 1, 0, 0]))
+    assert not separable(np.array([[1.0, 1.0]]), np.array([0]))  # a tie is not a correct answer
+    with caplog.at_level("WARNING", logger="volumes.calibration"):
+        assert fit_temperature(logits, labels) == 1.0
+    assert "classified correctly" in caplog.text
+    # one mistake makes the minimum finite again, and above 1 for a confident mistake
+    wrong = np.vstack([logits, [[2.5, -0.5]]])
+    t = fit_temperature(wrong, np.append(labels, 1))
+    assert 1.0 < t < 20.0
+
+
+def test_fit_temperature_handler_records_a_separable_split(tmp_path):
+    import json
+
+    from volumes.calibration import FitTemperature
+
+    handler = FitTemperature(tmp_path / "model.pt")
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
+    saved = json.loads(handler.write(probabilities, np.array([0, 1, 0])).read_text())
+    assert saved["separable"] is True and saved["temperature"] == 1.0
+    assert saved["val_ece_calibrated"] == pytest.approx(saved["val_ece"])
+    saved = json.loads(handler.write(probabilities, np.array([0, 1, 1])).read_text())
+    assert saved["separable"] is False and saved["temperature"] != 1.0

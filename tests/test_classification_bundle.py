@@ -216,6 +216,11 @@ def test_inference_applies_the_temperature_fitted_at_training(trained):
     temperature = calibration["temperature"]
     assert temperature > 0 and calibration["cases"] == len(datalist["validation"])
     assert calibration["val_ece_calibrated"] <= calibration["val_ece"] + 0.05  # fitted on these very cases
+    original = saved.read_text()
+    if calibration["separable"]:  # every validation case right: T = 1 (nothing to fit); check T is applied with 2.5
+        assert temperature == 1.0
+        temperature = 2.5
+        saved.write_text(json.dumps({**calibration, "temperature": temperature}))
 
     def predictions():
         _run(["inference.json"], trained)
@@ -226,6 +231,7 @@ def test_inference_applies_the_temperature_fitted_at_training(trained):
         expected = softmax(np.log(np.clip(raw, 1e-6, None)), temperature)[0]
         np.testing.assert_allclose(list(row["probabilities"].values()), expected, atol=1e-3)
         assert row["temperature"] == temperature
+    saved.write_text(original)
     # a checkpoint trained before calibration existed: T = 1, the probabilities as they were
     hidden = saved.rename(saved.with_suffix(".hidden"))
     try:

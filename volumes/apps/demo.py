@@ -152,6 +152,20 @@ def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, 
     return result
 
 
+def _temperature_said(bundle: Path, result: dict[str, Any]) -> str:
+    """How the demo's temperature came about, from the classifier's ``model.calibration.json`` (added to ``result``)."""
+    path = bundle / "models" / "model.calibration.json"
+    if not path.is_file():
+        return "no temperature (no model.calibration.json)"
+    fitted = json.loads(path.read_text())
+    result["temperature"] = fitted["temperature"]
+    if fitted.get("separable"):
+        result["temperature_note"] = "validation split separable"
+        return (f"T = 1: all {fitted['cases']} validation phantoms were classified correctly, which cannot say how "
+                "confident to be")
+    return f"T = {fitted['temperature']:.2f} fitted on the {fitted['cases']} validation phantoms"
+
+
 def run_inference(bundles: list[Path], inputs: Path, output: Path, *, workers: int | None = None) -> int:
     """``volumes infer --bundle ... --input inputs --output output``, called directly."""
     from volumes.data.discovery import discover_cases
@@ -197,7 +211,7 @@ def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None
         summary += (f"; classification: accuracy {result['accuracy']:.3f}{auc} over "
                     f"{result['classified_cases']} held-out phantoms, ECE {result['ece_uncalibrated']:.3f} -> "
                     f"{result['ece_calibrated']:.3f} and Brier {result['brier_uncalibrated']:.3f} -> "
-                    f"{result['brier_calibrated']:.3f} with the temperature fitted on the validation split")
+                    f"{result['brier_calibrated']:.3f} with {_temperature_said(classification, result)}")
     if "qc_checked" in result:
         review = result["qc_review"]
         summary += (f"; quality control flagged {len(review)} of {result['qc_checked']} segmentations for review"
