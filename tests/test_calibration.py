@@ -96,7 +96,7 @@ def test_a_separable_validation_split_leaves_the_temperature_at_one(caplog):
     assert 1.0 < t < 20.0
 
 
-def test_fit_temperature_handler_records_a_separable_split(tmp_path):
+def test_fit_temperature_handler_fits_platt_for_two_classes_and_temperature_for_more(tmp_path):
     import json
 
     from volumes.calibration import FitTemperature
@@ -104,7 +104,79 @@ def test_fit_temperature_handler_records_a_separable_split(tmp_path):
     handler = FitTemperature(tmp_path / "model.pt")
     probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
     saved = json.loads(handler.write(probabilities, np.array([0, 1, 0])).read_text())
-    assert saved["separable"] is True and saved["temperature"] == 1.0
+    assert saved["method"] == "Platt scaling" and saved["separable"] is True and len(saved["bias"]) == 2
+    three = np.array([[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.2, 0.2, 0.6]])
+    saved = json.loads(handler.write(three, np.array([0, 1, 2])).read_text())
+    assert saved == {**saved, "method": "temperature scaling", "separable": True, "temperature": 1.0, "bias": []}
     assert saved["val_ece_calibrated"] == pytest.approx(saved["val_ece"])
-    saved = json.loads(handler.write(probabilities, np.array([0, 1, 1])).read_text())
-    assert saved["separable"] is False and saved["temperature"] != 1.0
+
+
+def _platt_sampled(a: float, b: float, n: int = 20000, seed: int = 0):
+    """Two-class logits whose labels are drawn from sigmoid(a (l1 - l0) + b)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 2.0, (n, 2))
+    p1 = 1.0 / (1.0 + np.exp(-(a * (logits[:, 1] - logits[:, 0]) + b)))
+    return logits, (rng.random(n) < p1).astype(int)
+
+
+def test_platt_scaling_recovers_slope_and_intercept():
+    from volumes.calibration import fit_platt
+
+    logits, labels = _platt_sampled(0.5, -1.0)
+    fitted = fit_platt(logits, labels)
+    assert 1.0 / fitted.temperature == pytest.approx(0.5, rel=0.05)
+    assert fitted.bias[0] == 0.0 and fitted.bias[1] == pytest.approx(-1.0, abs=0.08)
+    p = fitted.probabilities(logits)
+    true = 1.0 / (1.0 + np.exp(-(0.5 * (logits[:, 1] - logits[:, 0]) - 1.0)))
+    np.testing.assert_allclose(p[:, 1], true, atol=0.03)
+    assert expected_calibration_error(p, labels) < 0.02
+
+
+def test_platt_scaling_on_a_separable_split_is_finite_and_puts_the_threshold_between_the_classes():
+    """Negatives far below 0, positives above it: the 0.5 point moves into the gap, nothing becomes certain."""
+    from volumes.calibration import fit_platt
+
+    margins = np.array([-8.0, -7.5, -7.0, -6.0, 0.5, 1.0, 2.0, 4.0])  # l1 - l0
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    logits = np.stack([np.zeros_like(margins), margins], axis=1)
+    fitted = fit_platt(logits, labels)
+    p1 = fitted.probabilities(logits)[:, 1]
+    assert fitted.separable and np.isfinite(fitted.bias[1])
+    # Platt's targets for 4 + 4 cases are 5/6 and 1/6: nothing certain, every case still right
+    assert p1.max() < 0.99 and p1.min() > 0.01
+    assert ((p1 >= 0.5) == labels.astype(bool)).all()
+    threshold = -fitted.bias[1] * fitted.temperature  # the margin where p1 = 0.5
+    assert -6.0 < threshold < 0.0
+    # a positive between the classes that the raw 0.5 threshold (margin 0) calls negative is called positive
+    assert fitted.probabilities(np.array([[0.0, threshold / 2]]))[0, 1] > 0.5
+    assert np.all(np.diff(p1) > 0)  # the ranking is kept
+    # with a mistake in the split the fit is still the smooth Platt fit
+    assert not fit_platt(logits, labels[::-1]).separable
+
+
+def test_fit_platt_refuses_more_than_two_classes():
+    from volumes.calibration import fit_platt
+
+    with pytest.raises(ValueError, match="two-class"):
+        fit_platt(np.zeros((3, 3)), np.zeros(3, dtype=int))
+
+
+def test_calibration_report_applies_platt_and_its_threshold(tmp_path):
+    import json
+
+    from volumes.calibration import CalibrationReport, calibration_path, load_calibration
+
+    checkpoint = tmp_path / "model.pt"
+    calibration_path(checkpoint).write_text(json.dumps({"method": "Platt scaling", "temperature": 2.0,
+                                                        "bias": [0.0, 1.0]}))
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    labels = np.array([0, 1, 1, 1])
+    report = json.loads(CalibrationReport(checkpoint, tmp_path / "eval").write(probabilities, labels).read_text())
+    # p1 = sigmoid(log(p1 / p0) / 2 + 1): 0.475, 0.845, 0.689, 0.806
+    calibrated = load_calibration(checkpoint).probabilities(np.log(probabilities))
+    expected = 1.0 / (1.0 + np.exp(-(np.log(probabilities[:, 1] / probabilities[:, 0]) / 2.0 + 1.0)))
+    np.testing.assert_allclose(calibrated[:, 1], expected, atol=1e-9)
+    np.testing.assert_allclose(calibrated[:, 1], [0.475, 0.845, 0.689, 0.806], atol=2e-3)
+    # the positive at 0.4 is now called positive: the intercept moved the 0.5 threshold
+    assert report["accuracy"] == 0.75 and report["accuracy_calibrated"] == 1.0
+    assert report["brier_calibrated"] == pytest.approx(brier_score(calibrated, labels))

@@ -89,12 +89,14 @@ def test_evaluate_on_the_test_split(trained):
     _run(["train.json", "evaluate.json"], trained)
     metrics = (trained / "eval" / "metrics.csv").read_text()
     assert "val_auc" in metrics and "val_accuracy" in metrics
-    # calibration on the test split, before and after the temperature saved at training
+    # calibration on the test split, before and after the Platt scaling saved at training
     report = json.loads((trained / "eval" / "calibration.json").read_text())
     datalist = json.loads((trained / "data" / "phantoms" / "datalist.json").read_text())
     saved = json.loads((trained / "models" / "model.calibration.json").read_text())
     assert report["cases"] == len(datalist["test"]) and report["temperature"] == saved["temperature"]
-    assert report["accuracy_calibrated"] == report["accuracy"]  # temperature scaling keeps the argmax
+    assert report["method"] == saved["method"] == "Platt scaling" and report["bias"] == saved["bias"]
+    # accuracy at the calibrated 0.5 threshold: Platt's intercept may move it, by whole cases
+    assert report["accuracy_calibrated"] * report["cases"] == pytest.approx(round(report["accuracy_calibrated"] * report["cases"]))
     for key in ("ece", "ece_calibrated"):
         assert 0.0 <= report[key] <= 1.0
     # the Brier score of a constant 0.5 answer is 0.5: the numbers are on that scale
@@ -204,34 +206,35 @@ def test_torchrun_two_cpu_processes_write_exactly_one_checkpoint(tmp_path):
     assert [line.split(",")[0] for line in metrics] == ["val_auc", "val_accuracy"]
 
 
-def test_inference_applies_the_temperature_fitted_at_training(trained):
-    """Training saves T beside model.pt (fitted on the validation split); inference divides the logits by it."""
+def test_inference_applies_the_calibration_fitted_at_training(trained):
+    """Training saves Platt scaling beside model.pt (fitted on the validation split); inference applies it."""
     import numpy as np
 
-    from volumes.calibration import calibration_path, softmax
+    from volumes.calibration import calibration_path, load_calibration
 
     datalist = json.loads((trained / "data" / "phantoms" / "datalist.json").read_text())
     saved = calibration_path(trained / "models" / "model.pt")
     calibration = json.loads(saved.read_text())
-    temperature = calibration["temperature"]
-    assert temperature > 0 and calibration["cases"] == len(datalist["validation"])
-    assert calibration["val_ece_calibrated"] <= calibration["val_ece"] + 0.05  # fitted on these very cases
-    original = saved.read_text()
-    if calibration["separable"]:  # every validation case right: T = 1 (nothing to fit); check T is applied with 2.5
-        assert temperature == 1.0
-        temperature = 2.5
-        saved.write_text(json.dumps({**calibration, "temperature": temperature}))
+    assert calibration["method"] == "Platt scaling" and calibration["temperature"] > 0
+    assert len(calibration["bias"]) == 2 and calibration["cases"] == len(datalist["validation"])
+    # fitted on these very cases, against Platt's smoothed targets (never 0 or 1)
+    assert calibration["val_brier_calibrated"] <= calibration["val_brier"] + 0.05
+    fitted = load_calibration(trained / "models" / "model.pt")
 
     def predictions():
         _run(["inference.json"], trained)
         return [json.loads(line) for line in (trained / "eval" / "predictions.jsonl").read_text().splitlines()]
 
-    for row in predictions():
+    rows = predictions()
+    for row in rows:
         raw = np.array([list(row["probabilities_uncalibrated"].values())])
-        expected = softmax(np.log(np.clip(raw, 1e-6, None)), temperature)[0]
+        expected = fitted.probabilities(np.log(np.clip(raw, 1e-6, None)))[0]
         np.testing.assert_allclose(list(row["probabilities"].values()), expected, atol=1e-3)
-        assert row["temperature"] == temperature
-    saved.write_text(original)
+        assert row["temperature"] == calibration["temperature"] and row["logit_bias"] == calibration["bias"]
+    # the ranking is kept: the calibrated positive-class scores order the cases as the raw ones do
+    raw1 = [list(row["probabilities_uncalibrated"].values())[1] for row in rows]
+    cal1 = [list(row["probabilities"].values())[1] for row in rows]
+    assert np.all(np.diff(np.array(cal1)[np.argsort(raw1, kind="stable")]) >= -1e-6)
     # a checkpoint trained before calibration existed: T = 1, the probabilities as they were
     hidden = saved.rename(saved.with_suffix(".hidden"))
     try:
@@ -242,14 +245,17 @@ def test_inference_applies_the_temperature_fitted_at_training(trained):
 
 
 def test_a_broken_calibration_file_is_named(tmp_path):
-    from volumes.calibration import calibration_path, load_temperature
+    from volumes.calibration import calibration_path, load_calibration
     from volumes.errors import VolumesError
 
     checkpoint = tmp_path / "model.pt"
-    assert load_temperature(checkpoint) == 1.0
+    assert load_calibration(checkpoint).temperature == 1.0
     calibration_path(checkpoint).write_text('{"temperature": -2}')
     with pytest.raises(VolumesError, match="model.calibration.json: temperature must be a positive number"):
-        load_temperature(checkpoint)
+        load_calibration(checkpoint)
     calibration_path(checkpoint).write_text("{not json")
     with pytest.raises(VolumesError, match="model.calibration.json: unreadable calibration file"):
-        load_temperature(checkpoint)
+        load_calibration(checkpoint)
+    calibration_path(checkpoint).write_text('{"temperature": 1.5, "bias": [0, "nan"]}')
+    with pytest.raises(VolumesError, match="model.calibration.json: bias must be finite numbers"):
+        load_calibration(checkpoint)

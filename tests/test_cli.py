@@ -32,15 +32,23 @@ def test_quick_demo_trains_both_bundles_and_runs_batch_inference(tmp_path, capsy
     scores = json.loads((tmp_path / "demo_scores.json").read_text())
     assert scores["phantom_cases_scored"] >= 2 and 0.0 <= scores["mean_dice"] <= 1.0
     # the classifier's probabilities come calibrated, with the temperature the training fitted
-    temperature = json.loads((tmp_path / "bundles" / "dinov2_slice_classification" / "models" /
-                              "model.calibration.json").read_text())["temperature"]
+    fitted = json.loads((tmp_path / "bundles" / "dinov2_slice_classification" / "models" /
+                         "model.calibration.json").read_text())
+    temperature = fitted["temperature"]
+    assert fitted["method"] == "Platt scaling" and scores["calibration"]["bias"] == fitted["bias"]
     assert 0.0 <= scores["ece_calibrated"] <= 1.0 and 0.0 <= scores["brier_calibrated"] <= 2.0
     assert "ECE" in printed and "Brier" in printed
     rows = [json.loads(line) for line in (tmp_path / "infer" / "predictions.jsonl").read_text().splitlines()]
     cases = {row["case_id"] for row in rows}
     assert any(case.endswith("_dicom") and case.startswith("seg_") for case in cases)
     assert ("real_example_ct" in cases and "real_example_ct_dicom" in cases) == SHARED.is_dir()
-    assert {row["temperature"] for row in rows if row["task"] == "classification"} == {temperature}
+    classified = [row for row in rows if row["task"] == "classification"]
+    assert {row["temperature"] for row in classified} == {temperature}
+    assert all(row["logit_bias"] == fitted["bias"] for row in classified)
+    # the demo's accuracy is at the calibrated 0.5 threshold, on the classification phantoms
+    held_out = [row for row in classified if row["case_id"].startswith("cls_")]
+    assert len(held_out) == scores["classified_cases"]
+    assert 0.0 <= scores["accuracy"] <= 1.0 and 0.0 <= scores["accuracy_uncalibrated"] <= 1.0
     assert (tmp_path / "infer" / "failures.csv").read_text().count("\n") == 1  # header only
     # every segmentation carries its quality-control flag, and the demo counts the flagged ones
     segmentations = [row for row in rows if row["task"] == "segmentation"]

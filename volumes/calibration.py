@@ -1,19 +1,26 @@
-"""Post-hoc calibration of a classifier's probabilities: temperature scaling, ECE and Brier score.
+"""Post-hoc calibration of a classifier's probabilities: temperature and Platt scaling, ECE and Brier score.
 
 Temperature scaling (Guo et al., ICML 2017) divides the logits by one scalar ``T > 0``
 fitted on held-out data by minimising the negative log-likelihood; it changes the
 probabilities, not the ranking (argmax and AUC stay the same). ``T > 1`` softens an
-over-confident classifier.
+over-confident classifier. For two classes the bundle fits Platt scaling (Platt 1999):
+``p(1) = sigmoid(a (l1 - l0) + b)``, a temperature ``T = 1 / a`` plus an intercept ``b``
+that moves the 0.5 threshold (the ranking, so the AUC, stays; the accuracy at 0.5 can
+change), fitted to Platt's smoothed targets ``(N+ + 1) / (N+ + 2)`` and ``1 / (N- + 2)``,
+which keep the fit finite when the validation split has no mistake.
 
-* :func:`fit_temperature`: ``T`` from validation logits and labels.
+* :func:`fit_temperature`: ``T`` from validation logits and labels (``T = 1`` when the
+  split is :func:`separable`: then the likelihood has no minimum).
+* :func:`fit_platt`: ``a``, ``b`` for two classes, as a :class:`Calibration`.
+* :func:`fit_calibration`: what the bundle fits: Platt for two classes, temperature otherwise.
 * :func:`expected_calibration_error`: the standard ECE with equal-width confidence bins.
 * :func:`brier_score`: mean squared distance of the probability vector to the one-hot label.
-* :class:`FitTemperature`: the classification bundle's training handler that fits ``T`` on
-  the validation split whenever the checkpoint saver keeps a new best checkpoint, and
-  writes it beside it (``model.calibration.json``); :func:`load_temperature` reads it at
-  inference (``T = 1`` for a checkpoint without one, said once in the log).
+* :class:`FitTemperature`: the classification bundle's training handler that fits the
+  calibration on the validation split whenever the checkpoint saver keeps a new best
+  checkpoint, and writes it beside it (``model.calibration.json``); :func:`load_calibration`
+  reads it at inference (identity for a checkpoint without one, said once in the log).
 * :class:`CalibrationReport`: the bundle's evaluation handler that writes the test split's
-  ECE, Brier score and accuracy before and after that temperature (``eval/calibration.json``).
+  ECE, Brier score and accuracy before and after that calibration (``eval/calibration.json``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +36,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CalibrationReport", "FitTemperature", "brier_score", "calibration_metrics", "calibration_path", "load_temperature", "expected_calibration_error", "fit_temperature", "separable", "softmax"]
+__all__ = ["Calibration", "CalibrationReport", "FitTemperature", "brier_score", "calibration_metrics", "calibration_path",
+           "expected_calibration_error", "fit_calibration", "fit_platt", "fit_temperature", "load_calibration",
+           "separable", "softmax"]
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -89,6 +99,88 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[flo
     return float(np.exp(result.x))
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """``softmax(logits / temperature + bias)``: temperature scaling, or Platt scaling for two classes.
+
+    ``bias`` holds one offset per class (empty: none); Platt's intercept ``b`` is ``(0, b)``.
+    """
+
+    temperature: float = 1.0
+    bias: tuple[float, ...] = ()
+    method: str = "none"
+    separable: bool = False
+
+    def _offsets(self, classes: int) -> np.ndarray:
+        if not self.bias:
+            return np.zeros(classes)
+        if len(self.bias) != classes:
+            raise ValueError(f"calibration has {len(self.bias)} class offsets, the classifier {classes} classes")
+        return np.asarray(self.bias, dtype=np.float64)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated ``[N, K]`` probabilities from logits (or log-probabilities) ``[N, K]``."""
+        logits = np.asarray(logits, dtype=np.float64)
+        return softmax(logits / self.temperature + self._offsets(logits.shape[1]))
+
+    def torch_probabilities(self, logits: Any) -> Any:
+        """The same on a torch tensor ``[..., K]`` (float32)."""
+        import torch
+
+        offsets = torch.as_tensor(self._offsets(logits.shape[-1]), dtype=torch.float32, device=logits.device)
+        return torch.softmax(logits.float() / self.temperature + offsets, dim=-1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "temperature": self.temperature, "bias": list(self.bias),
+                "separable": self.separable}
+
+
+def _platt_targets(labels: np.ndarray) -> np.ndarray:
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    return np.where(labels == 1, (positives + 1.0) / (positives + 2.0), 1.0 / (negatives + 2.0))
+
+
+def fit_platt(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[float, float] = (0.05, 20.0)) -> Calibration:
+    """Platt scaling of a two-class classifier: ``p(1) = sigmoid(a (l1 - l0) + b)``, as ``T = 1 / a``, ``bias = (0, b)``.
+
+    Fitted by cross-entropy against Platt's smoothed targets (``(N+ + 1) / (N+ + 2)`` for
+    the positives, ``1 / (N- + 2)`` for the negatives), so a validation split without a
+    mistake still gives finite, not certain, probabilities; ``a`` stays within
+    ``1 / bounds`` so the ranking is kept. Convex in ``(a, b)``: L-BFGS-B, deterministic.
+    """
+    from scipy.optimize import minimize
+
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 2 or logits.shape[1] != 2 or len(logits) != len(labels) or len(labels) == 0:
+        raise ValueError(f"fit_platt needs two-class logits [N, 2] and labels [N], got {logits.shape} and {labels.shape}")
+    margin = logits[:, 1] - logits[:, 0]
+    targets = _platt_targets(labels)
+
+    def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
+        z = params[0] * margin + params[1]
+        # cross-entropy with soft targets: log(1 + e^z) - t z, stable for either sign of z
+        value = np.logaddexp(0.0, z) - targets * z
+        residual = 1.0 / (1.0 + np.exp(-z)) - targets
+        return float(value.sum()), np.array([float((residual * margin).sum()), float(residual.sum())])
+
+    result = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B",
+                      bounds=[(1.0 / bounds[1], 1.0 / bounds[0]), (None, None)])
+    a, b = (float(v) for v in result.x)
+    return Calibration(temperature=1.0 / a, bias=(0.0, b), method="Platt scaling",
+                       separable=separable(logits, labels))
+
+
+def fit_calibration(logits: np.ndarray, labels: np.ndarray) -> Calibration:
+    """What the classification bundle fits on its validation split: :func:`fit_platt` for two classes, else :func:`fit_temperature`."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim == 2 and logits.shape[1] == 2:
+        return fit_platt(logits, labels)
+    return Calibration(temperature=fit_temperature(logits, labels), method="temperature scaling",
+                       separable=separable(logits, labels))
+
+
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     """ECE: ``sum_b |B_b| / N * |accuracy(B_b) - confidence(B_b)|`` over ``bins`` equal-width bins.
 
@@ -144,28 +236,34 @@ def calibration_path(checkpoint: str | Path) -> Path:
     return checkpoint.with_name(checkpoint.name.rsplit(".", 1)[0] + ".calibration.json")
 
 
-def load_temperature(checkpoint: str | Path | None) -> float:
-    """The temperature saved with ``checkpoint``; 1.0 (uncalibrated, logged) when it has none.
+def load_calibration(checkpoint: str | Path | None) -> Calibration:
+    """The calibration saved with ``checkpoint``; the identity (``T = 1``, logged) when it has none.
 
     Raises:
-        VolumesError: the calibration file is unreadable or holds no positive temperature.
+        VolumesError: the calibration file is unreadable, holds no positive temperature or
+            a malformed ``bias``.
     """
     from volumes.errors import VolumesError
 
     if checkpoint is None:
-        return 1.0
+        return Calibration()
     path = calibration_path(checkpoint)
     if not path.is_file():
         logger.info("%s: no %s beside it (trained before calibration): probabilities are not calibrated (T = 1)",
                     checkpoint, path.name)
-        return 1.0
+        return Calibration()
     try:
-        temperature = float(json.loads(path.read_text())["temperature"])
+        content = json.loads(path.read_text())
+        temperature = float(content["temperature"])
+        bias = tuple(float(v) for v in content.get("bias") or ())
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VolumesError(f"{path}: unreadable calibration file ({exc})") from exc
     if not (math.isfinite(temperature) and temperature > 0):
         raise VolumesError(f"{path}: temperature must be a positive number, got {temperature}")
-    return temperature
+    if not all(math.isfinite(v) for v in bias):
+        raise VolumesError(f"{path}: bias must be finite numbers, got {list(bias)}")
+    return Calibration(temperature=temperature, bias=bias, method=str(content.get("method", "temperature scaling")),
+                       separable=bool(content.get("separable", False)))
 
 
 class _ValidationProbabilities:
@@ -195,15 +293,15 @@ class _ValidationProbabilities:
 
 
 class CalibrationReport(_ValidationProbabilities):
-    """Evaluation handler: the test split's ECE, Brier score and accuracy before and after the saved temperature.
+    """Evaluation handler: the test split's ECE, Brier score and accuracy before and after the saved calibration.
 
     Written atomically to ``output_dir/calibration.json`` when the evaluation run ends
-    (the classification bundle's ``evaluate.json``). Temperature scaling keeps the argmax,
-    so the accuracy at the calibrated 0.5 threshold (binary) or argmax equals the
-    uncalibrated one; the report says both.
+    (the classification bundle's ``evaluate.json``). Accuracy is at the 0.5 threshold for
+    two classes (Platt's intercept can move it) and the argmax otherwise (temperature
+    scaling keeps it); the report says both.
 
     Args:
-        checkpoint: the evaluated checkpoint (its ``model.calibration.json``; T = 1 without one).
+        checkpoint: the evaluated checkpoint (its ``model.calibration.json``; identity without one).
         output_dir: where ``calibration.json`` goes.
     """
 
@@ -218,15 +316,16 @@ class CalibrationReport(_ValidationProbabilities):
     def write(self, probabilities: np.ndarray, labels: np.ndarray) -> Path:
         from volumes.atomic import atomic_write_bytes
 
-        temperature = load_temperature(self.checkpoint)
-        calibrated = softmax(np.log(probabilities + 1e-12), temperature)
+        calibration = load_calibration(self.checkpoint)
+        calibrated = calibration.probabilities(np.log(probabilities + 1e-12))
 
         def accuracy(p: np.ndarray) -> float:
             predicted = (p[:, 1] >= 0.5).astype(int) if p.shape[1] == 2 else p.argmax(axis=1)
             return float(np.mean(predicted == labels))
 
         content = {
-            "temperature": temperature, "cases": int(len(labels)), "split": "test",
+            "method": calibration.method, "temperature": calibration.temperature, "bias": list(calibration.bias),
+            "cases": int(len(labels)), "split": "test",
             "ece": expected_calibration_error(probabilities, labels),
             "ece_calibrated": expected_calibration_error(calibrated, labels),
             "brier": brier_score(probabilities, labels), "brier_calibrated": brier_score(calibrated, labels),
@@ -241,12 +340,13 @@ class CalibrationReport(_ValidationProbabilities):
 
 
 class FitTemperature(_ValidationProbabilities):
-    """Validation handler: fit the temperature of the checkpoint the saver keeps, and save it beside it.
+    """Validation handler: fit the calibration of the checkpoint the saver keeps, and save it beside it.
 
     Collects the validation run's probabilities (``pred``, after the bundle's softmax
     postprocessing) and one-hot labels; when the key metric is at least the best so far
     (the rule of ``CheckpointSaver(key_metric_greater_or_equal=True)``, so the file always
-    belongs to the saved weights), fits ``T`` on them and writes ``model.calibration.json``
+    belongs to the saved weights), fits :func:`fit_calibration` on them (Platt scaling for
+    two classes, temperature scaling otherwise) and writes ``model.calibration.json``
     atomically with the validation ECE and Brier score before and after.
 
     Under torchrun (``multi_gpu_train.json``) the handler runs on rank 0 only and fits on
@@ -274,13 +374,10 @@ class FitTemperature(_ValidationProbabilities):
         from volumes.atomic import atomic_write_bytes
 
         log_p = np.log(probabilities + 1e-12)
-        temperature = fit_temperature(log_p, labels)
-        calibrated = softmax(log_p, temperature)
+        calibration = fit_calibration(log_p, labels)
+        calibrated = calibration.probabilities(log_p)
         content = {
-            "method": "temperature scaling", "temperature": temperature, "fitted_on": "validation split",
-            "cases": int(len(labels)),
-            # every validation case right: nothing to fit the temperature on (fit_temperature)
-            "separable": separable(log_p, labels),
+            **calibration.as_dict(), "fitted_on": "validation split", "cases": int(len(labels)),
             "val_ece": expected_calibration_error(probabilities, labels),
             "val_ece_calibrated": expected_calibration_error(calibrated, labels),
             "val_brier": brier_score(probabilities, labels),

@@ -135,35 +135,38 @@ def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, 
         result["qc_review"] = sorted(case for case, flag in flags.items() if flag == "review")
         result["qc_checked"] = len(flags)
     if truths:
-        predicted = [int(s > 0.5) for s in scores]
-        result["accuracy"] = float(np.mean([p == t for p, t in zip(predicted, truths)]))
+        # accuracy at the 0.5 threshold before and after calibration (Platt's intercept moves it)
+        for name, values in (("accuracy_uncalibrated", [v[-1] for v in raw]), ("accuracy", scores)):
+            result[name] = float(np.mean([int(s >= 0.5) == t for s, t in zip(values, truths)]))
         from monai.metrics import compute_roc_auc
         import torch
 
-        if len(set(truths)) == 2:
-            result["auc"] = float(compute_roc_auc(torch.tensor(scores), torch.tensor(truths)))
+        if len(set(truths)) == 2:  # the uncalibrated scores: the same ranking, without ties from rounding
+            result["auc"] = float(compute_roc_auc(torch.tensor([v[-1] for v in raw]), torch.tensor(truths)))
         result["classified_cases"] = len(truths)
         from volumes.calibration import brier_score, expected_calibration_error
 
-        # the temperature was fitted on the validation split at training (model.calibration.json)
+        # the calibration was fitted on the validation split at training (model.calibration.json)
         for name, values in (("uncalibrated", raw), ("calibrated", probabilities)):
             result[f"ece_{name}"] = expected_calibration_error(np.array(values), np.array(truths))
             result[f"brier_{name}"] = brier_score(np.array(values), np.array(truths))
     return result
 
 
-def _temperature_said(bundle: Path, result: dict[str, Any]) -> str:
-    """How the demo's temperature came about, from the classifier's ``model.calibration.json`` (added to ``result``)."""
+def _calibration_said(bundle: Path, result: dict[str, Any]) -> str:
+    """How the demo's classifier was calibrated, from its ``model.calibration.json`` (added to ``result``)."""
     path = bundle / "models" / "model.calibration.json"
     if not path.is_file():
-        return "no temperature (no model.calibration.json)"
+        return "no calibration (no model.calibration.json)"
     fitted = json.loads(path.read_text())
-    result["temperature"] = fitted["temperature"]
+    result["calibration"] = {k: fitted.get(k) for k in ("method", "temperature", "bias", "separable", "cases")}
+    said = f"{fitted.get('method', 'temperature scaling')} (T = {fitted['temperature']:.2f}"
+    if fitted.get("bias"):
+        said += f", intercept {fitted['bias'][-1]:+.2f}"
+    said += f") fitted on the {fitted['cases']} validation phantoms"
     if fitted.get("separable"):
-        result["temperature_note"] = "validation split separable"
-        return (f"T = 1: all {fitted['cases']} validation phantoms were classified correctly, which cannot say how "
-                "confident to be")
-    return f"T = {fitted['temperature']:.2f} fitted on the {fitted['cases']} validation phantoms"
+        said += ", all of them classified correctly"
+    return said
 
 
 def run_inference(bundles: list[Path], inputs: Path, output: Path, *, workers: int | None = None) -> int:
@@ -208,10 +211,11 @@ def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None
                if result["mean_dice"] is not None else "segmentation: no phantom case scored")
     if "accuracy" in result:
         auc = f", AUC {result['auc']:.3f}" if "auc" in result else ""
-        summary += (f"; classification: accuracy {result['accuracy']:.3f}{auc} over "
+        summary += (f"; classification: accuracy {result['accuracy_uncalibrated']:.3f} -> {result['accuracy']:.3f}"
+                    f"{auc} over "
                     f"{result['classified_cases']} held-out phantoms, ECE {result['ece_uncalibrated']:.3f} -> "
                     f"{result['ece_calibrated']:.3f} and Brier {result['brier_uncalibrated']:.3f} -> "
-                    f"{result['brier_calibrated']:.3f} with {_temperature_said(classification, result)}")
+                    f"{result['brier_calibrated']:.3f} with {_calibration_said(classification, result)}")
     if "qc_checked" in result:
         review = result["qc_review"]
         summary += (f"; quality control flagged {len(review)} of {result['qc_checked']} segmentations for review"

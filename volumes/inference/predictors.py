@@ -125,23 +125,24 @@ class ClassificationPredictor:
         top_k: how many slices to report, most important first.
         device: where the network runs.
         calibration: the checkpoint whose ``model.calibration.json`` (written by training,
-            :class:`volumes.calibration.FitTemperature`) holds the temperature ``T``; the
-            probabilities are ``softmax(logits / T)`` and the uncalibrated ones are kept as
-            ``probabilities_uncalibrated``. None or no file: ``T = 1``.
+            :class:`volumes.calibration.FitTemperature`) holds the temperature ``T`` and, for
+            two classes, Platt's intercept (``bias``); the probabilities are
+            ``softmax(logits / T + bias)`` and the uncalibrated ones are kept as
+            ``probabilities_uncalibrated``. None or no file: uncalibrated (``T = 1``).
     """
 
     task = "classification"
 
     def __init__(self, network: torch.nn.Module, transform: Callable[[dict], dict], class_names: Sequence[str],
                  top_k: int = 5, device: str | torch.device = "cpu", calibration: str | Any = None):
-        from volumes.calibration import calibration_path, load_temperature
+        from volumes.calibration import calibration_path, load_calibration
 
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.transform = transform
         self.class_names = list(class_names)
         self.top_k = int(top_k)
-        self.temperature = load_temperature(calibration)
+        self.calibration = load_calibration(calibration)
         fitted = calibration_path(calibration) if calibration is not None else None
         self.fitted_files = [fitted] if fitted is not None and fitted.is_file() else []
 
@@ -153,14 +154,15 @@ class ClassificationPredictor:
         with torch.inference_mode():
             logits, importance = self.network.forward_with_importance(_batch(data["image"], self.device))
         raw = torch.softmax(logits.float(), dim=-1)[0].cpu()
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)[0].cpu()
+        probs = self.calibration.torch_probabilities(logits)[0].cpu()
         importance = importance[0].float().cpu().numpy()
         top = np.argsort(-importance, kind="stable")[: self.top_k]
         predicted = int(probs.argmax())
         return {
             "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probs)},
             "probabilities_uncalibrated": {name: round(float(p), 6) for name, p in zip(self.class_names, raw)},
-            "temperature": self.temperature,
+            "temperature": self.calibration.temperature,
+            "logit_bias": list(self.calibration.bias),
             "predicted": self.class_names[predicted],
             "predicted_index": predicted,
             "importance": importance,

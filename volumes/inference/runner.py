@@ -374,7 +374,7 @@ class BatchInference:
                     if figure_mask is None:
                         figure_mask, figure_labels, figure_quality = mask, model.predictor.labels, row.get("quality")
                 else:
-                    calibration = ("probabilities_uncalibrated", "temperature")
+                    calibration = ("probabilities_uncalibrated", "temperature", "logit_bias")
                     row.update({k: result[k] for k in ("probabilities", "predicted", "top_slices", *calibration)
                                 if k in result})
                     path = case_dir / f"{bid}_probabilities.json"
@@ -524,6 +524,8 @@ def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
         flat[f"p_uncalibrated_{name}"] = p
     if "temperature" in row:
         flat["temperature"] = row["temperature"]
+    for name, offset in zip(row.get("probabilities", {}), row.get("logit_bias") or ()):
+        flat[f"logit_bias_{name}"] = offset  # Platt's intercept for two classes (volumes.calibration)
     if "top_slices" in row:
         flat["top_slices"] = " ".join(str(s["slice"]) for s in row["top_slices"])
     quality = row.get("quality")
