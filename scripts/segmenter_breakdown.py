@@ -19,7 +19,7 @@ import argparse
 
 import torch
 
-from volumes.apps.bench_heads import best_time
+from volumes.apps.bench.timing import best_time
 
 
 def main() -> int:

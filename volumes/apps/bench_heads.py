@@ -17,25 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from volumes.apps.bench.timing import best_time
 from volumes.paths import bundle_dir
 
 SEG, CLS = "dinov2_unet_segmentation", "dinov2_slice_classification"
-
-
-def best_time(run: Callable[[], Any], repeat: int) -> float:
-    run()  # warm-up: first-call costs (ONNX export, allocator, position grid)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def _weights(folder: Path, overrides: dict) -> dict[str, Path]:

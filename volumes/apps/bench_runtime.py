@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from volumes.apps import child
+from volumes.apps.bench.timing import best_of
 
 BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "openvino")
 PEERS = ("swinunetr", "unet3d")
@@ -74,26 +75,6 @@ def configurations(args: argparse.Namespace) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ child side
-
-
-def _best(run: Callable[[], Any], repeat: int, reset: Callable[[], Any] | None = None,
-          warmup: bool = True) -> dict[str, Any]:
-    """One warm-up (unless ``warmup`` is False), then ``repeat`` timed calls (``reset`` untimed before each):
-    the best, all, the warm-up's."""
-    reset = reset or (lambda: None)
-    warmup_s = None
-    if warmup:
-        reset()
-        start = time.perf_counter()
-        run()
-        warmup_s = round(time.perf_counter() - start, 4)
-    times = []
-    for _ in range(repeat):
-        reset()
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return {"seconds": min(times), "times_s": [round(t, 4) for t in times], "warmup_s": warmup_s}
 
 
 def _parameters(module) -> int:
@@ -223,7 +204,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return {"seconds": time.perf_counter() - start, "peak_rss_mib": child.peak_rss_mib()}
     else:
         raise ValueError(f"unknown cell kind {kind!r}")
-    out.update(_best(run, spec["repeat"], getattr(run, "reset", None), spec.get("warmup", True)))
+    out.update(best_of(run, spec["repeat"], reset=getattr(run, "reset", None), warmup=spec.get("warmup", True)))
     out["peak_rss_mib"] = child.peak_rss_mib()
     out["threads"] = torch.get_num_threads()
     return out

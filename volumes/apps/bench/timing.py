@@ -57,6 +57,34 @@ def compare(fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int =
     return {name: results[name] for name in fns}
 
 
+def best_of(run: Callable[[], Any], repeat: int, *, reset: Callable[[], Any] | None = None,
+            warmup: bool = True) -> dict[str, Any]:
+    """One warm-up (unless ``warmup`` is False), then ``repeat`` timed calls (``reset`` untimed before each).
+
+    Returns the best (``seconds``), all (``times_s``) and the warm-up's (``warmup_s``). The
+    warm-up takes first-call costs (ONNX export, allocator, position grid).
+    """
+    reset = reset or (lambda: None)
+    warmup_s = None
+    if warmup:
+        reset()
+        start = time.perf_counter()
+        run()
+        warmup_s = round(time.perf_counter() - start, 4)
+    times = []
+    for _ in range(repeat):
+        reset()
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return {"seconds": min(times), "times_s": [round(t, 4) for t in times], "warmup_s": warmup_s}
+
+
+def best_time(run: Callable[[], Any], repeat: int) -> float:
+    """Seconds of the fastest of ``repeat`` calls after one warm-up (:func:`best_of`)."""
+    return best_of(run, repeat)["seconds"]
+
+
 def timed(fn: Callable[[], Any], *, repeats: int, warmup: int = 1, device=None) -> dict[str, Any]:
     """Warm-up, then the median of ``repeats`` calls of ``fn``."""
     return compare({"fn": fn}, repeats=repeats, warmup=warmup, device=device)["fn"]
