@@ -149,7 +149,8 @@ def _rate(values: Sequence[bool]) -> float:
 
 
 def summarise(rows: list[dict], reference: dict) -> dict[str, Any]:
-    from volumes.quality import DICE_BAR, roc_auc
+    from volumes.evaluation.metrics import binary_auc
+    from volumes.quality import DICE_BAR
 
     bad = [r["dice"] < DICE_BAR for r in rows]
     scores = [r["score"] for r in rows]
@@ -163,12 +164,12 @@ def summarise(rows: list[dict], reference: dict) -> dict[str, Any]:
         case["bad"] |= r["dice"] < DICE_BAR
     case_bad = [c["bad"] for c in cases.values()]
     result = {
-        "organs": len(rows), "below_bar": int(sum(bad)), "auroc": roc_auc(scores, bad),
+        "organs": len(rows), "below_bar": int(sum(bad)), "auroc": binary_auc(scores, bad),
         "cases": len(cases), "cases_below_bar": int(sum(case_bad)),
-        "case_auroc": roc_auc([c["score"] for c in cases.values()], case_bad),
+        "case_auroc": binary_auc([c["score"] for c in cases.values()], case_bad),
         "case_sensitivity": _rate([c["flag"] for c in cases.values() if c["bad"]]),
         "case_false_alarm_rate": _rate([c["flag"] for c in cases.values() if not c["bad"]]),
-        "auroc_by_sign": {s: roc_auc([r["z"].get(s, 0.0) for r in rows], bad) for s in SIGNS},
+        "auroc_by_sign": {s: binary_auc([r["z"].get(s, 0.0) for r in rows], bad) for s in SIGNS},
         "sensitivity": _rate([f for f, b in zip(flagged, bad) if b]),
         "false_alarm_rate": _rate([f for f, b in zip(flagged, bad) if not b]),
         "clean_organ_false_alarm_rate": _rate([r["flag"] == "review" for r in clean if r["dice"] >= DICE_BAR]),

@@ -35,15 +35,17 @@ def test_robust_reference_and_one_or_two_sided_z_scores():
     assert math.isnan(q._z("margin", math.nan, ref)) and math.isnan(q._z("margin", 1.0, {"center": None}))
 
 
-def test_roc_auc_equals_scikit_learn():
+def test_the_auroc_qc_reports_equals_scikit_learn():
     from sklearn.metrics import roc_auc_score
+
+    from volumes.evaluation.metrics import binary_auc
 
     rng = np.random.default_rng(0)
     y = rng.random(200) < 0.3
     s = rng.normal(size=200) + y * 0.8
     s[:20] = np.round(s[:20])  # ties
-    assert q.roc_auc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-    assert math.isnan(q.roc_auc([1.0, 2.0], [False, False]))
+    assert binary_auc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert math.isnan(binary_auc([1.0, 2.0], [False, False]))
 
 
 def test_threshold_flags_at_most_ten_percent_of_the_good_organs():
@@ -258,7 +260,7 @@ def test_predictions_csv_and_report_show_the_flags_worst_first(tmp_path):
 
 
 def test_figure_badge_says_the_flag_and_the_reasons(tmp_path):
-    from volumes.inference.report import QC_COLOURS, case_figure, quality_badge
+    from volumes.inference.figures import QC_COLOURS, case_figure, quality_badge
 
     quality = _row("x", "review", 7.25)["quality"]
     text, colour = quality_badge(quality)

@@ -54,12 +54,14 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from volumes.evaluation.metrics import binary_auc
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FEATURES", "MIN_THRESHOLD", "SCALE_FLOORS", "DICE_BAR", "FitQualityControl", "QualityReference",
     "SegmentationProbe", "attached", "dice_per_organ", "fit_reference", "load_quality_reference", "measure_case",
-    "predict_with_probe", "quality_paths", "roc_auc",
+    "predict_with_probe", "quality_paths",
 ]
 
 #: The signs, in the order reasons are listed when equal.
@@ -237,16 +239,6 @@ def _z(feature: str, value: float, stats: Mapping[str, Any]) -> float:
     delta = (value - stats["center"]) / stats["scale"]
     direction = DIRECTION[feature]
     return max(0.0, delta if direction == "high" else -delta if direction == "low" else abs(delta))
-
-
-def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
-    """Area under the ROC curve of ``scores`` for ``positive`` (ties count half); NaN without both classes."""
-    s, y = np.asarray(scores, np.float64), np.asarray(positive, bool)
-    pos, neg = s[y], s[~y]
-    if pos.size == 0 or neg.size == 0:
-        return math.nan
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (pos.size * neg.size))
 
 
 def _standardise(embeddings: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -507,7 +499,7 @@ def fit_reference(labels: Sequence[str], train_embeddings: Sequence[np.ndarray],
     reference.validation = {
         "cases": len(validation), "organs": int(s.size), "organs_below_dice_bar": int(y.sum()),
         "dice_bar": DICE_BAR, "threshold_rule": how, "scored": "leave one case out",
-        "auroc": _plain(roc_auc(s, y)) if s.size else None,
+        "auroc": _plain(binary_auc(s, y)) if s.size else None,
         "flagged": int((s > threshold).sum()),
         "false_alarm_rate": _plain(float((s[~y] > threshold).mean())) if (~y).any() else None,
         "sensitivity": _plain(float((s[y] > threshold).mean())) if y.any() else None,

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["accuracy", "classification_metrics", "mean_std", "roc_auc"]
+__all__ = ["accuracy", "binary_auc", "classification_metrics", "mean_std", "roc_auc"]
 
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -19,8 +19,10 @@ def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(probabilities.argmax(axis=1) == labels))
 
 
-def _binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Mann-Whitney AUC: P(score of a positive > score of a negative), ties counting one half."""
+def binary_auc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.ndarray) -> float:
+    """Mann-Whitney AUC: P(score of a positive > score of a negative), ties counting one half; NaN without both."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
     n_pos = int(positive.sum())
     n_neg = int(len(positive) - n_pos)
     if n_pos == 0 or n_neg == 0:
@@ -49,8 +51,8 @@ def roc_auc(probabilities: np.ndarray, labels: np.ndarray) -> float:
     if probabilities.ndim != 2 or probabilities.shape[0] != labels.shape[0]:
         raise ValueError(f"roc_auc: scores [N, K] and labels [N] needed, got {probabilities.shape} and {labels.shape}")
     if probabilities.shape[1] == 2:
-        return _binary_auc(probabilities[:, 1], labels == 1)
-    aucs = [_binary_auc(probabilities[:, k], labels == k) for k in range(probabilities.shape[1])]
+        return binary_auc(probabilities[:, 1], labels == 1)
+    aucs = [binary_auc(probabilities[:, k], labels == k) for k in range(probabilities.shape[1])]
     aucs = [a for a in aucs if not math.isnan(a)]
     return float(np.mean(aucs)) if aucs else float("nan")
 
