@@ -324,8 +324,7 @@ class CalibrationReport(_ValidationProbabilities):
             return float(np.mean(predicted == labels))
 
         content = {
-            "method": calibration.method, "temperature": calibration.temperature, "bias": list(calibration.bias),
-            "cases": int(len(labels)), "split": "test",
+            **calibration.as_dict(), "cases": int(len(labels)), "split": "test",
             "ece": expected_calibration_error(probabilities, labels),
             "ece_calibrated": expected_calibration_error(calibrated, labels),
             "brier": brier_score(probabilities, labels), "brier_calibrated": brier_score(calibrated, labels),

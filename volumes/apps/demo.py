@@ -113,7 +113,7 @@ def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, 
     from volumes.segmentation import per_case_metrics
 
     rows = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
-    dice, scores, truths, probabilities, raw = [], [], [], [], []
+    dice, truths, probabilities, raw = [], [], [], []
     for row in rows:
         info = known.get(row["case_id"], {})
         if row["task"] == "segmentation" and info.get("label"):
@@ -124,7 +124,6 @@ def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, 
             metrics = per_case_metrics(mask, reference, [1.0, 1.0, 1.0], labels)
             dice.append(np.nanmean([v for k, v in metrics.items() if k.startswith("dice_")]))
         if row["task"] == "classification" and row["case_id"].startswith("cls_") and info.get("class_label") is not None:
-            scores.append(list(row["probabilities"].values())[-1])
             truths.append(int(info["class_label"]))
             probabilities.append(list(row["probabilities"].values()))
             raw.append(list(row.get("probabilities_uncalibrated", row["probabilities"]).values()))
@@ -135,14 +134,16 @@ def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, 
         result["qc_review"] = sorted(case for case, flag in flags.items() if flag == "review")
         result["qc_checked"] = len(flags)
     if truths:
-        # accuracy at the 0.5 threshold before and after calibration (Platt's intercept moves it)
-        for name, values in (("accuracy_uncalibrated", [v[-1] for v in raw]), ("accuracy", scores)):
+        # the last class's score; accuracy at the 0.5 threshold before and after calibration
+        # (Platt's intercept moves it)
+        raw_scores = [v[-1] for v in raw]
+        for name, values in (("accuracy_uncalibrated", raw_scores), ("accuracy", [v[-1] for v in probabilities])):
             result[name] = float(np.mean([int(s >= 0.5) == t for s, t in zip(values, truths)]))
         from monai.metrics import compute_roc_auc
         import torch
 
         if len(set(truths)) == 2:  # the uncalibrated scores: the same ranking, without ties from rounding
-            result["auc"] = float(compute_roc_auc(torch.tensor([v[-1] for v in raw]), torch.tensor(truths)))
+            result["auc"] = float(compute_roc_auc(torch.tensor(raw_scores), torch.tensor(truths)))
         result["classified_cases"] = len(truths)
         from volumes.calibration import brier_score, expected_calibration_error
 
@@ -153,14 +154,22 @@ def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, 
     return result
 
 
-def _calibration_said(bundle: Path, result: dict[str, Any]) -> str:
-    """How the demo's classifier was calibrated, from its ``model.calibration.json`` (added to ``result``)."""
-    path = bundle / "models" / "model.calibration.json"
+def fitted_calibration(bundle: Path) -> dict[str, Any] | None:
+    """What training fitted for the classifier (its ``model.calibration.json``), None without one."""
+    from volumes.calibration import calibration_path
+
+    path = calibration_path(bundle / "models" / "model.pt")
     if not path.is_file():
-        return "no calibration (no model.calibration.json)"
+        return None
     fitted = json.loads(path.read_text())
-    result["calibration"] = {k: fitted.get(k) for k in ("method", "temperature", "bias", "separable", "cases")}
-    said = f"{fitted.get('method', 'temperature scaling')} (T = {fitted['temperature']:.2f}"
+    return {k: fitted.get(k) for k in ("method", "temperature", "bias", "separable", "cases")}
+
+
+def _calibration_said(fitted: dict[str, Any] | None) -> str:
+    """One phrase on how the classifier was calibrated (:func:`fitted_calibration`)."""
+    if fitted is None:
+        return "no calibration (no model.calibration.json)"
+    said = f"{fitted.get('method') or 'temperature scaling'} (T = {fitted['temperature']:.2f}"
     if fitted.get("bias"):
         said += f", intercept {fitted['bias'][-1]:+.2f}"
     said += f") fitted on the {fitted['cases']} validation phantoms"
@@ -210,12 +219,13 @@ def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None
     summary = (f"segmentation: mean Dice {result['mean_dice']:.3f} over {result['phantom_cases_scored']} phantom cases"
                if result["mean_dice"] is not None else "segmentation: no phantom case scored")
     if "accuracy" in result:
+        result["calibration"] = fitted_calibration(classification)
         auc = f", AUC {result['auc']:.3f}" if "auc" in result else ""
         summary += (f"; classification: accuracy {result['accuracy_uncalibrated']:.3f} -> {result['accuracy']:.3f}"
                     f"{auc} over "
                     f"{result['classified_cases']} held-out phantoms, ECE {result['ece_uncalibrated']:.3f} -> "
                     f"{result['ece_calibrated']:.3f} and Brier {result['brier_uncalibrated']:.3f} -> "
-                    f"{result['brier_calibrated']:.3f} with {_calibration_said(classification, result)}")
+                    f"{result['brier_calibrated']:.3f} with {_calibration_said(result['calibration'])}")
     if "qc_checked" in result:
         review = result["qc_review"]
         summary += (f"; quality control flagged {len(review)} of {result['qc_checked']} segmentations for review"
