@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("matplotlib")
 from matplotlib.image import imread  # noqa: E402
 
-from volumes.inference.report import (  # noqa: E402
+from volumes.inference.figures import (  # noqa: E402
     FIGURE_DPI,
     FIGURE_SIZE,
     FIGURE_SIZE_WITH_IMPORTANCE,
@@ -17,8 +17,8 @@ from volumes.inference.report import (  # noqa: E402
     case_figure,
     display_window,
     label_colour,
-    write_report,
 )
+from volumes.inference.report import write_report  # noqa: E402
 
 # Synthetic CT in RAS+ order: air, a body box of water, and one organ that lies only on the
 # patient's right (large x), anterior (large y) and superior (large z).

@@ -4,7 +4,7 @@
 flagged for review (worst first), the failures, and one section per case with the
 predictions of every bundle (classes as percent, organ volumes in mL with their QC flags,
 links to the mask files, timings per stage) and the case's figure
-(:mod:`volumes.inference.figures`, whose names this module also exports). The page is
+(:mod:`volumes.inference.figures`). The page is
 self-contained (inline CSS, no script, no external resource); images and masks are linked
 by their path relative to the report, and every piece of text that comes from a case (ids,
 file names, error messages) is HTML-escaped.
@@ -21,29 +21,8 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import quote
 
 from volumes.atomic import atomic_write_bytes
-from volumes.inference.figures import (  # noqa: F401  (exported here too: the report's figures)
-    FIGURE_DPI,
-    FIGURE_SIZE,
-    FIGURE_SIZE_WITH_IMPORTANCE,
-    OVERLAY_ALPHA,
-    QC_COLOURS,
-    SOFT_TISSUE_WINDOW,
-    case_figure,
-    display_window,
-    label_colour,
-    quality_badge,
-)
 
-__all__ = [
-    "OVERLAY_ALPHA",
-    "QC_COLOURS",
-    "SOFT_TISSUE_WINDOW",
-    "case_figure",
-    "display_window",
-    "label_colour",
-    "quality_badge",
-    "write_report",
-]
+__all__ = ["write_report"]
 
 
 # --------------------------------------------------------------------------- HTML report

@@ -119,7 +119,7 @@ def _quality_items(hd: Any, quality: Mapping[str, Any] | None, algorithm: Any) -
 
 def build_sr(
     sources: Sequence[Any],
-    segs: Sequence[tuple[Any, Mapping[str, str], Mapping[str, float], Sequence[str]]],
+    segs: Sequence[tuple[Any, Mapping[str, str], Mapping[str, float], Sequence[str], Mapping[str, Any] | None]],
     classifications: Sequence[tuple[Mapping[str, str], str, float]],
     out_path: str | Path,
     key: str,
@@ -130,11 +130,11 @@ def build_sr(
 
     Args:
         sources: the source images' headers (pydicom data sets, slice order).
-        segs: per segmentation bundle ``(seg_dataset, model, organ_volumes_ml, labels)`` or
-            ``(..., labels, quality)``; ``labels[k]`` is segment number ``k`` of the SEG
-            (``labels[0]`` background); ``quality`` is the row's quality-control result
-            (:mod:`volumes.quality`), written as qualitative evaluations: the flag and score
-            of each organ in its group, and the case's in a group of its own.
+        segs: per segmentation bundle ``(seg_dataset, model, organ_volumes_ml, labels, quality)``;
+            ``labels[k]`` is segment number ``k`` of the SEG (``labels[0]`` background);
+            ``quality`` is the row's quality-control result (:mod:`volumes.quality`; None
+            without QC), written as qualitative evaluations: the flag and score of each organ
+            in its group, and the case's in a group of its own.
         classifications: per classifier ``(model, predicted_label, probability)``.
         out_path: the SR file (written atomically).
         key: the job key, from which the SR's UIDs derive.
@@ -144,7 +144,6 @@ def build_sr(
 
     from volumes.inference.dicom_seg import _segment_codes
 
-    segs = [(*seg, None) if len(seg) == 4 else tuple(seg) for seg in segs]
     models = [seg[1] for seg in segs] + [m for m, _, _ in classifications]
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derived_uid(key, "device"), name=", ".join(m["bundle"] for m in models)[:64],
