@@ -24,34 +24,21 @@ CLS = ROOT / "bundles" / "dinov2_slice_classification"
 SMALL = {"encoder_model_kwargs": {"depth": 2}, "preprocessing_config#size": 56}
 
 
-def test_a_missing_runtime_names_the_extra(monkeypatch):
-    from volumes.inference.onnx_backend import require_onnxruntime
+@pytest.mark.parametrize("runtime, extra", [("onnxruntime", "onnx"), ("openvino", "openvino")])
+def test_a_missing_runtime_names_the_extra(monkeypatch, runtime, extra):
+    from volumes.inference import onnx_backend
 
+    require = getattr(onnx_backend, f"require_{runtime}")
     real_import = builtins.__import__
 
-    def no_onnxruntime(name, *args, **kwargs):
-        if name == "onnxruntime":
-            raise ImportError("No module named 'onnxruntime'", name="onnxruntime")
+    def without_runtime(name, *args, **kwargs):
+        if name == runtime:
+            raise ImportError(f"No module named '{runtime}'", name=runtime)
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
-    with pytest.raises(VolumesError, match=r"onnxruntime is not installed.*pip install 'volumes\[onnx\]'"):
-        require_onnxruntime()
-
-
-def test_a_missing_openvino_names_its_extra(monkeypatch):
-    from volumes.inference.onnx_backend import require_openvino
-
-    real_import = builtins.__import__
-
-    def no_openvino(name, *args, **kwargs):
-        if name == "openvino":
-            raise ImportError("No module named 'openvino'", name="openvino")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_openvino)
-    with pytest.raises(VolumesError, match=r"openvino is not installed.*pip install 'volumes\[openvino\]'"):
-        require_openvino()
+    monkeypatch.setattr(builtins, "__import__", without_runtime)
+    with pytest.raises(VolumesError, match=rf"{runtime} is not installed.*pip install 'volumes\[{extra}\]'"):
+        require()
 
 
 def test_unknown_backends_say_so():
