@@ -221,6 +221,34 @@ def _good_phantoms(run, folder: Path) -> Path:
     return folder
 
 
+def test_a_kill_mid_write_leaves_no_temporary_file_after_the_next_run(run, tmp_path):
+    """SIGKILL while p0's overview.png is written (temporary file complete, not renamed): the
+    orphan is there after the kill and gone after ``--resume``, whose outputs are complete."""
+    from volumes.atomic import is_temporary
+
+    inputs = _good_phantoms(run, tmp_path / "input")
+    output, marker = tmp_path / "out", tmp_path / "stopped"
+    args = _infer_args(inputs, output, run["weights"], "--workers", "0")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "tests"), ENV.get("PYTHONPATH")) if p)}
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "kill_points.py"), str(marker),
+                                "p0/overview.png", "--", *args], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the run never reached the overview.png of p0"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    [orphan] = _temporaries(output)
+    assert orphan.parent.name == "p0" and is_temporary(orphan.name) and f"~{process.pid}@" in orphan.name
+    assert not (output / "p0" / "overview.png").exists() and not (output / "p0" / "record.json").exists()
+    assert main([*args, "--resume"]) == 0
+    assert not _temporaries(output)
+    record = json.loads((output / "p0" / "record.json").read_text())
+    assert "p0/overview.png" in record["files"] and all((output / f).is_file() for f in record["files"])
+    assert len(_rows(output)) == 4
+
+
 def test_resume_redoes_a_case_whose_input_changed(run, tmp_path):
     from volumes.data.phantoms import PhantomConfig, generate_phantom, write_case
 

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from test_infer import BUNDLES, ENV, SMALL, _checkpoints, _infer_args, _rows
+from volumes.atomic import is_temporary
 from volumes.cli import main
 
 TESTS = Path(__file__).resolve().parent
@@ -150,6 +151,24 @@ def test_a_dead_worker_costs_no_case_and_duplicates_none(runs):
         record = json.loads((runs["ray"] / case / "record.json").read_text())
         assert all((runs["ray"] / rel).is_file() for rel in record["files"])
     assert not list(runs["ray"].rglob(".*"))  # no temporary file and no ledger left behind
+    orphan = Path((runs["faults"] / "orphan").read_text())  # what the SIGKILLed worker was writing
+    assert orphan.parent == runs["ray"] / "crash_mid" and is_temporary(orphan.name) and not orphan.exists()
+
+
+def test_a_killed_drivers_ledger_is_removed_by_the_next_run(tmp_path):
+    from volumes.atomic import HOST
+    from volumes.inference.ray_engine import sweep_ledgers
+
+    driver = subprocess.Popen([sys.executable, "-c", "pass"])
+    driver.wait()  # a process that is gone
+    dead = tmp_path / f".ray-run-~{driver.pid}@{HOST}.0123456789ab"
+    live = tmp_path / f".ray-run-~{os.getpid()}@{HOST}.0123456789ab"
+    elsewhere = tmp_path / ".ray-run-~1@ffffffff.0123456789ab" if HOST != "ffffffff" else tmp_path / "x"
+    for folder in (dead, live, elsewhere):
+        (folder / "p0.json").parent.mkdir()
+        (folder / "p0.json").write_text("{}")
+    assert sweep_ledgers(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, elsewhere.name])
 
 
 def test_a_bad_case_lands_in_failures_csv(runs):
@@ -188,18 +207,17 @@ def test_engine_ray_without_ray_names_the_extra(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def _worker(material, output: Path, ledger: Path, max_attempts: int = 3):
-    """A :class:`CaseWorker` in this process, as a restarted actor would build it."""
+def _worker(material, output: Path, ledger: Path, max_attempts: int = 3, **kwargs):
+    """A :class:`CaseWorker` in this process, as a restarted actor would build it (``kwargs``: RayInference's)."""
     import torch
 
-    from volumes.inference import BatchInference
-    from volumes.inference.ray_engine import CaseWorker
+    from volumes.inference.ray_engine import CaseWorker, RayConfig, RayInference
 
-    keys = BatchInference([b.load("cpu") for b in material["bundles"]], output).model_keys()
+    engine = RayInference(material["bundles"], output, figures=False, config=RayConfig(max_attempts=max_attempts),
+                          **kwargs)
     threads = torch.get_num_threads()
     try:
-        return CaseWorker(material["bundles"], str(output), keys, str(ledger), max_attempts=max_attempts,
-                          resume=False, figures=False, gpus=0, cpus=1)
+        return CaseWorker(**engine.worker_args(ledger, gpus=0))
     finally:
         torch.set_num_threads(threads)  # the worker takes one thread; the rest of the suite wants all
 
@@ -216,6 +234,27 @@ def test_a_case_finished_before_its_worker_died_is_not_run_again(material, tmp_p
     assert second._run(second.runner.case_loader().load(dict(item))) == ("done", 1)
     assert record.stat().st_mtime_ns == stamp
     assert json.loads(record.read_text())["rows"][0]["case_id"] == "p0"
+
+
+def test_no_share_encoder_reaches_the_ray_workers(material, tmp_path, monkeypatch):
+    from volumes.inference import ray_engine
+
+    assert _worker(material, tmp_path / "out", tmp_path / "ledger").runner.sharing.enabled
+    assert not _worker(material, tmp_path / "out", tmp_path / "ledger", share_encoder=False).runner.sharing.enabled
+    seen = {}
+
+    class Engine:  # what the CLI builds, stopped before it runs
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            raise SystemExit(0)
+
+    monkeypatch.setattr(ray_engine, "require_ray", lambda: None)
+    monkeypatch.setattr(ray_engine, "RayInference", Engine)
+    args = _infer_args(material["inputs"], tmp_path / "cli", material["weights"], "--engine", "ray")
+    for flags, shared in (([], True), (["--no-share-encoder"], False)):
+        with pytest.raises(SystemExit):
+            main([*args, *flags])
+        assert seen.pop("share_encoder") is shared
 
 
 def test_a_case_that_keeps_killing_its_worker_becomes_a_failure(material, tmp_path):

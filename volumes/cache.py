@@ -60,7 +60,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from volumes.arrays import as_numpy
-from volumes.atomic import atomic_write_bytes
+from volumes.atomic import atomic_write_bytes, sweep_temporaries
 
 __all__ = [
     "CacheWarning",
@@ -288,6 +288,24 @@ class EmbeddingCache:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
         self.stats: dict[str, int] = {"hits": 0, "misses": 0, "corrupt": 0, "writes": 0, "write_errors": 0}
+        self.swept = self.sweep()
+
+    def sweep(self) -> list[Path]:
+        """Remove the temporary files of writers that were killed mid-``put``; returns them.
+
+        Other processes may be writing into the same cache, so a temporary file goes only
+        when its writer is a dead process of this host, or when it is older than an hour
+        and its writer cannot be checked (another host on shared storage). Run when a
+        cache is opened; ``prune`` removes the rest.
+        """
+        removed: list[Path] = []
+        try:
+            shards = [entry.path for entry in os.scandir(self.root) if _SHARD_RE.match(entry.name)]
+        except OSError:
+            return removed  # no cache yet, or unreadable
+        for shard in shards:
+            removed += sweep_temporaries(shard, unknown_after_s=_STALE_TMP_SECONDS)
+        return removed
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({str(self.root)!r})"

@@ -131,7 +131,7 @@ def _run_ray(args: argparse.Namespace, weights: list) -> int:
     config = RayConfig(address=args.ray_address, workers=args.ray_workers, num_gpus=num_gpus,
                        num_cpus=args.ray_cpus_per_worker)
     engine = RayInference(bundles, args.output, resume=args.resume, figures=not args.no_figures,
-                          progress=not args.no_progress, config=config)
+                          progress=not args.no_progress, config=config, share_encoder=not args.no_share_encoder)
     summary = engine.run([case.to_dict() for case in cases])
     print(summary.line())
     if summary.retried:

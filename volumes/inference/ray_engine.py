@@ -15,11 +15,12 @@ the next case (work stealing) and a slow node delays only the case it holds. Ray
 restarts an actor that dies (elsewhere when its node is gone) and runs its case again on
 it; a load task whose worker dies is retried on any worker (Ray Data retries both
 without limit). A per-run ledger on the shared
-output folder (``OUTPUT/.ray-run-<id>/<case-id>.json``) makes the retries exactly-once
+output folder (``OUTPUT/.ray-run-~<pid>@<host>.<id>/<case-id>.json``) makes the retries exactly-once
 and bounded: an attempt that finished before its worker died is not run again, and a
 case that kills its loading or model worker ``max_attempts`` times (out of memory, a
 crash in a native library) is written to ``failure.json`` instead of being retried for
-ever. The ledger is removed at the end.
+ever. The ledger is removed at the end; a ledger whose driver was killed is removed by
+the next run on that folder once its driver's process is gone.
 
 Outputs, ``--resume`` and the per-case fault isolation are those of
 :class:`~volumes.inference.runner.BatchInference`, because this module calls its
@@ -34,6 +35,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from volumes.atomic import atomic_write_bytes
+from volumes.atomic import HOST, atomic_write_bytes, writer_alive
 from volumes.errors import VolumesError
 from volumes.inference.runner import BatchInference, CaseLoader, InferenceSummary, PreparedCase, normalize_items
 
@@ -51,6 +53,18 @@ __all__ = ["BundleSource", "CaseWorker", "check_private_auth", "RayConfig", "Ray
 logger = logging.getLogger(__name__)
 
 INSTALL = "pip install 'volumes[ray]'"
+_LEDGER = re.compile(r"^\.ray-run-~(?P<pid>[0-9]+)@(?P<host>[0-9a-f]{8})\.[0-9a-f]{12}$")
+
+
+def sweep_ledgers(output_dir: Path) -> list[Path]:
+    """Remove the attempt ledgers of drivers that were killed (a dead process of this host)."""
+    removed = []
+    for entry in (output_dir.iterdir() if output_dir.is_dir() else ()):
+        owner = _LEDGER.match(entry.name)
+        if owner and entry.is_dir() and writer_alive(int(owner["pid"]), owner["host"]) is False:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def require_ray():
@@ -230,19 +244,20 @@ class CaseWorker:
             bundles (another file at the same path on its node) refuses to start.
         ledger: the run's attempt ledger folder.
         max_attempts: see :class:`RayConfig`.
-        resume, figures: as for :class:`BatchInference`.
+        resume, figures, share_encoder: as for :class:`BatchInference`.
         gpus, cpus: this actor's share of the node.
     """
 
     def __init__(self, bundles: Sequence[BundleSource], output_dir: str, model_keys: dict[str, str], ledger: str,
-                 max_attempts: int, resume: bool, figures: bool, gpus: float, cpus: float):
+                 max_attempts: int, resume: bool, figures: bool, gpus: float, cpus: float,
+                 share_encoder: bool = True):
         import torch
 
         # torch would start one thread per core of the node; the actor owns only its share
         torch.set_num_threads(max(1, int(cpus)))
         device = torch.device("cuda", 0) if gpus > 0 else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
         self.runner = BatchInference([b.load(device) for b in bundles], output_dir, resume=resume, workers=0,
-                                     figures=figures, progress=False)
+                                     figures=figures, progress=False, share_encoder=share_encoder)
         if self.runner.model_keys() != model_keys:
             raise VolumesError(f"worker {_where()}: the bundles at {[b.root for b in bundles]} differ from the "
                                f"driver's (version, weights or settings); every node must see the same files")
@@ -286,6 +301,8 @@ class RayInference:
         output_dir: the output folder; on shared storage that every node mounts at this path.
         resume: skip cases whose outputs are complete for the same input hash and models.
         figures: draw ``overview.png`` per case.
+        share_encoder: bundles with the same encoder run it once per case (as for
+            :class:`BatchInference`; ``volumes infer --no-share-encoder`` sets False).
         progress: Ray Data's progress bars.
         config: cluster address and worker resources (:class:`RayConfig`).
         worker: the actor class, :class:`CaseWorker` or a subclass (the tests inject faults with one).
@@ -293,11 +310,12 @@ class RayInference:
 
     def __init__(self, bundles: Sequence[BundleSource], output_dir: str | Path, *, resume: bool = False,
                  figures: bool = True, progress: bool = True, config: RayConfig | None = None,
-                 worker: type[CaseWorker] = CaseWorker):
+                 worker: type[CaseWorker] = CaseWorker, share_encoder: bool = True):
         self.bundles = [b if isinstance(b, BundleSource) else BundleSource(**b) for b in bundles]
         self.output_dir = Path(os.path.abspath(output_dir))
         self.resume = resume
         self.figures = figures
+        self.share_encoder = share_encoder
         self.progress = progress
         self.config = config or RayConfig()
         self.worker = worker
@@ -357,7 +375,8 @@ class RayInference:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         started = self._connect(ray)
         connected = time.perf_counter()
-        ledger = self.output_dir / f".ray-run-{uuid.uuid4().hex[:12]}"
+        sweep_ledgers(self.output_dir)
+        ledger = self.output_dir / f".ray-run-~{os.getpid()}@{HOST}.{uuid.uuid4().hex[:12]}"
         try:
             ledger.mkdir()
             results = self._stream(ray, items, ledger) if items else []
@@ -386,6 +405,15 @@ class RayInference:
                           loaded_by={c: r["loaded_by"] for c, r in by_case.items()},
                           connect_s=connected - start, stream_s=streamed - connected, merge_s=end - merging)
 
+    def worker_args(self, ledger: Path, gpus: float) -> dict[str, Any]:
+        """What every :class:`CaseWorker` actor is constructed with."""
+        return {
+            "bundles": self.bundles, "output_dir": str(self.output_dir), "model_keys": self.runner.model_keys(),
+            "ledger": str(ledger), "max_attempts": self.config.max_attempts, "resume": self.resume,
+            "figures": self.figures, "gpus": gpus, "cpus": self.config.num_cpus,
+            "share_encoder": self.share_encoder,
+        }
+
     def _stream(self, ray, items: list[dict], ledger: Path) -> list[dict]:
         import ray.data
 
@@ -402,13 +430,8 @@ class RayInference:
                                  max_attempts=self.config.max_attempts)
         dataset = dataset.map(load, num_cpus=self.config.load_cpus, memory=self.config.load_memory,
                               compute=ray.data.TaskPoolStrategy(size=self.config.load_tasks))
-        worker_args = {
-            "bundles": self.bundles, "output_dir": str(self.output_dir), "model_keys": self.runner.model_keys(),
-            "ledger": str(ledger), "max_attempts": self.config.max_attempts, "resume": self.resume,
-            "figures": self.figures, "gpus": gpus, "cpus": self.config.num_cpus,
-        }
         dataset = dataset.map_batches(
-            self.worker, fn_constructor_kwargs=worker_args, batch_size=1, batch_format="numpy",
+            self.worker, fn_constructor_kwargs=self.worker_args(ledger, gpus), batch_size=1, batch_format="numpy",
             # one case in flight per actor: a free actor takes the next case, none queues behind a slow one
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             num_cpus=self.config.num_cpus, num_gpus=gpus,

@@ -16,7 +16,12 @@ A case that fails at any stage gets ``OUTPUT/<case-id>/failure.json`` with a rea
 reason and the batch goes on. At the end the per-case records are merged into
 ``predictions.csv``, ``predictions.jsonl``, ``failures.csv`` and ``report.html``. Every
 file is written under a temporary name and renamed, so an interrupted run leaves no
-partial file. Under ``torchrun`` each process takes every N-th case; rank 0 merges.
+partial file; what a killed writer leaves (a temporary file SIGKILL kept from being
+removed) is swept when the case is visited again, as a new attempt or by ``--resume``, and
+the merged outputs' when they are merged (:func:`volumes.atomic.sweep_temporaries`). That
+is safe because one case is written by one process at a time: under ``torchrun`` each
+process takes every N-th case and only rank 0 merges, after a barrier; the Ray engine
+gives a case to one actor at a time and retries it only after that actor died.
 
 The stages are public so that other engines run exactly this code:
 :meth:`BatchInference.prepare_case` (steps 1-2; its model-free part is
@@ -45,7 +50,7 @@ import numpy as np
 import torch
 
 from volumes.arrays import spacing_mm
-from volumes.atomic import atomic_write_bytes
+from volumes.atomic import atomic_write_bytes, sweep_temporaries
 from volumes.errors import VolumesError
 from volumes.inference.bundles import BundleModel
 
@@ -420,6 +425,8 @@ class BatchInference:
         """
         item = prepared.item
         case_dir = self._case_dir(item)
+        # a killed earlier attempt's temporary files: nobody else writes this case now
+        sweep_temporaries(case_dir, unknown_after_s=0)
         if prepared.skip:
             return "skipped"
         failure = prepared.failure
@@ -486,6 +493,7 @@ class BatchInference:
     # ------------------------------------------------------------------ merged outputs
     def merge(self, items: Sequence[Mapping[str, Any]]) -> tuple[list[dict], list[dict]]:
         """Collect every case's record or failure into the tables and the report."""
+        sweep_temporaries(self.output_dir, unknown_after_s=0)  # a killed merge's; only one process merges
         rows, failures = [], []
         for item in items:
             case_dir = self._case_dir(item)

@@ -177,6 +177,7 @@ class EncoderSharing:
     """
 
     def __init__(self, models: Sequence[Any], *, enabled: bool = True):
+        self.enabled = enabled
         by_identity: dict[str, list[Any]] = {}
         if enabled:
             for model in models:

@@ -24,6 +24,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from volumes.atomic import sweep_temporaries
 from volumes.errors import VolumesError
 from volumes.pacs.audit import AuditLog
 from volumes.pacs.config import PacsConfig
@@ -74,6 +75,10 @@ class PacsNode:
         self.ledger = Ledger(self.output / "ledger.sqlite")
         self.audit = AuditLog(self.output / "audit.jsonl", salt=config.patient_salt)
         self._models = list(models) if models is not None else None
+        # what a killed node left mid-write (pulled instances, SEG and SR): a temporary file of a
+        # process still alive (another node on the same folders) is never touched
+        for folder in (Path(config.storage), self.output / "results"):
+            sweep_temporaries(folder, recursive=True)
 
     @property
     def models(self) -> list[Any]:
