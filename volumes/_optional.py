@@ -10,6 +10,7 @@ _EXTRA_FOR = {
     "itk": "core (pip install itk)",
     "torch_geometric": "core (pip install torch_geometric)",
     "peft": "peft",
+    "lightly": "pretrain",
     "highdicom": "dicom",
     "pydicom": "dicom",
     "transformers": "dev",

@@ -30,14 +30,39 @@ from volumes.paths import bundle_dir, shared_data_dir
 
 SHARED = shared_data_dir() / "totalsegmentator_example"
 
-# "Briefly": a 4-block encoder for the segmenter, 32 epochs (the segmentation bundle's
-# test reaches Dice 0.88 with exactly this), fewer epochs for the classifier.
-SEGMENTATION = {"encoder_model_kwargs": {"depth": 4}, "epochs": 32, "validation_interval": 16}
-CLASSIFICATION = {"epochs": 20}
-QUICK_SEGMENTATION = {"encoder_model_kwargs": {"depth": 2}, "epochs": 2, "validation_interval": 2,
-                      "phantom_cases": 8, "preprocessing_config#size": 56}
-QUICK_CLASSIFICATION = {"encoder_model_kwargs": {"depth": 2}, "epochs": 2, "phantom_cases": 12,
-                        "preprocessing_config#size": 56}
+# One encoder for both heads: the same 4-block ViT-S/14 (its weights written once to
+# OUT/encoder/encoder.safetensors, random-initialised) and the same slice preparation, so
+# `volumes infer` runs it once per case for the segmenter and the classifier.
+ENCODER = "vit_small_patch14_dinov2"
+ENCODER_KWARGS = {"depth": 4}
+PREPARATION = {"preset": "ct_three_windows", "axis": "axial", "channel_mode": "windows", "size": 112}
+QUICK_ENCODER_KWARGS = {"depth": 2}
+QUICK_PREPARATION = {**PREPARATION, "size": 56}
+# "Briefly": 32 epochs for the segmenter's decoder, 20 for the classifier's aggregator.
+SEGMENTATION = {"encoder_model_kwargs": ENCODER_KWARGS, "preprocessing_config": PREPARATION, "epochs": 32,
+                "validation_interval": 16}
+CLASSIFICATION = {"encoder_model_kwargs": ENCODER_KWARGS, "preprocessing_config": PREPARATION, "epochs": 20}
+QUICK_SEGMENTATION = {"encoder_model_kwargs": QUICK_ENCODER_KWARGS, "preprocessing_config": QUICK_PREPARATION,
+                      "epochs": 2, "validation_interval": 2, "phantom_cases": 8}
+QUICK_CLASSIFICATION = {"encoder_model_kwargs": QUICK_ENCODER_KWARGS, "preprocessing_config": QUICK_PREPARATION,
+                        "epochs": 2, "phantom_cases": 12}
+DICE_BAR = 0.8  # an organ below it is one quality control should send for review (docs/QC.md)
+
+
+def write_encoder(path: Path, model_kwargs: dict[str, Any], seed: int = 0) -> Path:
+    """The demo's one encoder: a random-initialised ``ENCODER`` saved as a timm state dict (safetensors)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from volumes.atomic import atomic_path
+    from volumes.encoders import SliceEncoder
+
+    torch.manual_seed(seed)
+    encoder = SliceEncoder(ENCODER, model_kwargs=model_kwargs)
+    state = {k: v.detach().contiguous() for k, v in encoder.backbone.state_dict().items()}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(state, str(tmp))
+    return path
 
 
 def _set(config: dict, key: str, value: Any) -> None:
@@ -92,12 +117,13 @@ def gather_inputs(folder: Path, segmentation: Path, classification: Path) -> dic
         for item in _test_items(bundle):
             case_id = f"{prefix}_{item['case_id']}"
             shutil.copy(item["image"], folder / f"{case_id}.nii.gz")
-            known[case_id] = {"label": item["label"], "class_label": item.get("class_label")}
+            known[case_id] = {"label": item["label"], "class_label": item.get("class_label"), "cohort": prefix}
     first = _test_items(segmentation)[0]
     image = nib.load(first["image"])
     case_id = f"seg_{first['case_id']}_dicom"
     write_dicom_series(np.asanyarray(image.dataobj), image.affine, folder / case_id, patient_id=case_id)
-    known[case_id] = {"label": first["label"], "class_label": first.get("class_label")}
+    known[case_id] = {"label": first["label"], "class_label": first.get("class_label"), "cohort": "dicom",
+                      "copy_of": f"seg_{first['case_id']}"}
     if SHARED.is_dir():
         shutil.copy(SHARED / "example_ct.nii.gz", folder / "real_example_ct.nii.gz")
         shutil.copytree(SHARED / "example_ct_dicom", folder / "real_example_ct_dicom")
@@ -105,15 +131,27 @@ def gather_inputs(folder: Path, segmentation: Path, classification: Path) -> dic
     return known
 
 
+COHORTS = {"seg": "the segmenter's own held-out phantoms", "cls": "the classification cohort's held-out phantoms",
+           "dicom": "a held-out phantom written as a DICOM series"}
+
+
 def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, Any]:
-    """Dice of phantom masks against their ground truth; accuracy and AUC of the classifier."""
+    """Score the run against what is known about its phantoms.
+
+    Segmentation: Dice per organ and case, averaged per cohort (``dice``: the segmenter's own
+    test split, the classification cohort it never trained on, the DICOM copy); quality
+    control against that answer (``qc``: an organ below :data:`DICE_BAR` is what it should
+    flag). Classification: accuracy, AUC and calibration on its own held-out phantoms. Encoder
+    sharing: the cases on which every head read the one encoder pass (``encoder``).
+    """
     import nibabel as nib
 
     from volumes.data.io import load_label, load_volume
     from volumes.segmentation import per_case_metrics
 
     rows = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
-    dice, truths, probabilities, raw = [], [], [], []
+    truths, probabilities, raw = [], [], []
+    cases: dict[str, dict[str, Any]] = {}
     for row in rows:
         info = known.get(row["case_id"], {})
         if row["task"] == "segmentation" and info.get("label"):
@@ -122,17 +160,27 @@ def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, 
             source = load_volume(row["source"], orientation=None)
             reference = np.asarray(load_label(info["label"], like=source, orientation=None)[0])
             metrics = per_case_metrics(mask, reference, [1.0, 1.0, 1.0], labels)
-            dice.append(np.nanmean([v for k, v in metrics.items() if k.startswith("dice_")]))
+            organs = {k[len("dice_"):]: round(v, 4) for k, v in metrics.items()
+                      if k.startswith("dice_") and np.isfinite(v)}
+            cases[row["case_id"]] = {"cohort": info["cohort"], "dice": organs,
+                                     "mean_dice": float(np.mean(list(organs.values()))),
+                                     "qc": (row.get("quality") or {}).get("flag")}
         if row["task"] == "classification" and row["case_id"].startswith("cls_") and info.get("class_label") is not None:
             truths.append(int(info["class_label"]))
             probabilities.append(list(row["probabilities"].values()))
             raw.append(list(row.get("probabilities_uncalibrated", row["probabilities"]).values()))
-    result: dict[str, Any] = {"phantom_cases_scored": len(dice), "mean_dice": float(np.mean(dice)) if dice else None}
+    result: dict[str, Any] = {"cases": cases, "dice": {}}
+    for cohort in COHORTS:
+        values = [c["mean_dice"] for c in cases.values() if c["cohort"] == cohort]
+        if values:
+            result["dice"][cohort] = {"cases": len(values), "mean": float(np.mean(values))}
     flags = {row["case_id"]: row["quality"]["flag"] for row in rows
              if row["task"] == "segmentation" and row.get("quality")}
     if flags:  # segmentation quality control (docs/QC.md): the cases it sends to a person
         result["qc_review"] = sorted(case for case, flag in flags.items() if flag == "review")
         result["qc_checked"] = len(flags)
+        result["qc"] = qc_against_truth(cases)
+    result["encoder"] = encoder_sharing(rows)
     if truths:
         # the last class's score; accuracy at the 0.5 threshold before and after calibration
         # (Platt's intercept moves it)
@@ -152,6 +200,38 @@ def score(output: Path, known: dict[str, dict], labels: list[str]) -> dict[str, 
             result[f"ece_{name}"] = expected_calibration_error(np.array(values), np.array(truths))
             result[f"brier_{name}"] = brier_score(np.array(values), np.array(truths))
     return result
+
+
+def qc_against_truth(cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Quality control's flags against the known answer, per cohort and over all scored cases.
+
+    A case needs review when one of its organs has Dice below :data:`DICE_BAR`. ``flagged``
+    / ``flagged_right``: cases flagged, and how many of them need review; ``passed`` /
+    ``passed_right``: cases passed, and how many of them do not.
+    """
+    table: dict[str, Any] = {}
+    for cohort in (*COHORTS, "all"):
+        part = [c for c in cases.values() if c["qc"] and cohort in (c["cohort"], "all")]
+        if not part:
+            continue
+        bad = [min(c["dice"].values(), default=1.0) < DICE_BAR for c in part]
+        flagged = [c["qc"] == "review" for c in part]
+        table[cohort] = {"cases": len(part), "below_bar": int(sum(bad)),
+                         "flagged": int(sum(flagged)), "flagged_right": int(sum(f and b for f, b in zip(flagged, bad))),
+                         "passed": int(len(part) - sum(flagged)),
+                         "passed_right": int(sum(not f and not b for f, b in zip(flagged, bad)))}
+    return table
+
+
+def encoder_sharing(rows: list[dict]) -> dict[str, Any]:
+    """How often the encoder ran once for every head of a case (``encoder_sharing`` in the rows)."""
+    by_case: dict[str, list[dict]] = {}
+    for row in rows:
+        by_case.setdefault(row["case_id"], []).append(row)
+    once = [case for case, case_rows in by_case.items()
+            if len(case_rows) > 1 and all(r.get("encoder_sharing") for r in case_rows)]
+    encoded_again = sum(r["encoder_sharing"]["encoded_again"] for case in once for r in by_case[case])
+    return {"cases": len(by_case), "encoded_once": len(once), "slices_encoded_again": int(encoded_again)}
 
 
 def fitted_calibration(bundle: Path) -> dict[str, Any] | None:
@@ -193,18 +273,56 @@ def run_inference(bundles: list[Path], inputs: Path, output: Path, *, workers: i
     return 0 if summary.ok else 1
 
 
+def _dice_said(result: dict[str, Any]) -> str:
+    """The segmentation line: Dice per cohort, the DICOM copy beside its NIfTI."""
+    dice = result["dice"]
+    if not dice:
+        return "segmentation: no phantom case scored"
+    parts = []
+    for cohort in ("seg", "cls"):
+        if cohort in dice:
+            parts.append(f"{dice[cohort]['mean']:.3f} on {COHORTS[cohort]} ({dice[cohort]['cases']})")
+    copies = [(case, c) for case, c in result["cases"].items() if c["cohort"] == "dicom"]
+    for case, c in copies:
+        original = result["cases"].get(case[: -len("_dicom")])
+        beside = f" (its NIfTI: {original['mean_dice']:.3f})" if original else ""
+        parts.append(f"{c['mean_dice']:.3f} on {case}, {COHORTS['dicom']}{beside}")
+    return "segmentation: mean Dice " + "; ".join(parts)
+
+
+def _qc_said(result: dict[str, Any]) -> str:
+    """Quality control's flags against the known answer (an organ below DICE_BAR needs review)."""
+    review = result["qc_review"]
+    lines = [f"quality control flagged {len(review)} of {result['qc_checked']} segmentations for review; against the "
+             f"known answer (a case with an organ below Dice {DICE_BAR} needs review):"]
+    for cohort, t in result.get("qc", {}).items():
+        if cohort != "all":
+            lines.append(f"  {COHORTS[cohort]}: {t['below_bar']} of {t['cases']} need review; flagged {t['flagged']} "
+                         f"({t['flagged_right']} rightly), passed {t['passed']} ({t['passed_right']} rightly)")
+    unscored = sorted(set(review) - set(result["cases"]))
+    if unscored:
+        lines.append(f"  flagged without a known answer: {', '.join(unscored)}")
+    return "\n".join(lines)
+
+
 def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None) -> int:
     """The whole main job; returns 0 when every case was done, 1 when some failed (as ``volumes infer``)."""
     out = Path(out)
     start = time.perf_counter()
-    seg_settings = QUICK_SEGMENTATION if quick else SEGMENTATION
-    cls_settings = QUICK_CLASSIFICATION if quick else CLASSIFICATION
+    encoder = write_encoder(out / "encoder" / "encoder.safetensors", QUICK_ENCODER_KWARGS if quick else ENCODER_KWARGS)
+    one_encoder = {"encoder": ENCODER, "encoder_weights": str(encoder.resolve())}
+    seg_settings = {**(QUICK_SEGMENTATION if quick else SEGMENTATION), **one_encoder}
+    cls_settings = {**(QUICK_CLASSIFICATION if quick else CLASSIFICATION), **one_encoder}
     segmentation = copy_bundle("dinov2_unet_segmentation", out / "bundles" / "dinov2_unet_segmentation", seg_settings)
     classification = copy_bundle("dinov2_slice_classification", out / "bundles" / "dinov2_slice_classification",
                                  cls_settings)
-    print(f"[1/4] training the segmentation bundle briefly ({seg_settings}) in {segmentation}", flush=True)
+    print(f"[0/4] one encoder for both heads: {ENCODER} {seg_settings['encoder_model_kwargs']}, random-initialised "
+          f"(no model hub here), in {encoder}; slices prepared as {seg_settings['preprocessing_config']}", flush=True)
+    print(f"[1/4] training the segmentation bundle briefly ({_settings_said(seg_settings)}) in {segmentation}",
+          flush=True)
     train_bundle(segmentation)
-    print(f"[2/4] training the classification bundle briefly ({cls_settings}) in {classification}", flush=True)
+    print(f"[2/4] training the classification bundle briefly ({_settings_said(cls_settings)}) in {classification}",
+          flush=True)
     train_bundle(classification)
     inputs = out / "input"
     known = gather_inputs(inputs, segmentation, classification)
@@ -216,21 +334,26 @@ def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None
     print("[4/4] scoring the phantom cases against their ground truth", flush=True)
     labels = json.loads((segmentation / "configs" / "inference.json").read_text())["labels"]
     result = score(output, known, labels)
-    summary = (f"segmentation: mean Dice {result['mean_dice']:.3f} over {result['phantom_cases_scored']} phantom cases"
-               if result["mean_dice"] is not None else "segmentation: no phantom case scored")
+    lines = [_dice_said(result)]
     if "accuracy" in result:
         result["calibration"] = fitted_calibration(classification)
         auc = f", AUC {result['auc']:.3f}" if "auc" in result else ""
-        summary += (f"; classification: accuracy {result['accuracy_uncalibrated']:.3f} -> {result['accuracy']:.3f}"
-                    f"{auc} over "
-                    f"{result['classified_cases']} held-out phantoms, ECE {result['ece_uncalibrated']:.3f} -> "
-                    f"{result['ece_calibrated']:.3f} and Brier {result['brier_uncalibrated']:.3f} -> "
-                    f"{result['brier_calibrated']:.3f} with {_calibration_said(result['calibration'])}")
+        lines.append(f"classification: accuracy {result['accuracy_uncalibrated']:.3f} -> {result['accuracy']:.3f}"
+                     f"{auc} over {result['classified_cases']} held-out phantoms, ECE {result['ece_uncalibrated']:.3f}"
+                     f" -> {result['ece_calibrated']:.3f} and Brier {result['brier_uncalibrated']:.3f} -> "
+                     f"{result['brier_calibrated']:.3f} with {_calibration_said(result['calibration'])}")
     if "qc_checked" in result:
-        review = result["qc_review"]
-        summary += (f"; quality control flagged {len(review)} of {result['qc_checked']} segmentations for review"
-                    + (f" ({', '.join(review[:6])}{', ...' if len(review) > 6 else ''})" if review else ""))
+        lines.append(_qc_said(result))
+    shared = result["encoder"]
+    lines.append(f"encoder: ran once for both heads on {shared['encoded_once']} of {shared['cases']} cases "
+                 f"({shared['slices_encoded_again']} slices encoded a second time)")
     (out / "demo_scores.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(summary)
+    print("\n".join(lines))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; open {output / 'report.html'}")
     return code
+
+
+def _settings_said(settings: dict[str, Any]) -> str:
+    """The training settings worth printing (the encoder's are printed once, above)."""
+    return ", ".join(f"{k}={v}" for k, v in settings.items()
+                     if k not in ("encoder", "encoder_weights", "encoder_model_kwargs", "preprocessing_config"))

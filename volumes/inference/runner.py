@@ -344,6 +344,7 @@ class BatchInference:
                        "preprocess": prepared.timings.get(f"preprocess:{bid}", 0.0)}
             try:
                 start = time.perf_counter()
+                self.sharing.last_report.pop(bid, None)
                 result = self.sharing.predict(model, prepared.data.pop(bid))
                 timings["infer"] = time.perf_counter() - start
             except Exception as exc:
@@ -353,6 +354,8 @@ class BatchInference:
                 "bundle": bid, "bundle_version": model.version, "task": model.task,
                 "weights_sha256": model.weights_sha256, "outputs": {},
             }
+            if bid in self.sharing.last_report:  # the encoder ran once for the group's heads
+                row["encoder_sharing"] = self.sharing.last_report[bid]
             try:
                 start = time.perf_counter()
                 if model.task == "segmentation":

@@ -187,6 +187,7 @@ class EncoderSharing:
         self._groups = [_Group(members) for members in by_identity.values() if len(members) > 1]
         self._group_of = {m.bundle_id: g for g in self._groups for m in g.members}
         self.last_memo: dict[str, FeatureMemo] = {}  # per bundle id, for tests and benchmarks
+        self.last_report: dict[str, dict[str, Any]] = {}  # per bundle id: see predict
 
     @property
     def groups(self) -> list[list[str]]:
@@ -206,6 +207,10 @@ class EncoderSharing:
     def predict(self, model: Any, data: Mapping[str, Any]) -> dict[str, Any]:
         """``model.predictor.predict(data)``, from the shared features when ``model`` is in a group.
 
+        For a member of a group, ``last_report[bundle_id]`` then says what its prediction
+        read: the group, the slices the shared pass encoded (the first member's report),
+        the slices answered from it (``reused``) and those encoded again (``encoded_again``).
+
         The group's first member encodes the case (its prepared ``image [3, H, W, D]``);
         the store is emptied after the last member, so features never outlive the case.
         """
@@ -220,6 +225,9 @@ class EncoderSharing:
             with self._installed(model, group) as memo:
                 result = model.predictor.predict(data)
             self.last_memo[model.bundle_id] = memo
+            self.last_report[model.bundle_id] = {
+                "group": [m.bundle_id for m in group.members], "encoded_once": group.encoded if first else 0,
+                "reused": memo.hits, "encoded_again": memo.misses}
             return result
         finally:
             if last:

@@ -216,6 +216,14 @@ class PrepareSlicesd(MapTransform, InvertibleTransform):
             d[key] = img
         return d
 
+    def geometry(self, img: Any) -> torch.Tensor:
+        """Steps (1)-(3) alone on an image ``[C, X, Y, Z]``: the slice grid, intensities unchanged.
+
+        For callers that render the slices themselves (:mod:`volumes.pretrain.data` varies the
+        CT windows per view).
+        """
+        return self._geometry(img, False)
+
     def _geometry(self, img: Any, is_label: bool) -> torch.Tensor:
         """Steps (1)-(3) on ``[C, X, Y, Z]``; records one invertible entry."""
         img = convert_to_tensor(img, track_meta=get_track_meta())

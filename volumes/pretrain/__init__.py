@@ -1,0 +1,17 @@
+"""Self-supervised pretraining of slice encoders on unlabelled volumes: the DINOv2 recipe (``volumes pretrain``).
+
+* :mod:`volumes.pretrain.data`: cases -> foreground slices prepared as the bundles prepare
+  them -> multi-crop views, streamed with bounded memory;
+* :mod:`volumes.pretrain.model`: student and EMA teacher (timm ViT through lightly's masked
+  ViT, DINO and iBOT heads);
+* :mod:`volumes.pretrain.trainer`: the step (DINO + iBOT + KoLeo), schedules, checkpoints,
+  resume, metrics, collapse detection, torchrun DDP.
+
+Outputs (``OUT/``): ``encoder.safetensors`` (the teacher's ViT, timm keys: what
+``SliceEncoder(weights=...)`` and the bundles' ``encoder_weights`` read), ``encoder.json``,
+``checkpoint.pt``, ``metrics.jsonl``, ``skipped.csv``. See docs/PRETRAIN.md.
+"""
+
+from volumes.pretrain.trainer import CollapseError, PretrainConfig, PretrainResult, Pretrainer, pretrain
+
+__all__ = ["CollapseError", "PretrainConfig", "PretrainResult", "Pretrainer", "pretrain"]
