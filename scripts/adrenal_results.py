@@ -30,6 +30,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -79,6 +80,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          help="local encoder weights (timm, Meta or Hugging Face format; see volumes.encoders.weights)")
     weights.add_argument("--pretrained", action="store_true", help="timm hub weights (needs network access)")
     parser.add_argument("--encoder-seed", type=int, default=0, help="seed of the random encoder (no weights given)")
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help='timm options as JSON, e.g. \'{"depth": 4}\' (a random or pretrained short encoder)')
     parser.add_argument("--slice-size", type=int, default=None,
                         help="in-plane slice size for the encoder (default: 2x the volume size, on the patch grid)")
     parser.add_argument("--aggregators", nargs="+", default=list(AGGREGATOR_LABELS), choices=list(AGGREGATOR_LABELS))
@@ -466,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # ---- embeddings, once
     torch.manual_seed(args.encoder_seed)
-    encoder = SliceEncoder(args.encoder, weights=args.weights, pretrained=args.pretrained, chunk_size=64)
+    encoder = SliceEncoder(args.encoder, weights=args.weights, pretrained=args.pretrained, chunk_size=64,
+                           model_kwargs=args.model_kwargs or None)
     network = SliceClassifier(num_classes=2, encoder=encoder, aggregator="mean")
     slice_size = args.slice_size or default_slice_size(volume_size, encoder.patch_size)
     preprocessing = {

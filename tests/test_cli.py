@@ -27,10 +27,18 @@ def test_quick_demo_trains_both_bundles_and_runs_batch_inference(tmp_path, capsy
     assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
     printed = capsys.readouterr().out
     assert "mean Dice" in printed and str(tmp_path / "infer" / "report.html") in printed
+    assert "on the segmenter's own held-out phantoms" in printed and "on the classification cohort's" in printed
     for bundle in ("dinov2_unet_segmentation", "dinov2_slice_classification"):
         assert (tmp_path / "bundles" / bundle / "models" / "model.pt").is_file()
     scores = json.loads((tmp_path / "demo_scores.json").read_text())
-    assert scores["phantom_cases_scored"] >= 2 and 0.0 <= scores["mean_dice"] <= 1.0
+    # Dice per cohort: the segmenter's own test split and the classification cohort, apart
+    assert scores["dice"]["seg"]["cases"] >= 1 and scores["dice"]["cls"]["cases"] >= 1
+    for cohort, entry in scores["dice"].items():
+        values = [c["mean_dice"] for c in scores["cases"].values() if c["cohort"] == cohort]
+        assert entry["mean"] == pytest.approx(np.mean(values)) and 0.0 <= entry["mean"] <= 1.0
+    # one encoder file, one preparation: the encoder ran once per case for both heads
+    assert scores["encoder"]["encoded_once"] == scores["encoder"]["cases"] >= 4
+    assert f"encoder: ran once for both heads on {scores['encoder']['cases']} of" in printed
     # the classifier's probabilities come calibrated, with the temperature the training fitted
     fitted = json.loads((tmp_path / "bundles" / "dinov2_slice_classification" / "models" /
                          "model.calibration.json").read_text())
@@ -55,6 +63,33 @@ def test_quick_demo_trains_both_bundles_and_runs_batch_inference(tmp_path, capsy
     assert segmentations and all(row["quality"]["flag"] in ("pass", "review") for row in segmentations)
     assert scores["qc_checked"] == len(segmentations) and "quality control flagged" in printed
     assert scores["qc_review"] == sorted(r["case_id"] for r in segmentations if r["quality"]["flag"] == "review")
+    # quality control against the known answer, per cohort, from the cases' own Dice and flags
+    from volumes.apps.demo import DICE_BAR
+
+    for cohort, table in scores["qc"].items():
+        cases = [c for c in scores["cases"].values() if cohort in ("all", c["cohort"])]
+        bad = [min(c["dice"].values()) < DICE_BAR for c in cases]
+        flagged = [c["qc"] == "review" for c in cases]
+        assert table == {"cases": len(cases), "below_bar": sum(bad), "flagged": sum(flagged),
+                         "flagged_right": sum(f and b for f, b in zip(flagged, bad)),
+                         "passed": len(cases) - sum(flagged),
+                         "passed_right": sum(not f and not b for f, b in zip(flagged, bad))}
+
+
+def test_qc_against_the_known_answer_counts_right_and_wrong_flags():
+    from volumes.apps.demo import qc_against_truth
+
+    cases = {"a": {"cohort": "seg", "dice": {"liver": 0.95, "aorta": 0.70}, "qc": "review"},   # rightly flagged
+             "b": {"cohort": "seg", "dice": {"liver": 0.95, "aorta": 0.90}, "qc": "review"},   # a false alarm
+             "c": {"cohort": "seg", "dice": {"liver": 0.85, "aorta": 0.81}, "qc": "pass"},     # rightly passed
+             "d": {"cohort": "cls", "dice": {"liver": 0.50, "aorta": 0.90}, "qc": "pass"},     # missed
+             "e": {"cohort": "cls", "dice": {"liver": 0.90}, "qc": None}}                      # no QC: not counted
+    table = qc_against_truth(cases)
+    assert table["seg"] == {"cases": 3, "below_bar": 1, "flagged": 2, "flagged_right": 1, "passed": 1,
+                            "passed_right": 1}
+    assert table["cls"] == {"cases": 1, "below_bar": 1, "flagged": 0, "flagged_right": 0, "passed": 1,
+                            "passed_right": 0}
+    assert table["all"]["cases"] == 4 and table["all"]["flagged_right"] == 1 and "dicom" not in table
 
 
 def test_embed_writes_one_embedding_per_slice(cohort, tmp_path, capsys):

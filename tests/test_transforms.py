@@ -439,3 +439,19 @@ def test_prepare_slices_never_writes_into_its_input(preset, mode, as_numpy):
     out = preprocessing(("image",), preset=preset, channel_mode=mode, size=None)({"image": image})["image"]
     assert out.shape == (3, 28, 28, 5)
     torch.testing.assert_close(values, original, rtol=0, atol=0)
+
+
+def test_abdomen_window_set_stacks_liver_soft_tissue_and_bone():
+    from volumes.transforms import WINDOW_SETS, IntensityPresetd, preprocessing
+
+    hu = torch.tensor([-1000.0, -45.0, 30.0, 105.0, 240.0, 1300.0]).reshape(1, 6, 1, 1)
+    out = IntensityPresetd("image", preset="ct_abdomen_windows")({"image": hu})["image"]
+    assert WINDOW_SETS["ct_abdomen_windows"] == ("liver", "soft_tissue", "bone")
+    expected = torch.tensor([
+        [0.0, 0.0, 0.5, 1.0, 1.0, 1.0],                                   # liver: level 30, width 150
+        [0.0, 115 / 400, 190 / 400, 265 / 400, 1.0, 1.0],                 # soft tissue: 40, 400
+        [0.0, 455 / 1800, 530 / 1800, 605 / 1800, 740 / 1800, 1.0],        # bone: 400, 1800
+    ])
+    assert torch.allclose(out[:, :, 0, 0], expected, atol=1e-6)
+    with pytest.raises(ConfigError):
+        preprocessing(("image",), preset="ct_abdomen_windows", channel_mode="repeat")

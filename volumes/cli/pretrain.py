@@ -66,7 +66,9 @@ def config_from_args(args: argparse.Namespace):
     from volumes.pretrain import PretrainConfig
 
     preset = None if args.preset.lower() == "none" else args.preset
-    mode = args.channel_mode or ("windows" if preset == "ct_three_windows" else "repeat")
+    from volumes.transforms import WINDOW_SETS
+
+    mode = args.channel_mode or ("windows" if preset in WINDOW_SETS else "repeat")
     return PretrainConfig(
         data=args.data, out=args.out, encoder=args.encoder, weights=args.weights, pretrained=args.pretrained,
         model_kwargs=args.model_kwargs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

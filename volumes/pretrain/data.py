@@ -40,7 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from volumes.atomic import atomic_write_bytes
 from volumes.errors import ConfigError, VolumesError
-from volumes.transforms.intensity import CT_WINDOWS, THREE_WINDOWS, mr_normalize, window_ct
+from volumes.transforms.intensity import CT_WINDOWS, WINDOW_SETS, mr_normalize, window_ct
 from volumes.transforms.slices import IMAGENET_MEAN, IMAGENET_STD, SLICE_AXES
 
 __all__ = ["MultiCrop", "SliceSpec", "SliceStream", "list_cases", "merge_skipped", "prepare_volume"]
@@ -54,9 +54,9 @@ class SliceSpec:
     """How slices are prepared: the downstream bundles' ``preprocessing_config`` plus sampling.
 
     Attributes:
-        preset: a CT window name, ``ct_three_windows``, ``mr``, or ``None`` for volumes
-            already in ``[0, 1]`` (MedMNIST).
-        channel_mode: ``windows`` (with ``ct_three_windows``) or ``repeat``.
+        preset: a CT window name, a window set (``ct_three_windows``, ``ct_abdomen_windows``),
+            ``mr``, or ``None`` for volumes already in ``[0, 1]`` (MedMNIST).
+        channel_mode: ``windows`` (with a window set) or ``repeat``.
         size: the longer in-plane side of a slice, as the bundles' ``size``.
         planes: slicing planes to sample from (``axial``, ``coronal``, ``sagittal``).
         min_foreground: least fraction of a slice inside the body for it to be used.
@@ -72,10 +72,10 @@ class SliceSpec:
     jitter: float = 0.1
 
     def __post_init__(self) -> None:
-        presets = (*CT_WINDOWS, "ct_three_windows", "mr", None)
+        presets = (*CT_WINDOWS, *WINDOW_SETS, "mr", None)
         if self.preset not in presets:
             raise ConfigError("preset", self.preset, list(presets))
-        fitting = ["windows"] if self.preset == "ct_three_windows" else ["repeat"]
+        fitting = ["windows"] if self.preset in WINDOW_SETS else ["repeat"]
         if self.channel_mode not in fitting:
             raise ConfigError("channel_mode", self.channel_mode, f"{fitting} with preset={self.preset!r}")
         for plane in self.planes:
@@ -137,7 +137,9 @@ def prepare_volume(volume: torch.Tensor, spec: SliceSpec, plane: str, patch_size
         volume = torch.as_tensor(mr_normalize(volume[0]))[None]
     geometry = PrepareSlicesd("image", axis=plane, patch_size=patch_size, size=spec.size)
     with torch.no_grad():
-        return torch.as_tensor(geometry.geometry(volume)).float()
+        stack = geometry.geometry(volume)
+    # a plain tensor: MONAI metadata must not ride along into the model, its losses' buffers or a checkpoint
+    return (stack.as_tensor() if hasattr(stack, "as_tensor") else torch.as_tensor(stack)).float()
 
 
 def foreground(stack: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
@@ -158,7 +160,7 @@ def render(hu: torch.Tensor, spec: SliceSpec, generator: torch.Generator) -> tor
         gamma = math.exp(uniform(-2 * j, 2 * j))
         channels = hu.clamp(0.0, 1.0).pow(gamma).expand(3, -1, -1)
     else:
-        windows = THREE_WINDOWS if spec.preset == "ct_three_windows" else (spec.preset,)
+        windows = WINDOW_SETS.get(spec.preset, (spec.preset,))
         rendered = []
         for name in windows:
             level, width = CT_WINDOWS[name]

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from volumes.atomic import atomic_path, atomic_write_bytes
+from volumes.atomic import atomic_path, atomic_write_bytes, sweep_temporaries
 from volumes.errors import ConfigError, VolumesError
 from volumes.pretrain.recipe import (ADVICE, collapse_metrics, collapse_signs, cosine, cross_entropy, learning_rate,
                                      teacher_temperature)
@@ -239,6 +239,9 @@ class Pretrainer:
         self.cases = list_cases(config.data)
         self.settings["data_fingerprint"] = data_fingerprint(self.cases)
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:  # a killed run's half-written checkpoint or encoder; only rank 0 writes here
+            for folder in (self.out, self.out / "skipped"):
+                sweep_temporaries(folder, unknown_after_s=0)
         checkpoint = self._read_checkpoint() if resume else None
         if checkpoint is None:
             torch.manual_seed(config.seed)
@@ -555,10 +558,13 @@ def run(trainer: Pretrainer) -> PretrainResult:
             trainer.save_encoder()
     finally:
         bar.close()
-    fingerprint = _check_ranks_agree(trainer.model, trainer.world)
     from volumes.pretrain.data import merge_skipped
 
     skipped = merge_skipped(out) if rank == 0 else []
+    if trainer.step_index < total:  # the stream ended: every reader ran out of readable cases
+        raise VolumesError(f"{trainer.config.data}: no readable case (after {trainer.step_index} of {total} steps; "
+                           f"the reasons are in {out / 'skipped.csv'})")
+    fingerprint = _check_ranks_agree(trainer.model, trainer.world)
     if trainer.world > 1:
         import torch.distributed as dist
 
@@ -572,10 +578,4 @@ def run(trainer: Pretrainer) -> PretrainResult:
 
 def pretrain(config: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     """``volumes pretrain``: build (or resume) and run; the encoder lands in ``OUT/encoder.safetensors``."""
-    trainer = Pretrainer(config, resume=resume)
-    if not trainer.cases:
-        raise VolumesError(f"{config.data}: no case to pretrain on")
-    try:
-        return run(trainer)
-    except StopIteration as exc:  # every reader ran out of readable cases
-        raise VolumesError(f"{config.data}: no readable case (the reasons are in {Path(config.out) / 'skipped.csv'})") from exc
+    return run(Pretrainer(config, resume=resume))

@@ -33,6 +33,7 @@ from volumes.transforms.intensity import (
     INTENSITY_PRESETS,
     MR_Z_RANGE,
     THREE_WINDOWS,
+    WINDOW_SETS,
     IntensityPresetd,
     mr_normalize,
     preset_channels,
@@ -54,6 +55,7 @@ from volumes.transforms.slices import (
 __all__ = [
     "CT_WINDOWS",
     "THREE_WINDOWS",
+    "WINDOW_SETS",
     "INTENSITY_PRESETS",
     "SLICE_AXES",
     "CHANNEL_MODES",
@@ -110,7 +112,7 @@ def preprocessing(
     if spacing is not None:
         modes = ("bilinear",) * len(image_keys) + ("nearest",) * len(labels)
         steps.append(Spacingd((*image_keys, *labels), pixdim=spacing, mode=modes))
-    if preset in CT_WINDOWS or preset == "ct_three_windows":
+    if preset in CT_WINDOWS or preset in WINDOW_SETS:
         # CT windows act voxel by voxel: window the resized slices, not the full volume
         steps.append(PrepareSlicesd(image_keys, axis=axis, channel_mode=channel_mode, patch_size=patch_size,
                                     size=size, label_keys=labels, preset=preset))

@@ -51,8 +51,17 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 #: Windows stacked as channels 0, 1, 2 by the "ct_three_windows" preset.
 THREE_WINDOWS: tuple[str, str, str] = ("soft_tissue", "lung", "bone")
 
+#: Presets that stack three CT windows as channels, and their windows in channel order.
+#: "ct_abdomen_windows" swaps the lung window for the narrow liver window, for abdominal
+#: tasks where parenchyma contrast matters (the demo's hepatomegaly classifier and organ
+#: segmenter share it, so one encoder pass serves both).
+WINDOW_SETS: dict[str, tuple[str, str, str]] = {
+    "ct_three_windows": THREE_WINDOWS,
+    "ct_abdomen_windows": ("liver", "soft_tissue", "bone"),
+}
+
 #: Every preset :class:`IntensityPresetd` accepts.
-INTENSITY_PRESETS: tuple[str, ...] = (*CT_WINDOWS, "ct_three_windows", "mr")
+INTENSITY_PRESETS: tuple[str, ...] = (*CT_WINDOWS, *WINDOW_SETS, "mr")
 
 # z-scores in [-MR_Z_RANGE, MR_Z_RANGE] map linearly onto [0, 1]
 MR_Z_RANGE = 3.0
@@ -117,9 +126,9 @@ def mr_normalize(
 
 
 def preset_channels(preset: str) -> int:
-    """Channels per input channel that ``preset`` produces (3 for "ct_three_windows", else 1)."""
+    """Channels per input channel that ``preset`` produces (3 for a window set such as "ct_three_windows", else 1)."""
     _check_choice("preset", preset, INTENSITY_PRESETS)
-    return 3 if preset == "ct_three_windows" else 1
+    return 3 if preset in WINDOW_SETS else 1
 
 
 class IntensityPresetd(MapTransform):
@@ -127,7 +136,8 @@ class IntensityPresetd(MapTransform):
 
     - a CT window name (see :data:`CT_WINDOWS`): ``[C, ...]`` HU -> ``[C, ...]``.
     - ``"ct_three_windows"``: ``[1, ...]`` HU -> ``[3, ...]``, one channel per
-      window of :data:`THREE_WINDOWS` (soft tissue, lung, bone), in that order.
+      window of :data:`THREE_WINDOWS` (soft tissue, lung, bone), in that order; the other
+      :data:`WINDOW_SETS` likewise (``"ct_abdomen_windows"``: liver, soft tissue, bone).
     - ``"mr"``: ``[C, ...]`` -> ``[C, ...]``, :func:`mr_normalize` per channel.
 
     Not invertible (intensity only); MetaTensor metadata and the
@@ -150,12 +160,13 @@ class IntensityPresetd(MapTransform):
         img = convert_to_tensor(img, track_meta=get_track_meta())
         if self.preset in CT_WINDOWS:
             return window_ct(img, *CT_WINDOWS[self.preset])
-        if self.preset == "ct_three_windows":
+        if self.preset in WINDOW_SETS:
             if img.shape[0] != 1:
-                raise ValueError(f"preset 'ct_three_windows' needs a 1-channel CT volume, got shape {tuple(img.shape)}")
+                raise ValueError(f"preset {self.preset!r} needs a 1-channel CT volume, got shape {tuple(img.shape)}")
             plain = (img.as_tensor() if isinstance(img, MetaTensor) else img).float()
-            stacked = torch.empty((len(THREE_WINDOWS), *plain.shape[1:]), dtype=torch.float32)
-            for channel, name in enumerate(THREE_WINDOWS):  # filled in place: no list of copies to concatenate
+            windows = WINDOW_SETS[self.preset]
+            stacked = torch.empty((len(windows), *plain.shape[1:]), dtype=torch.float32)
+            for channel, name in enumerate(windows):  # filled in place: no list of copies to concatenate
                 level, width = CT_WINDOWS[name]
                 torch.sub(plain[0], level - width / 2.0, out=stacked[channel])
                 stacked[channel].div_(width).clamp_(0.0, 1.0)
