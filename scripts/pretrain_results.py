@@ -74,6 +74,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cost-sizes", type=int, nargs="*", default=[112, 224])
     p.add_argument("--cost-steps", type=int, default=4)
     p.add_argument("--skip", nargs="*", default=[], choices=["segmentation", "adrenal", "cost"])
+    p.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
     p.add_argument("--quick", action="store_true", help="tiny steps and cohorts: a smoke run of the script")
     args = p.parse_args(argv)
     if args.quick:
@@ -274,6 +275,7 @@ def render(ctx: dict[str, Any]) -> str:
         ctx["command"],
         "```",
         "",
+        *([ctx["note"], ""] if ctx.get("note") else []),
         f"Both columns are the same network: ViT-S/14 (`{ENCODER}`) cut to {ctx['depth']} blocks, the random "
         "initialisation of seed 0 with LayerScale 1.0. The pretrained column is that network after "
         "`volumes pretrain` (DINO + iBOT + KoLeo, 2 global and 4 local crops, batch "
@@ -334,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     lists = cohorts(work, args)
     data, n_ct = pretraining_csv(work, lists)
     results: dict[str, Any] = {"random": {}, "pretrained": {}}
+    if "cost" not in args.skip:  # first, while nothing else of this run is going on
+        say("cost of a step")
+        results["cost"] = cost(work, data, args)
     say(f"pretraining (a) on {n_ct} CT volumes")
     results["pretrain_ct"] = pretrain(work, data, steps=args.ct_steps, size=args.size, preset=args.preset, args=args,
                                       name="pretrain_ct")
@@ -354,15 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for column, weights in (("random", random_file), ("pretrained", ct_file)):
             say(f"segmentation bundle, {column}")
             results[column]["segmentation"] = segmentation(work, weights, args, column)
-    if "cost" not in args.skip:
-        say("cost of a step")
-        results["cost"] = cost(work, data, args)
     (work / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     import math
 
     ctx = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "minutes": (time.perf_counter() - started) / 60, "machine": machine, "command": command_line("pretrain_results.py", argv),
-           "depth": args.depth, "batch_size": args.batch_size, "ln_k": math.log(1024), "results": results,
+           "depth": args.depth, "batch_size": args.batch_size, "note": args.note, "ln_k": math.log(1024), "results": results,
            "data": {"ct": f"{n_ct} CT volumes (phantoms without the test splits, plus the real example CT), "
                           f"{args.preset} at {args.size} px",
                     "adrenal": f"the 1188 training volumes, slices at {args.adrenal_size} px"}}
