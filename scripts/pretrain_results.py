@@ -70,6 +70,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--adrenal-size", type=int, default=56)
     p.add_argument("--adrenal-steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--continue-steps", type=int, default=0,
+                   help="continue encoder (a) for this many steps (--weights) and probe it again: does it keep what it had?")
     p.add_argument("--phantom-cases", type=int, default=60, help="hepatomegaly and lesion cohort sizes")
     p.add_argument("--cost-sizes", type=int, nargs="*", default=[112, 224])
     p.add_argument("--cost-steps", type=int, default=4)
@@ -121,7 +123,17 @@ def pretraining_csv(work: Path, lists: dict[str, Path]) -> tuple[Path, int]:
 
 
 # ---------------------------------------------------------------------- steps
-def pretrain(work: Path, data: Path, *, steps: int, size: int, preset: str | None, args, name: str) -> dict[str, Any]:
+def cached(path: Path, compute) -> Any:
+    """``compute()``'s result, kept in ``path`` (JSON) so a rerun of the script reuses what it measured."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    path.write_text(json.dumps(value, indent=1, default=str) + "\n")
+    return value
+
+
+def pretrain(work: Path, data: Path, *, steps: int, size: int, preset: str | None, args, name: str,
+             weights: Path | None = None) -> dict[str, Any]:
     from volumes.pretrain import PretrainConfig, pretrain as run
     from volumes.transforms import WINDOW_SETS
 
@@ -132,7 +144,8 @@ def pretrain(work: Path, data: Path, *, steps: int, size: int, preset: str | Non
     config = PretrainConfig(data=str(data), out=str(out), model_kwargs={"depth": args.depth}, size=size,
                             preset=preset, channel_mode="windows" if preset in WINDOW_SETS else "repeat",
                             steps=steps, batch_size=args.batch_size, checkpoint_every=max(10, steps // 5),
-                            log_every=max(1, steps // 100), slices_per_volume=32, collapse_patience=10 ** 9)
+                            log_every=max(1, steps // 100), slices_per_volume=32, collapse_patience=10 ** 9,
+                            weights=str(weights) if weights is not None else None)
     result = run(config)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = {"encoder": str(result.encoder), "steps": result.steps, "seconds": result.seconds,
@@ -312,6 +325,17 @@ def render(ctx: dict[str, Any]) -> str:
                              "+0.03"))
     for label, a, b, goal in rows:
         lines.append(f"| {label} | {_f(a)} | {_f(b)} | {_delta(a, b)} | {goal} |")
+    if r.get("continued"):
+        c = r["pretrain_continued"]
+        lines += ["", "## Continued pretraining keeps what it had", "",
+                  f"Encoder (a) continued for {c['steps']} more steps with `--weights` (heads first for "
+                  f"{c['steps'] // 10} steps with the backbone frozen, then everything at a fifth of the learning rate "
+                  "with layer-wise decay), probed again:", "",
+                  "| probe | (a) at its end | continued | change |", "|---|---|---|---|"]
+        for task, label in (("hepatomegaly", "phantom hepatomegaly"), ("lesion_slices", "phantom lesion slices")):
+            for probe, name in (("knn_auc", "kNN k=20"), ("linear_auc", "linear probe")):
+                a, b = r["pretrained"]["phantom"][task][probe], r["continued"]["phantom"][task][probe]
+                lines.append(f"| {label}: {name} | {_f(a)} | {_f(b)} | {_delta(a, b)} |")
     if r.get("cost"):
         lines += ["", "## Cost of a pretraining step (full 12-block ViT-S/14)", "",
                   "The same batch each step (data loading excluded), fp32 on this CPU:", "",
@@ -338,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {"random": {}, "pretrained": {}}
     if "cost" not in args.skip:  # first, while nothing else of this run is going on
         say("cost of a step")
-        results["cost"] = cost(work, data, args)
+        results["cost"] = cached(work / "cost.json", lambda: cost(work, data, args))
     say(f"pretraining (a) on {n_ct} CT volumes")
     results["pretrain_ct"] = pretrain(work, data, steps=args.ct_steps, size=args.size, preset=args.preset, args=args,
                                       name="pretrain_ct")
@@ -346,7 +370,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ct_file = Path(results["pretrain_ct"]["encoder"])
     for column, weights in (("random", random_file), ("pretrained", ct_file)):
         say(f"phantom probes, {column}")
-        results[column]["phantom"] = phantom_probes(lists, weights, args, cache)
+        results[column]["phantom"] = cached(work / f"phantom_{column}.json",
+                                            lambda: phantom_probes(lists, weights, args, cache))
+    if args.continue_steps:
+        say(f"continued pretraining of (a) for {args.continue_steps} steps")
+        results["pretrain_continued"] = pretrain(work, data, steps=args.continue_steps, size=args.size,
+                                                 preset=args.preset, args=args, name="pretrain_continued",
+                                                 weights=ct_file)
+        results["continued"] = {"phantom": cached(work / "phantom_continued.json", lambda: phantom_probes(
+            lists, Path(results["pretrain_continued"]["encoder"]), args, cache))}
     adrenal = ADRENAL.is_file() and "adrenal" not in args.skip
     if adrenal:
         say("pretraining (b) on AdrenalMNIST3D")
@@ -354,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                preset=None, args=args, name="pretrain_adrenal")
         for column, weights in (("random", random_file), ("pretrained", Path(results["pretrain_adrenal"]["encoder"]))):
             say(f"AdrenalMNIST3D probes, {column}")
-            results[column]["adrenal"] = adrenal_probes(weights, args, cache, work)
+            results[column]["adrenal"] = cached(work / f"adrenal_{column}.json",
+                                                lambda: adrenal_probes(weights, args, cache, work))
     if "segmentation" not in args.skip:
         for column, weights in (("random", random_file), ("pretrained", ct_file)):
             say(f"segmentation bundle, {column}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,15 +33,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from volumes.reporting import cpu_model
 
 
 def _rows(output: Path) -> list[dict]:
@@ -97,7 +88,7 @@ def main() -> int:
         print(f"running {engine} with {threads} thread(s)", flush=True)
         _infer(args.bundle, inputs, args.work_dir / f"{engine}{threads}", threads, engine)
     reference = args.work_dir / "local2"
-    lines = [f"Reference: the local engine with 2 threads; {source.name}; {_cpu()}, {os.cpu_count()} cores.", "",
+    lines = [f"Reference: the local engine with 2 threads; {source.name}; {cpu_model()}, {os.cpu_count()} cores.", "",
              "| run | identical | voxels changed | of | lowest organ Dice vs reference | max probability difference |",
              "|---|---|---|---|---|---|"]
     for engine, threads in runs[1:]:
