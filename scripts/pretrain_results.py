@@ -300,7 +300,7 @@ def render(ctx: dict[str, Any]) -> str:
         if p:
             lines.append(f"- {label}: {ctx['data'][key]}; {p['steps']} steps in {p['seconds'] / 60:.1f} min "
                          f"({p['slices_per_s']:.1f} slices/s, {p['images_per_s']:.0f} views/s, data loading included), "
-                         f"peak memory {p['peak_memory_mb']:.0f} MB; loss {p['first']['loss']:.3f} -> {p['last']['loss']:.3f}, "
+                         f"peak memory of the process so far {p['peak_memory_mb']:.0f} MB; loss {p['first']['loss']:.3f} -> {p['last']['loss']:.3f}, "
                          f"class-token std {p['first']['cls_std']:.4f} -> {p['last']['cls_std']:.4f}, effective rank "
                          f"{p['first']['effective_rank']:.1f} -> {p['last']['effective_rank']:.1f}, teacher entropy "
                          f"{p['first']['teacher_entropy']:.2f} -> {p['last']['teacher_entropy']:.2f} (ln K = "
@@ -327,7 +327,7 @@ def render(ctx: dict[str, Any]) -> str:
         lines.append(f"| {label} | {_f(a)} | {_f(b)} | {_delta(a, b)} | {goal} |")
     if r.get("continued"):
         c = r["pretrain_continued"]
-        lines += ["", "## Continued pretraining keeps what it had", "",
+        lines += ["", "## Continued pretraining: does it keep what it had?", "",
                   f"Encoder (a) continued for {c['steps']} more steps with `--weights` (heads first for "
                   f"{c['steps'] // 10} steps with the backbone frozen, then everything at a fifth of the learning rate "
                   "with layer-wise decay), probed again:", "",
