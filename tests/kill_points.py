@@ -11,10 +11,14 @@ program (a Ray worker, see ray_faults.py).
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
+
+TESTS = Path(__file__).resolve().parent
 
 
 def _matches(target: str, name: str) -> bool:
@@ -38,6 +42,30 @@ def stop_before_rename(name: str, marker: Path, then: Callable[[], None] | None 
         return real(src, dst, *args, **kwargs)
 
     os.replace = replace
+
+
+def run_until(marker: Path, name: str, command: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen:
+    """Start ``python -m volumes COMMAND...`` stopped before the first rename onto ``name`` (see the module docstring)."""
+    env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)}
+    return subprocess.Popen([sys.executable, str(TESTS / "kill_points.py"), str(marker), name, "--", *command],
+                            env=env, stderr=subprocess.PIPE)
+
+
+def wait_for(marker: Path, process: subprocess.Popen, what: str, seconds: float = 300) -> None:
+    """Wait until ``process`` touched ``marker``; fail with its stderr if it exited, or with ``what`` on time-out."""
+    deadline = time.time() + seconds
+    while not marker.exists():
+        if process.poll() is not None:
+            error = process.stderr.read().decode()[-3000:] if process.stderr else ""
+            raise AssertionError(f"the process exited ({process.returncode}) before its stop point: {error}")
+        assert time.time() < deadline, what
+        time.sleep(0.02)
+
+
+def kill(process: subprocess.Popen) -> None:
+    """SIGKILL, then reap (no zombie left)."""
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kill_points import kill, wait_for
 from volumes.atomic import HOST, atomic_path, is_temporary, sweep_temporaries, writer_alive
 
 TESTS = Path(__file__).resolve().parent
@@ -32,24 +33,17 @@ with atomic_path(sys.argv[1], suffix=".png") as tmp:
 """
 
 
-def _wait_for(marker: Path, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while not marker.exists():
-        assert process.poll() is None, f"the writer exited ({process.returncode}) before its stop point"
-        assert time.time() < deadline, "the writer never reached its stop point"
-        time.sleep(0.02)
-
-
 def _writer(target: Path, marker: Path) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(marker)], env=ENV)
-    _wait_for(marker, process)
+    wait_for(marker, process, "the writer never reached its stop point")
     return process
 
 
 def _kill(process: subprocess.Popen, reap: bool = True) -> None:
-    process.send_signal(signal.SIGKILL)
     if reap:
-        process.wait(timeout=30)
+        kill(process)
+    else:  # killed, left a zombie until its parent waits
+        process.send_signal(signal.SIGKILL)
 
 
 def _hidden(folder: Path) -> list[str]:
@@ -126,7 +120,7 @@ def test_opening_the_cache_sweeps_a_put_killed_mid_write(tmp_path):
             f"EmbeddingCache(sys.argv[1]).put('{key}', {{'cls': np.ones((3, 4), np.float32)}})")
     process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cache"), str(marker)], env=ENV)
     try:
-        _wait_for(marker, process)
+        wait_for(marker, process, "the writer never reached its stop point")
         _kill(process)
     finally:
         if process.poll() is None:

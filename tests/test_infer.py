@@ -229,16 +229,11 @@ def test_a_kill_mid_write_leaves_no_temporary_file_after_the_next_run(run, tmp_p
     inputs = _good_phantoms(run, tmp_path / "input")
     output, marker = tmp_path / "out", tmp_path / "stopped"
     args = _infer_args(inputs, output, run["weights"], "--workers", "0")
-    env = {**ENV, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "tests"), ENV.get("PYTHONPATH")) if p)}
-    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "kill_points.py"), str(marker),
-                                "p0/overview.png", "--", *args], env=env, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "the run never reached the overview.png of p0"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    from kill_points import kill, run_until, wait_for
+
+    process = run_until(marker, "p0/overview.png", args, ENV)
+    wait_for(marker, process, "the run never reached the overview.png of p0")
+    kill(process)
     [orphan] = _temporaries(output)
     assert orphan.parent.name == "p0" and is_temporary(orphan.name) and f"~{process.pid}@" in orphan.name
     assert not (output / "p0" / "overview.png").exists() and not (output / "p0" / "record.json").exists()

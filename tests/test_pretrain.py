@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -245,17 +243,12 @@ def test_kill_then_resume_loses_at_most_the_steps_since_the_checkpoint(archive, 
     out, marker = tmp_path / "out", tmp_path / "stopped"
     args = ["pretrain", "--data", str(archive / "datalist.json"), "--out", str(out), "--steps", "6",
             "--checkpoint-every", "2", *CLI_TINY]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)}
+    from kill_points import kill, run_until, wait_for
+
     # stopped while the encoder written after the step-2 checkpoint is being renamed into place
-    process = subprocess.Popen([sys.executable, str(TESTS / "kill_points.py"), str(marker), "encoder.json", "--",
-                                *args], env=env, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "the run never reached its first checkpoint"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process = run_until(marker, "encoder.json", args, os.environ)
+    wait_for(marker, process, "the run never reached its first checkpoint")
+    kill(process)
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 2
     assert any(p.name.startswith(".encoder.json.") for p in out.iterdir())  # the killed writer's temporary file

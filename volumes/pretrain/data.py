@@ -30,7 +30,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -93,9 +93,6 @@ class SliceSpec:
     def preprocessing_config(self) -> dict[str, Any]:
         """What a bundle's ``preprocessing_config`` holds for slices prepared like these."""
         return {"preset": self.preset, "axis": self.planes[0], "channel_mode": self.channel_mode, "size": self.size}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "planes": list(self.planes)}
 
 
 # ---------------------------------------------------------------------- cases
