@@ -1,0 +1,344 @@
+"""``volumes interact``: train the click model, serve clicks and few-shot labels, run the click protocol.
+
+A click model folder holds everything a server needs, no code::
+
+    encoder.safetensors      the slice encoder (timm state dict; the random one written here when none is given)
+    click_model.safetensors  the click network (ClickNet)
+    click_model.json         its settings: network, training, and the encoder and preparation ("interactive")
+    deepgrow3d.safetensors   (optional) the DeepGrow 3D baseline: the same network without features
+    labels/<name>.safetensors + .json   few-shot labels saved by users (FewShotHead)
+
+:class:`InteractiveModel` loads such a folder and keeps a :class:`~volumes.interactive.FeatureStore`,
+so the encoder runs once per volume; :func:`train` writes one; :func:`simulate` runs the
+standard protocol (:mod:`volumes.interactive.simulate`) for any of the methods.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from volumes.interactive import (
+    ClickSegmenter,
+    ClickState,
+    ClickTrainingConfig,
+    FeatureStore,
+    FewShotHead,
+    VolumeFeatures,
+    encode_volume,
+    load_click_model,
+    save_click_model,
+    train_click_model,
+)
+from volumes.interactive.fewshot import keep_connected
+
+__all__ = ["InteractiveConfig", "InteractiveModel", "train", "simulate", "file_to_ras", "load_case"]
+
+CLICK_MODEL = "click_model.safetensors"
+DEEPGROW = "deepgrow3d.safetensors"
+ENCODER_FILE = "encoder.safetensors"
+
+
+@dataclass
+class InteractiveConfig:
+    """The encoder and the preparation of a click model (saved in ``click_model.json`` as ``interactive``)."""
+
+    encoder: str = "vit_small_patch14_dinov2"
+    encoder_weights: str | None = None
+    encoder_model_kwargs: dict[str, Any] = field(default_factory=lambda: {"depth": 4})
+    size: int = 112
+    preset: str = "ct_abdomen_windows"
+    resample_z: bool = True
+
+
+def load_encoder(config: InteractiveConfig, root: Path | None = None, seed: int = 0):
+    """The frozen slice encoder of ``config`` (weights relative to ``root``)."""
+    from volumes.encoders import SliceEncoder
+
+    weights = config.encoder_weights
+    if weights is not None and root is not None and not Path(weights).is_absolute():
+        weights = str(root / weights)
+    torch.manual_seed(seed)
+    return SliceEncoder(config.encoder, weights=weights, model_kwargs=config.encoder_model_kwargs).eval()
+
+
+def load_case(image: str | Path, label: str | Path | None = None) -> tuple[torch.Tensor, tuple[float, float, float], torch.Tensor | None, Any]:
+    """A volume (RAS, HU) with its spacing and optional label on the same grid, and the loaded MetaTensor."""
+    from volumes.arrays import spacing_mm
+    from volumes.data.io import load_volume
+
+    volume = load_volume(image)
+    spacing = tuple(float(s) for s in spacing_mm(volume.affine))
+    lab = None
+    if label is not None:
+        lab_volume = load_volume(label, dtype=None, mode="nearest")
+        if tuple(lab_volume.shape[1:]) != tuple(volume.shape[1:]):
+            raise ValueError(f"{label}: label shape {tuple(lab_volume.shape[1:])} differs from the image's "
+                             f"{tuple(volume.shape[1:])} ({image})")
+        lab = torch.as_tensor(np.asarray(lab_volume[0])).round().to(torch.int64)
+    return torch.as_tensor(np.asarray(volume)).float(), spacing, lab, volume  # type: ignore[return-value]
+
+
+def file_to_ras(points: Sequence[Sequence[int]], original_affine: Any, affine: Any, shape: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Voxel indices of the file as stored (what 3D Slicer and MONAI Label send) -> indices of the RAS-loaded grid.
+
+    Raises:
+        ValueError: a point outside the volume (the message names it and the shape).
+    """
+    original_affine, affine = np.asarray(original_affine, float), np.asarray(affine, float)
+    to_ras = np.linalg.inv(affine) @ original_affine
+    out = []
+    for p in points:
+        q = to_ras @ np.array([*map(float, p), 1.0])
+        idx = tuple(int(round(v)) for v in q[:3])
+        if any(not 0 <= v < n for v, n in zip(idx, shape)):
+            raise ValueError(f"click {list(p)} is outside the image (RAS index {list(idx)}, shape {list(shape)})")
+        out.append(idx)
+    return out
+
+
+class InteractiveModel:
+    """A click model folder, loaded: encoder, click network, feature store, per-object click states.
+
+    Args:
+        root: the folder (``click_model.safetensors`` and its JSON inside).
+        model_file: another network of the folder, e.g. ``deepgrow3d.safetensors``.
+        budget_bytes: memory for cached volume features (LRU).
+        device: where the encoder and the network run.
+    """
+
+    def __init__(self, root: str | Path, *, model_file: str = CLICK_MODEL, budget_bytes: int = 2 * 1024 ** 3,
+                 device: str | torch.device = "cpu"):
+        self.root = Path(root)
+        model, settings = load_click_model(self.root / model_file)
+        self.settings = settings
+        self.config = InteractiveConfig(**settings["interactive"])
+        self.window = tuple(settings["training"]["window"])
+        self.device = torch.device(device)
+        self.encoder = load_encoder(self.config, self.root).to(self.device)
+        self.fingerprint = self.encoder.fingerprint()
+        self.segmenter = ClickSegmenter(model, self.window, device=self.device)
+        self.store = FeatureStore(budget_bytes)
+        self._states: OrderedDict[Any, ClickState] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def model_key(self) -> str:
+        c = self.config
+        return f"{self.fingerprint[:16]}:{c.size}:{c.preset}:{int(c.resample_z)}"
+
+    def features(self, volume: torch.Tensor, spacing: Sequence[float], key: str,
+                 label: torch.Tensor | None = None) -> tuple[VolumeFeatures, bool]:
+        """The volume's features, from the store when this (input, model) was encoded before."""
+        c = self.config
+        return self.store.get_or_compute(
+            (key, self.model_key),
+            lambda: encode_volume(self.encoder, volume, tuple(spacing), size=c.size, preset=c.preset, label=label,
+                                  resample_z=c.resample_z, device=self.device))
+
+    def click(self, vf: VolumeFeatures, foreground: Sequence[Sequence[int]], background: Sequence[Sequence[int]] = (),
+              *, key: Any = None, order: Sequence[bool] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Mask (loaded grid) of the object the clicks mean; ``key`` names the object for incremental clicks."""
+        with self._lock:
+            state = self._states.pop(key, None) if key is not None else None
+        mask, state, info = self.segmenter.segment(vf, foreground, background, state=state, order=order)
+        if key is not None:
+            with self._lock:
+                self._states[key] = state
+                while len(self._states) > 32:
+                    self._states.popitem(last=False)
+        return mask, info
+
+    # ------------------------------------------------------------ few-shot labels
+    def labels_dir(self) -> Path:
+        return self.root / "labels"
+
+    def saved_labels(self) -> list[str]:
+        return sorted(p.stem for p in self.labels_dir().glob("*.json")) if self.labels_dir().is_dir() else []
+
+    def fewshot(self, vf: VolumeFeatures, annotation: np.ndarray, background: np.ndarray | None = None,
+                ) -> tuple[np.ndarray, FewShotHead, dict[str, Any]]:
+        """Fit a head on painted slices (loaded grid, bool) and segment the volume with it."""
+        start = time.perf_counter()
+        fg_grid = _to_working(vf, annotation)
+        bg_grid = None if background is None else _to_working(vf, background)
+        head = FewShotHead().fit_slices(vf, fg_grid, bg_grid)
+        fit_s = time.perf_counter() - start
+        mask = fewshot_mask(vf, head, fg_grid)
+        return mask, head, {"fit_s": fit_s, "head_s": time.perf_counter() - start}
+
+    def save_label(self, head: FewShotHead, name: str) -> Path:
+        if not name or any(ch in name for ch in "/\\.") or name != name.strip():
+            raise ValueError(f"label name {name!r}: use letters, digits, '_' or '-'")
+        self.labels_dir().mkdir(parents=True, exist_ok=True)
+        grid = {"size": self.config.size, "preset": self.config.preset, "resample_z": self.config.resample_z}
+        return head.save(self.labels_dir() / name, name=name, encoder_fingerprint=self.fingerprint, grid=grid)
+
+    def load_label(self, name: str) -> FewShotHead:
+        path = self.labels_dir() / f"{name}.safetensors"
+        if not path.is_file():
+            raise ValueError(f"no saved label {name!r} in {self.labels_dir()} (saved: {self.saved_labels()})")
+        return FewShotHead.load(path, self.fingerprint)
+
+
+def _to_working(vf: VolumeFeatures, mask: np.ndarray) -> np.ndarray:
+    """A loaded-grid mask on the working grid (nearest; every painted slice stays painted)."""
+    grid = vf.grid
+    (h, w), padded, pad = grid.geometry
+    t = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
+    t = torch.nn.functional.interpolate(t, size=(h, w, grid.slices), mode="nearest-exact")[0, 0]
+    out = torch.zeros(grid.grid_shape)
+    out[pad[0][0]:pad[0][0] + h, pad[1][0]:pad[1][0] + w] = t
+    return out.numpy() > 0.5
+
+
+def fewshot_mask(vf: VolumeFeatures, head: FewShotHead, seeds_grid: np.ndarray) -> np.ndarray:
+    """The head's mask on the loaded grid: probability > 0.5, components holding painted voxels."""
+    prob = head.probability(vf)
+    grid_mask = keep_connected(prob.numpy() > 0.5, seeds_grid)
+    return vf.grid.sample(torch.from_numpy(grid_mask.astype(np.float32))).numpy() > 0.5
+
+
+# ---------------------------------------------------------------------- training
+def labelled_features(items: Sequence[dict[str, Any]], encoder: Any, config: InteractiveConfig,
+                      progress: bool = True) -> list[VolumeFeatures]:
+    """Working grids with labels of datalist items (``image`` and ``label`` paths)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for item in tqdm(items, desc="encoding", disable=not progress):
+        volume, spacing, label, _ = load_case(item["image"], item["label"])
+        vf = encode_volume(encoder, volume[None] if volume.ndim == 3 else volume, spacing, size=config.size,
+                           preset=config.preset, label=label, resample_z=config.resample_z)
+        vf.extra["case"] = str(item.get("case_id", Path(item["image"]).name))
+        out.append(vf)
+    return out
+
+
+def train(data: str | Path, out: str | Path, *, config: InteractiveConfig | None = None,
+          training: ClickTrainingConfig | None = None, baseline: bool = False, section: str = "training",
+          progress: bool = True, volumes: list[VolumeFeatures] | None = None) -> dict[str, Any]:
+    """Train the click model (and with ``baseline`` the DeepGrow 3D network) into the folder ``out``."""
+    from volumes.apps.demo import write_encoder
+    from volumes.bundle import datalist_section
+
+    config = config or InteractiveConfig()
+    training = training or ClickTrainingConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.encoder_weights is None:
+        # a random encoder is still a specific one: save it, so the folder is the whole model
+        write_encoder(out / ENCODER_FILE, config.encoder_model_kwargs, seed=training.seed)
+        config = InteractiveConfig(**{**asdict(config), "encoder_weights": ENCODER_FILE})
+    encoder = load_encoder(config, out)
+    if volumes is None:
+        volumes = labelled_features(datalist_section(data, section), encoder, config, progress)
+    summary: dict[str, Any] = {"cases": len(volumes), "out": str(out)}
+    runs = [(CLICK_MODEL, training)]
+    if baseline:
+        runs.append((DEEPGROW, ClickTrainingConfig(**{**asdict(training), "use_features": False})))
+    for name, cfg in runs:
+        log: list[dict[str, float]] = []
+        start = time.perf_counter()
+        model = train_click_model(volumes, cfg, progress=progress, log=log)
+        seconds = time.perf_counter() - start
+        save_click_model(model, out / name, cfg, interactive=asdict(config), encoder_fingerprint=encoder.fingerprint(),
+                         log={"first_loss": log[0]["loss"], "last_loss": float(np.mean([r["loss"] for r in log[-10:]])),
+                              "seconds": seconds})
+        summary[name] = {"seconds": seconds, "last_loss": float(np.mean([r["loss"] for r in log[-10:]]))}
+    return summary
+
+
+# ---------------------------------------------------------------------- simulation
+def _click_method(model: InteractiveModel, segmenter: ClickSegmenter, vf: VolumeFeatures) -> Callable:
+    state = ClickState()
+
+    def method(fg: list, bg: list, order: list) -> np.ndarray:
+        nonlocal state
+        mask, state, _ = segmenter.segment(vf, fg, bg, state=state, order=order)
+        return mask
+    return method
+
+
+def _graphcut_method(volume: torch.Tensor, spacing: Sequence[float]) -> Callable:
+    from volumes.interactive.graphcut import graphcut_segment
+
+    image = np.asarray(volume[0], np.float32)
+
+    def method(fg: list, bg: list, order: list) -> np.ndarray:
+        return graphcut_segment(image, fg, bg, spacing=spacing)
+    return method
+
+
+def fewshot_slices(label_grid: np.ndarray, k: int) -> list[int]:
+    """``k`` working-grid slices of an object, evenly inside its extent (the middle one for ``k = 1``)."""
+    zs = np.flatnonzero(label_grid.reshape(-1, label_grid.shape[-1]).any(axis=0))
+    if len(zs) == 0:
+        return []
+    quantiles = [0.5] if k == 1 else list(np.linspace(0.2, 0.8, k))
+    return sorted({int(zs[int(round(q * (len(zs) - 1)))]) for q in quantiles})
+
+
+def simulate(root: str | Path, data: str | Path, *, labels: dict[str, int], section: str = "test", clicks: int = 10,
+             methods: Sequence[str] = ("clicks",), fewshot: Sequence[int] = (), progress: bool = True,
+             items: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The click protocol (and few-shot from ``fewshot`` painted slices) per method, case and label.
+
+    Returns ``{"rows": [...], "encode_s": [...]}``; a row has ``method``, ``case``, ``label``,
+    ``dice`` (per click) and ``seconds`` (per click), or ``slices`` and ``dice`` for few-shot.
+    """
+    from tqdm.auto import tqdm
+
+    from volumes.bundle import datalist_section
+    from volumes.interactive.simulate import dice, run_protocol
+
+    root = Path(root)
+    model = InteractiveModel(root)
+    deepgrow = None
+    if "deepgrow" in methods:
+        net, _ = load_click_model(root / DEEPGROW)
+        deepgrow = ClickSegmenter(net, model.window)
+    items = list(items) if items is not None else datalist_section(data, section)
+    rows: list[dict[str, Any]] = []
+    encode_s = []
+    for item in tqdm(items, desc="cases", disable=not progress):
+        case = str(item.get("case_id", Path(item["image"]).name))
+        volume, spacing, label, _ = load_case(item["image"], item["label"])
+        vf, _ = model.features(volume, spacing, key=str(item["image"]), label=label)
+        encode_s.append(vf.encode_s)
+        truth_all = label.numpy()
+        for name, value in labels.items():
+            truth = truth_all == value
+            if not truth.any():
+                continue
+            for method in methods:
+                if method == "clicks":
+                    fn = _click_method(model, model.segmenter, vf)
+                elif method == "deepgrow":
+                    fn = _click_method(model, deepgrow, vf)
+                elif method == "graphcut":
+                    fn = _graphcut_method(volume, spacing)
+                else:
+                    raise ValueError(f"unknown method {method!r}: clicks, deepgrow or graphcut")
+                protocol = run_protocol(fn, truth, spacing, clicks)
+                rows.append({"method": method, "case": case, "label": name,
+                             "dice": [r["dice"] for r in protocol], "seconds": [r["seconds"] for r in protocol]})
+            label_grid = (vf.label == value).numpy()
+            for k in fewshot:
+                painted = np.zeros_like(label_grid)
+                for z in fewshot_slices(label_grid, k):
+                    painted[..., z] = True
+                start = time.perf_counter()
+                head = FewShotHead().fit_slices(vf, label_grid & painted, painted & ~label_grid)
+                mask = fewshot_mask(vf, head, label_grid & painted)
+                rows.append({"method": f"fewshot-{k}", "case": case, "label": name, "slices": k,
+                             "dice": [dice(mask, truth)], "seconds": [time.perf_counter() - start]})
+    return {"rows": rows, "encode_s": encode_s, "store": {"hits": model.store.hits, "misses": model.store.misses}}
