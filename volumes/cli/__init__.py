@@ -7,6 +7,8 @@
                                                     failures.csv, report.html (also under torchrun)
     python -m volumes pretrain --data SRC --out DIR self-supervised DINOv2 pretraining of the slice
                                                     encoder on unlabelled volumes (docs/PRETRAIN.md)
+    python -m volumes interact train|simulate ...   clicks and few-shot labels on frozen features: train
+                                                    the click model, run the click protocol (docs/INTERACTIVE.md)
     python -m volumes phantoms --out DIR --n N      write a synthetic CT cohort
     python -m volumes embed --input SRC --out DIR   embed every slice of every case
     python -m volumes cache info|prune              inspect or trim the embedding cache
@@ -34,7 +36,7 @@ from volumes.errors import VolumesError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = ("demo", "infer", "pretrain", "phantoms", "embed", "cache", "evaluate", "bench", "pacs")
+COMMANDS = ("demo", "infer", "pretrain", "interact", "phantoms", "embed", "cache", "evaluate", "bench", "pacs")
 """Module names under ``volumes.cli``, in the order ``--help`` lists them."""
 
 

@@ -5,6 +5,11 @@ encoder's patch grid):
 
 * the frozen patch features ``[C, W / p, W / p, Wz]``, projected ``C -> k`` by a 1x1x1
   convolution on the patch grid and upsampled in-plane to the window (bilinear);
+* two similarity maps on the patch grid, upsampled the same way: the highest cosine
+  similarity of each patch's features (centred on the window's mean) to those of the
+  positive clicks' patches, and the same for the negative clicks. This is the prototype
+  idea of training-free DINOv2 segmentation, given to the network as evidence: "this
+  looks like what was clicked" does not have to be learnt from a few hundred CPU steps;
 * the three prepared CT windows ``[3, W, W, Wz]``;
 * the click maps ``[2, W, W, Wz]`` (positive, negative) exactly as MONAI's DeepGrow makes
   them: :class:`monai.apps.deepgrow.transforms.AddGuidanceSignald` (Gaussian of sigma 2
@@ -31,7 +36,7 @@ from monai.apps.deepgrow.transforms import AddGuidanceSignald
 from monai.networks.nets import BasicUNet
 from torch import nn
 
-__all__ = ["ClickNet", "click_maps", "guidance_json", "window_slices", "crop_window", "DEFAULT_FEATURES"]
+__all__ = ["ClickNet", "click_maps", "click_similarity", "clicked_patches", "guidance_json", "window_slices", "crop_window", "DEFAULT_FEATURES"]
 
 DEFAULT_FEATURES = (8, 16, 32, 64, 128, 8)
 
@@ -56,27 +61,57 @@ class ClickNet(nn.Module):
         self.use_features = bool(use_features)
         self.sigma = int(sigma)
         self.project = nn.Conv3d(feature_channels, projected, 1) if use_features else None
-        in_channels = 3 + 2 + (projected if use_features else 0)
+        in_channels = 3 + 2 + (projected + 2 if use_features else 0)
         self.body = BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=1, features=tuple(features))
         self.config = {"feature_channels": self.feature_channels, "projected": int(projected),
                        "use_features": self.use_features, "features": list(features), "sigma": self.sigma, "scale": self.scale}
 
     def forward(self, features: torch.Tensor | None, image: torch.Tensor, clicks: torch.Tensor) -> torch.Tensor:
         size = image.shape[2:]
+        if self.project is not None:
+            if features is None:
+                raise ValueError("this click model needs the patch features")
+            evidence = torch.cat([self.project(features), click_similarity(features, clicked_patches(clicks, features))], 1)
         if self.scale > 1:
             kernel = (self.scale, self.scale, 1)
             image, clicks = F.avg_pool3d(image, kernel), F.avg_pool3d(clicks, kernel)
         parts = [image, clicks]
         if self.project is not None:
-            if features is None:
-                raise ValueError("this click model needs the patch features")
-            projected = self.project(features)
-            projected = F.interpolate(projected, size=image.shape[2:], mode="trilinear", align_corners=False)
-            parts.insert(0, projected)
+            evidence = F.interpolate(evidence, size=image.shape[2:], mode="trilinear", align_corners=False)
+            parts.insert(0, evidence)
         logits = self.body(torch.cat(parts, dim=1))
         if self.scale > 1:
             logits = F.interpolate(logits, size=size, mode="trilinear", align_corners=False)
         return logits
+
+
+def clicked_patches(clicks: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``[B, 2, h, w, d]`` (bool): the patches holding a click, from the click maps ``[B, 2, W, W, Wz]``.
+
+    A click is a local maximum of its Gaussian map (above 0.1).
+    """
+    peaks = (clicks >= F.max_pool3d(clicks, 3, stride=1, padding=1)) & (clicks > 0.1)
+    return F.adaptive_max_pool3d(peaks.float(), features.shape[2:]) > 0.5
+
+
+def click_similarity(features: torch.Tensor, chosen_patches: torch.Tensor) -> torch.Tensor:
+    """``[B, 2, h, w, d]``: per patch, the highest cosine similarity to the clicked patches (positive, negative).
+
+    ``chosen_patches`` (bool ``[B, 2, h, w, d]``, :func:`clicked_patches`) marks them. Features are
+    centred on the window's mean first (a random or pretrained ViT's patch tokens share a
+    large common component). A map with no click is 0.
+    """
+    b, c = features.shape[:2]
+    centred = features - features.mean(dim=(2, 3, 4), keepdim=True)
+    flat = F.normalize(centred.reshape(b, c, -1), dim=1)  # [B, C, N]
+    out = []
+    sims = torch.einsum("bcn,bcm->bnm", flat, flat)  # [B, N, N]
+    for k in range(chosen_patches.shape[1]):
+        chosen = chosen_patches[:, k].reshape(b, -1)  # [B, N]
+        best = sims.masked_fill(~chosen[:, None, :], -1.0).amax(dim=2)  # [B, N]
+        best = torch.where(chosen.any(dim=1, keepdim=True), best, torch.zeros_like(best))
+        out.append(best.reshape(b, *features.shape[2:]))
+    return torch.stack(out, dim=1)
 
 
 def guidance_json(foreground: Sequence[Sequence[int]], background: Sequence[Sequence[int]]) -> str:

@@ -34,7 +34,7 @@ class VolumeFeatures:
     Attributes:
         grid: the mapping between the loaded and the working grid.
         image: prepared intensities ``[3, H, W, D]`` (fp16).
-        features: patch features ``[C, H / p, W / p, D]`` (fp16), the requested layers concatenated.
+        features: patch features ``[C, H / p, W / p, D]`` (fp16), the encoder's distinct layers concatenated.
         label: the working-grid label ``[H, W, D]`` when one was given (training, simulation).
         encode_s: seconds the encoder took.
     """
@@ -62,9 +62,12 @@ def encode_volume(encoder: Any, volume: torch.Tensor, spacing: tuple[float, floa
     start = time.perf_counter()
     slices = image.permute(3, 0, 1, 2).to(device)  # [D, 3, H, W]
     parts = []
+    # each distinct block once (a shallow encoder repeats its last block in the default layers)
+    distinct = [encoder.layers.index(i) for i in dict.fromkeys(encoder.layers)]
     with torch.inference_mode():
         for chunk in encoder.iter_chunks(slices, with_grids=True):
-            parts.append(torch.cat(chunk.patch_grids, dim=1).to("cpu", torch.float16))  # [n, C, h, w]
+            grids = [chunk.patch_grids[i] for i in distinct]
+            parts.append(torch.cat(grids, dim=1).to("cpu", torch.float16))  # [n, C, h, w]
     features = torch.cat(parts).permute(1, 2, 3, 0).contiguous()  # [C, h, w, D]
     return VolumeFeatures(grid=grid, image=image.to(torch.float16), features=features, label=grid_label,
                           encode_s=time.perf_counter() - start)

@@ -44,7 +44,7 @@ class ClickTrainingConfig:
     window: tuple[int, int, int] = (112, 112, 32)
     steps: int = 300
     batch_size: int = 2
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     interaction_probability: float = 0.5
     max_interactions: int = 4
     use_features: bool = True

@@ -1,0 +1,260 @@
+"""Interactive and few-shot segmentation (volumes.interactive, volumes.apps.interact, volumes interact).
+
+Small encoders (a 1-block ViT-S/14) and synthetic volumes with a known answer keep every
+test to seconds; the figures of real runs are in docs/INTERACTIVE.md.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from volumes.apps.interact import InteractiveConfig, InteractiveModel, file_to_ras, load_case, train
+from volumes.encoders import SliceEncoder
+from volumes.interactive import (
+    ClickNet,
+    ClickSegmenter,
+    ClickTrainingConfig,
+    FeatureStore,
+    FewShotHead,
+    WorkGrid,
+    encode_volume,
+    train_click_model,
+)
+from volumes.interactive.simulate import centre_of, dice, next_click, run_protocol
+
+SMALL_WINDOW = (56, 56, 32)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> SliceEncoder:
+    torch.manual_seed(0)
+    return SliceEncoder("vit_small_patch14_dinov2", model_kwargs={"depth": 1}).eval()
+
+
+def blob_volume(shape=(90, 90, 40), centre=(45, 45, 20), radii=(14, 12, 8), seed=0, hu=(40.0, 160.0)):
+    """A bright ellipsoid (``hu[1]``) in noisy soft tissue (``hu[0]``): image [1, X, Y, Z] and its mask."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape).astype(np.float32)
+    inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+    image = np.full(shape, hu[0], np.float32) + rng.normal(0, 8, shape).astype(np.float32)
+    image[inside] += hu[1] - hu[0]
+    return torch.from_numpy(image)[None], inside
+
+
+# ---------------------------------------------------------------- grid
+def test_the_grid_maps_clicks_and_values_as_the_resampling_does():
+    grid = WorkGrid((100, 80, 60), (1.0, 1.0, 0.5), size=56, patch_size=14)
+    (h, w), padded, pad = grid.geometry
+    assert (h, w) == (56, 45) and padded == (56, 56) and pad == ((0, 0), (5, 6))
+    # slices of 0.5 mm are merged to the working in-plane spacing (100 mm / 56 = 1.79 mm): 60 * 0.5 / 1.79 -> 17
+    assert grid.slices == 17 and grid.grid_shape == (56, 56, 17)
+    assert WorkGrid((100, 80, 60), (1.0, 1.0, 0.5), size=56, resample_z=False).slices == 60
+    assert WorkGrid((100, 80, 20), (1.0, 1.0, 5.0), size=56).slices == 20  # thick slices are never interpolated up
+    # a click lands on the working voxel whose centre is nearest
+    np.testing.assert_array_equal(grid.to_grid([(0, 0, 0), (99, 79, 59), (50, 40, 30)]),
+                                  [[0, 5, 0], [55, 49, 16], [28, 27, 8]])
+    # sampling a linear ramp back is exact (linear interpolation of a linear function) inside the clamped range
+    ramp = torch.arange(56, dtype=torch.float32)[:, None, None].expand(56, 56, 17)
+    back = grid.sample(ramp)
+    expected = np.clip((np.arange(100) + 0.5) * 56 / 100 - 0.5, 0, 55)
+    np.testing.assert_allclose(back[:, 10, 5].numpy(), expected, atol=1e-5)
+    # box_of: exactly the loaded voxels whose nearest working voxel is inside the window
+    window = [(14, 42), (0, 28), (4, 9)]
+    box = grid.box_of(window)
+    for axis, ((a, b), (lo, hi)) in enumerate(zip(window, box)):
+        points = np.zeros((grid.shape[axis], 3), int)
+        points[:, axis] = np.arange(grid.shape[axis])
+        nearest = grid.to_grid(points)[:, axis]
+        inside = np.flatnonzero((nearest >= a) & (nearest < b))
+        assert (lo, hi) == (inside[0], inside[-1] + 1), axis
+
+
+def test_the_grid_prepares_slices_as_the_segmentation_bundle_does():
+    from volumes.transforms import preprocessing
+
+    volume, _ = blob_volume()
+    grid = WorkGrid((90, 90, 40), (1.0, 1.0, 2.0), size=56)
+    image, _ = grid.prepare(volume)
+    reference = preprocessing(preset="ct_abdomen_windows", channel_mode="windows", size=56)({"image": volume})["image"]
+    assert image.shape == (3, 56, 56, 40)
+    torch.testing.assert_close(image, torch.as_tensor(reference).float())
+
+
+# ---------------------------------------------------------------- features
+def test_the_feature_store_encodes_once_and_keeps_the_most_recent_within_its_budget(encoder):
+    volume, _ = blob_volume()
+    first = encode_volume(encoder, volume, (1.0, 1.0, 2.0), size=56)
+    assert first.features.shape == (384, 4, 4, 40) and first.features.dtype == torch.float16
+    assert first.image.shape == (3, 56, 56, 40)
+    store = FeatureStore(budget_bytes=int(first.nbytes * 2.5))
+    calls = []
+
+    def compute(name):
+        def run():
+            calls.append(name)
+            return encode_volume(encoder, volume, (1.0, 1.0, 2.0), size=56)
+        return run
+
+    a, hit = store.get_or_compute("a", compute("a"))
+    assert not hit
+    again, hit = store.get_or_compute("a", compute("a"))
+    assert hit and again is a and calls == ["a"]
+    torch.testing.assert_close(a.features, first.features)  # the same input, the same features
+    store.get_or_compute("b", compute("b"))
+    store.get_or_compute("a", compute("a"))  # a is now the most recent
+    store.get_or_compute("c", compute("c"))  # over budget: b goes
+    assert "a" in store and "c" in store and "b" not in store and len(store) == 2
+    assert store.nbytes <= store.budget_bytes and (store.hits, store.misses) == (2, 3)
+
+
+# ---------------------------------------------------------------- clicks
+def test_clicks_keep_their_promises(encoder):
+    """Positive click's voxel in, negative click's voxel out, nothing outside the new click's window changes."""
+    volume, truth = blob_volume(shape=(110, 110, 48), centre=(55, 55, 24), radii=(30, 30, 14))
+    vf = encode_volume(encoder, volume, (1.0, 1.0, 2.0), size=112)
+    torch.manual_seed(0)
+    segmenter = ClickSegmenter(ClickNet(384), window=SMALL_WINDOW)
+    first = (55, 55, 24)
+    mask1, state, info = segmenter.segment(vf, [first])
+    assert mask1[first] and info["clicks_run"] == 1
+    negative = (40, 60, 10)
+    mask2, state, info = segmenter.segment(vf, [first], [negative], state=state)
+    assert info["clicks_run"] == 1  # only the new click ran
+    assert not mask2[negative] and mask2[first]
+    window = segmenter.window_of(vf, vf.grid.to_grid([negative])[0])
+    box = vf.grid.box_of([(a, min(b, n)) for (a, b), n in zip(window, vf.grid.grid_shape)])
+    outside = np.ones(vf.grid.shape, bool)
+    outside[box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]] = False
+    assert outside.sum() > 0.5 * outside.size  # the window is a small part of this volume
+    np.testing.assert_array_equal(mask2[outside], mask1[outside])
+    # the same clicks in one request replay them in order: the same mask as click by click
+    replay, _, info = segmenter.segment(vf, [first], [negative], order=[True, False])
+    assert info["clicks_run"] == 2
+    np.testing.assert_array_equal(replay, mask2)
+    with pytest.raises(ValueError, match="positive"):
+        segmenter.segment(vf, [], [negative])
+    with pytest.raises(ValueError, match=r"click \[200, 0, 0\] is outside"):
+        segmenter.segment(vf, [(200, 0, 0)])
+
+
+def test_the_click_model_learns_to_segment_what_is_clicked(encoder):
+    """Trained on ellipsoids for 60 steps with simulated clicks, one click segments an unseen one (measured: 0.86)."""
+    volumes = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        centre = tuple(int(v) for v in rng.integers([35, 35, 14], [55, 55, 26]))
+        volume, inside = blob_volume(centre=centre, radii=tuple(int(v) for v in rng.integers([9, 9, 5], [15, 15, 8])),
+                                     seed=seed)
+        volumes.append(encode_volume(encoder, volume, (1.0, 1.0, 2.0), size=56, label=torch.from_numpy(inside.astype(np.int64))))
+    config = ClickTrainingConfig(labels={"blob": 1}, window=SMALL_WINDOW, steps=60, learning_rate=1e-2)
+    untrained = ClickSegmenter(ClickNet(384), window=SMALL_WINDOW)
+    log: list = []
+    model = train_click_model(volumes, config, progress=False, log=log)
+    assert np.mean([r["loss"] for r in log[-5:]]) < 0.8 * np.mean([r["loss"] for r in log[:5]])
+    volume, truth = blob_volume(centre=(48, 40, 18), radii=(12, 10, 6), seed=9)
+    vf = encode_volume(encoder, volume, (1.0, 1.0, 2.0), size=56)
+    click = centre_of(truth, (1.0, 1.0, 2.0))
+    trained_dice = dice(ClickSegmenter(model, window=SMALL_WINDOW).segment(vf, [click])[0], truth)
+    untrained_dice = dice(untrained.segment(vf, [click])[0], truth)
+    assert trained_dice > 0.7 and trained_dice > untrained_dice + 0.3, (trained_dice, untrained_dice)
+
+
+# ---------------------------------------------------------------- few-shot
+def test_a_new_label_from_one_painted_slice(encoder, tmp_path):
+    volume, truth = blob_volume()
+    vf = encode_volume(encoder, volume, (1.0, 1.0, 2.0), size=56, label=torch.from_numpy(truth.astype(np.int64)))
+    label = (vf.label == 1).numpy()
+    painted = np.zeros_like(label)
+    painted[..., 20] = True
+    head = FewShotHead().fit_slices(vf, label & painted)
+    prob = head.probability(vf)
+    grid_dice = dice(prob.numpy() > 0.5, label)
+    assert grid_dice > 0.85, grid_dice
+    # a click adds samples of its kind and refits
+    before = float(prob[28, 28, 20])
+    head.add_click(vf, (28, 28, 20), positive=False)
+    assert float(head.probability(vf)[28, 28, 20]) < before
+    # saved as a label of the model: the same probabilities back, refused for another encoder
+    path = head.save(tmp_path / "blob", name="blob", encoder_fingerprint="abc" * 10, grid={"size": 56})
+    loaded = FewShotHead.load(path, "abc" * 10)
+    torch.testing.assert_close(loaded.probability(vf), head.probability(vf), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="another encoder"):
+        FewShotHead.load(path, "def" * 10)
+    with pytest.raises(ValueError, match="no painted voxel"):
+        FewShotHead().fit_slices(vf, np.zeros_like(label))
+
+
+# ---------------------------------------------------------------- protocol
+def test_the_click_protocol_clicks_the_centre_of_the_largest_error():
+    truth = np.zeros((20, 20, 20), bool)
+    truth[2:12, 2:12, 2:12] = True
+    assert centre_of(truth, (1, 1, 1)) in {(6, 6, 6), (7, 7, 7), (6, 6, 7), (7, 6, 6)} or max(
+        abs(v - 6.5) for v in centre_of(truth, (1, 1, 1))) <= 0.5
+    pred = truth.copy()
+    pred[2:12, 2:12, 2:5] = False  # missed 300 voxels
+    pred[14:18, 14:18, 14:18] = True  # 64 wrong voxels
+    point, positive = next_click(truth, pred, (1, 1, 1))
+    assert positive and truth[point] and not pred[point]
+    pred[2:12, 2:12, 2:5] = True
+    point, positive = next_click(truth, pred, (1, 1, 1))
+    assert not positive and point == (15, 15, 15) or (not positive and pred[point] and not truth[point])
+    assert next_click(truth, truth, (1, 1, 1)) is None
+    # run_protocol drives any method: a perfect one stops after the first click
+    rows = run_protocol(lambda fg, bg, order: truth, truth, (1, 1, 1), clicks=5)
+    assert len(rows) == 1 and rows[0]["dice"] == 1.0
+
+
+# ---------------------------------------------------------------- file indices
+def test_clicks_in_file_indices_map_to_the_loaded_grid(tmp_path):
+    """3D Slicer and MONAI Label send indices of the file as stored; an LPS-stored file is flipped on loading."""
+    data = np.arange(12 * 10 * 8, dtype=np.float32).reshape(12, 10, 8)
+    affine = np.diag([-2.0, -2.0, 3.0, 1.0])  # LPS
+    path = tmp_path / "lps.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+    volume, spacing, _, loaded = load_case(path)
+    points = [(0, 0, 0), (11, 3, 7), (5, 9, 2)]
+    mapped = file_to_ras(points, loaded.meta["original_affine"], loaded.affine, volume.shape[1:])
+    for p, q in zip(points, mapped):
+        assert data[p] == float(volume[0][q])
+    with pytest.raises(ValueError, match=r"click \[12, 0, 0\] is outside"):
+        file_to_ras([(12, 0, 0)], loaded.meta["original_affine"], loaded.affine, volume.shape[1:])
+
+
+# ---------------------------------------------------------------- model folder and CLI
+def test_a_trained_folder_serves_clicks_reusing_the_features_and_the_cli_simulates(tmp_path, encoder):
+    from volumes.bundle import datalist_section
+    from volumes.cli import main
+    from volumes.data.phantoms import PhantomConfig, write_cohort
+
+    datalist = write_cohort(tmp_path / "data", 3, seed=3, config=PhantomConfig(matrix=64), splits=(0.67, 0.0, 0.33),
+                            progress=False)
+    out = tmp_path / "model"
+    config = InteractiveConfig(encoder_model_kwargs={"depth": 1}, size=56)
+    summary = train(datalist, out, config=config, baseline=True, progress=False,
+                    training=ClickTrainingConfig(window=SMALL_WINDOW, steps=3))
+    assert summary["cases"] == 2 and (out / "encoder.safetensors").is_file() and (out / "deepgrow3d.safetensors").is_file()
+    model = InteractiveModel(out)
+    item = datalist_section(datalist, "test")[0]
+    volume, spacing, label, _ = load_case(item["image"], item["label"])
+    vf, hit = model.features(volume, spacing, key="case")
+    assert not hit
+    liver = (label == 1).numpy()
+    click = centre_of(liver, spacing)
+    mask, info = model.click(vf, [click], key=("case", "liver"))
+    assert mask[click] and mask.shape == liver.shape
+    vf2, hit = model.features(volume, spacing, key="case")
+    assert hit and vf2 is vf  # the second click reuses the encoded volume
+    result = tmp_path / "sim.json"
+    status = main(["interact", "simulate", "--model", str(out), "--data", str(datalist), "--labels", "liver=1,aorta=5",
+                   "--clicks", "2", "--methods", "clicks", "deepgrow", "graphcut", "--fewshot", "1", "--out", str(result)])
+    assert status == 0
+    rows = json.loads(result.read_text())["rows"]
+    methods = {(r["method"], r["label"]) for r in rows}
+    assert methods == {(m, o) for m in ("clicks", "deepgrow", "graphcut", "fewshot-1") for o in ("liver", "aorta")}
+    assert all(0.0 <= d <= 1.0 for r in rows for d in r["dice"])
+    assert all(len(r["dice"]) <= 2 for r in rows)
