@@ -13,6 +13,10 @@ Models (``--conf models segmentation,classification`` or ``all``):
   (JSON probabilities and slice importance) and a train task on the images whose
   datastore info has a ``class_label``.
 
+With ``--conf interactive_model DIR`` (a click model folder, docs/INTERACTIVE.md) two more
+infer tasks: ``clicks`` (type deepgrow: positive and negative clicks on any structure) and
+``fewshot`` (type scribbles: a new label from one to three painted slices).
+
 Active learning strategies: ``random`` and ``first`` (MONAI Label's) and ``uncertainty``
 (the segmentation model's mean softmax entropy). The datastore is MONAI Label's
 :class:`LocalDatastore` over the ``--studies`` folder's NIfTI volumes.
@@ -124,6 +128,14 @@ class VolumesApp(MONAILabelApp):
             infers["segmentation"] = SegmentationInfer(self.bundles["segmentation"], device=device)
         if "classification" in self.bundles:
             infers["classification"] = ClassificationInfer(self.bundles["classification"], device=device)
+        if self.settings.interactive_model is not None:
+            from lib.interactive import ClickInfer, FewShotInfer, InteractiveService
+
+            service = InteractiveService(self.settings.interactive_model, self.settings.interactive_cache_mb, device)
+            names = list(self.bundles["segmentation"].labels()[1:]) if "segmentation" in self.bundles else []
+            names += [n for n in service.model.saved_labels() if n not in names]
+            infers["clicks"] = ClickInfer(service, names or ["object"])
+            infers["fewshot"] = FewShotInfer(service, names or ["object"])
         return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:

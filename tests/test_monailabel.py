@@ -101,6 +101,20 @@ def _write_phantoms(base: Path) -> tuple[Path, Path]:
     return studies, truth
 
 
+def _click_model(base: Path) -> Path:
+    """A click model folder (1-block ViT-S/14 at 56 px, a few training steps) for the clicks and fewshot tasks."""
+    from volumes.apps.interact import InteractiveConfig, train
+    from volumes.data.phantoms import PhantomConfig, write_cohort
+    from volumes.interactive import ClickTrainingConfig
+
+    datalist = write_cohort(base / "click_data", 2, seed=5, config=PhantomConfig(matrix=64), splits=(1.0, 0.0, 0.0),
+                            progress=False)
+    out = base / "click_model"
+    train(datalist, out, config=InteractiveConfig(encoder_model_kwargs={"depth": 1}, size=56),
+          training=ClickTrainingConfig(window=(56, 56, 32), steps=3), progress=False)
+    return out
+
+
 def _stop(process: subprocess.Popen) -> None:
     """Stop the server and everything it started (training subprocesses): its process group."""
     if process.poll() is not None:
@@ -121,13 +135,15 @@ def _stop(process: subprocess.Popen) -> None:
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("monailabel")
     studies, truth = _write_phantoms(base)
+    click_model = _click_model(base)
     port = _free_port()
     log = base / "server.log"
     command = [*_monailabel(), "start_server", "--app", str(APP), "--studies", str(studies),
                "--host", "127.0.0.1", "--port", str(port),
                "--conf", "models", "all", "--conf", "zoo_source", "github", "--conf", "multi_gpu", "false",
                "--conf", "model_dir", str(base / "model"), *SMALL,
-               "--conf", "segmentation_overrides", json.dumps(SEG_TRAINING)]
+               "--conf", "segmentation_overrides", json.dumps(SEG_TRAINING),
+               "--conf", "interactive_model", str(click_model)]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env(base),
                                    start_new_session=True)
@@ -306,7 +322,9 @@ def test_server_refuses_to_listen_beyond_loopback_unless_allowed(tmp_path):
 def test_info_lists_both_models_and_their_labels(server):
     info = server["client"].info()
     models = info["models"]
-    assert set(models) == {"segmentation", "classification"}
+    assert set(models) == {"segmentation", "classification", "clicks", "fewshot"}
+    assert models["clicks"]["type"] == "deepgrow" and models["fewshot"]["type"] == "scribbles"
+    assert set(models["clicks"]["labels"]) == set(LABELS[1:])
     assert models["segmentation"]["type"] == "segmentation"
     assert models["segmentation"]["labels"] == {name: i for i, name in enumerate(LABELS) if i > 0}
     assert models["classification"]["type"] == "classification"
@@ -351,6 +369,53 @@ def test_segmentation_infer_returns_a_label_volume_with_the_image_geometry(serve
     back = other_label.as_reoriented(nib.orientations.ornt_transform(
         nib.io_orientation(other_label.affine), nib.io_orientation(image.affine)))
     assert np.mean(np.asarray(back.dataobj) == np.asarray(label.dataobj)) > 0.999
+
+
+def test_clicks_add_and_remove_and_the_second_click_reuses_the_features(server):
+    """The deepgrow-type task: clicks in file indices in, a binary mask in the image's geometry out."""
+    client = server["client"]
+    image = nib.load(server["studies"] / "p3.nii.gz")
+    truth = np.asarray(nib.load(server["truth"] / "p3_label.nii.gz").dataobj) == 1  # liver, file voxel order
+    from volumes.interactive.simulate import centre_of
+
+    spacing = [float(z) for z in image.header.get_zooms()[:3]]
+    positive = list(centre_of(truth, spacing))
+    path, params = client.infer("clicks", "p3", {"foreground": [positive], "background": [], "label": "liver"})
+    first, result = nib.load(path), _json(params)
+    assert first.shape == image.shape
+    np.testing.assert_allclose(first.affine, image.affine, atol=1e-4)
+    mask1 = np.asarray(first.dataobj) > 0
+    assert mask1[tuple(positive)]  # the positive click's voxel is in the result
+    assert result["feature_cache"] == "miss" and result["label"] == "liver" and "latencies" in result
+    # a negative click on a voxel the first result holds (far from the positive one) removes it
+    inside = np.argwhere(mask1)
+    negative = inside[np.argmax(np.abs(inside - positive).sum(axis=1))].tolist()
+    path, params = client.infer("clicks", "p3", {"foreground": [positive], "background": [negative], "label": "liver"})
+    mask2, result = np.asarray(nib.load(path).dataobj) > 0, _json(params)
+    assert mask2[tuple(positive)] and not mask2[tuple(negative)]
+    assert result["feature_cache"] == "hit" and result["clicks_run"] == 1  # the encoder did not run again
+    with pytest.raises(Exception):
+        client.infer("clicks", "p3", {"foreground": [], "background": [negative]})
+
+
+def test_fewshot_labels_from_one_painted_slice_and_saved_as_a_new_label(server):
+    client = server["client"]
+    truth_image = nib.load(server["truth"] / "p4_label.nii.gz")
+    spleen = np.asarray(truth_image.dataobj) == 2
+    z = int(np.argmax(spleen.sum(axis=(0, 1))))  # the slice with the most spleen
+    painted = np.zeros(spleen.shape, np.uint8)
+    painted[..., z] = spleen[..., z]
+    painted_path = server["base"] / "p4_painted.nii.gz"
+    nib.save(nib.Nifti1Image(painted, truth_image.affine), painted_path)
+    path, params = client.infer("fewshot", "p4", {"label_name": "my_spleen", "save": True}, label_in=str(painted_path))
+    result = _json(params)
+    mask = np.asarray(nib.load(path).dataobj) > 0
+    dice = 2 * (mask & spleen).sum() / (mask.sum() + spleen.sum())
+    assert result["saved"] == "my_spleen.safetensors" and result["painted_slices"] == 1
+    assert dice > 0.5, dice
+    # the saved label segments the next image without any painting
+    path, params = client.infer("fewshot", "p3", {"label_name": "my_spleen"})
+    assert _json(params)["label"] == "my_spleen" and nib.load(path).shape == nib.load(server["studies"] / "p3.nii.gz").shape
 
 
 def test_classification_infer_returns_probabilities_and_slice_importance(server):

@@ -11,6 +11,7 @@ _EXTRA_FOR = {
     "torch_geometric": "core (pip install torch_geometric)",
     "peft": "peft",
     "lightly": "pretrain",
+    "maxflow": "interactive",
     "highdicom": "dicom",
     "pydicom": "dicom",
     "transformers": "dev",

@@ -24,6 +24,7 @@ KNOWN_KEYS = frozenset({
     "models", "bundles_dir", "model_dir", "device", "epochs", "encoder_depth", "size", "use_pretrained",
     "segmentation_weights", "classification_weights", "encoder_weights", "segmentation_overrides",
     "classification_overrides", "val_split", "multi_gpu", "seed", "allow_remote", "uncertainty_cache",
+    "interactive_model", "interactive_cache_mb",
 })
 
 
@@ -66,6 +67,9 @@ class AppConfig:
         seed: seed of fresh networks and of the training split.
         allow_remote: allow the server to listen on a non-loopback address.
         uncertainty_cache: file of cached uncertainty scores (default ``<model_dir>/uncertainty.json``).
+        interactive_model: a click model folder (``volumes interact train`` or the interactive
+            bundle's ``models/``); serves the ``clicks`` (deepgrow) and ``fewshot`` (scribbles) tasks.
+        interactive_cache_mb: memory for the encoded volumes the click tasks keep (LRU).
     """
 
     models: tuple[str, ...] = tuple(MODEL_NAMES)
@@ -84,6 +88,8 @@ class AppConfig:
     seed: int = 0
     allow_remote: bool = False
     uncertainty_cache: Path | None = None
+    interactive_model: Path | None = None
+    interactive_cache_mb: int = 2048
 
     def bundle_root(self, model: str) -> Path:
         return self.bundles_dir / MODEL_NAMES[model]
@@ -196,4 +202,15 @@ def parse_conf(conf: Mapping[str, Any], app_dir: str | Path) -> AppConfig:
         seed=_int(conf, "seed", 0, minimum=0),
         allow_remote=_bool(conf, "allow_remote", False),
         uncertainty_cache=Path(cache).expanduser().resolve() if cache else None,
+        interactive_model=_click_model(conf),
+        interactive_cache_mb=_int(conf, "interactive_cache_mb", 2048, minimum=64),
     )
+
+
+def _click_model(conf: Mapping[str, str]) -> Path | None:
+    """``--conf interactive_model DIR``: a folder with click_model.safetensors and click_model.json."""
+    folder = _existing_path(conf, "interactive_model", folder_ok=True)
+    if folder is not None and not (folder / "click_model.safetensors").is_file():
+        raise ConfError(f"--conf interactive_model {folder}: no click_model.safetensors there "
+                        "(train one with `python -m volumes interact train` or the interactive bundle)")
+    return folder

@@ -135,14 +135,16 @@ class InteractiveModel:
         c = self.config
         return f"{self.fingerprint[:16]}:{c.size}:{c.preset}:{int(c.resample_z)}"
 
+    def encode(self, volume: torch.Tensor, spacing: Sequence[float], label: torch.Tensor | None = None) -> VolumeFeatures:
+        """Encode a volume ``[1, X, Y, Z]`` (RAS, HU) on this model's working grid (no store)."""
+        c = self.config
+        return encode_volume(self.encoder, volume, tuple(spacing), size=c.size, preset=c.preset, label=label,
+                             resample_z=c.resample_z, device=self.device)
+
     def features(self, volume: torch.Tensor, spacing: Sequence[float], key: str,
                  label: torch.Tensor | None = None) -> tuple[VolumeFeatures, bool]:
         """The volume's features, from the store when this (input, model) was encoded before."""
-        c = self.config
-        return self.store.get_or_compute(
-            (key, self.model_key),
-            lambda: encode_volume(self.encoder, volume, tuple(spacing), size=c.size, preset=c.preset, label=label,
-                                  resample_z=c.resample_z, device=self.device))
+        return self.store.get_or_compute((key, self.model_key), lambda: self.encode(volume, spacing, label))
 
     def click(self, vf: VolumeFeatures, foreground: Sequence[Sequence[int]], background: Sequence[Sequence[int]] = (),
               *, key: Any = None, order: Sequence[bool] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -190,14 +192,23 @@ class InteractiveModel:
 
 
 def _to_working(vf: VolumeFeatures, mask: np.ndarray) -> np.ndarray:
-    """A loaded-grid mask on the working grid (nearest; every painted slice stays painted)."""
+    """A loaded-grid mask on the working grid: in-plane nearest, each painted slice onto its nearest working slice.
+
+    Merging thin slices must not lose a painted one: working slices get the union of the loaded
+    slices that map to them.
+    """
     grid = vf.grid
-    (h, w), padded, pad = grid.geometry
-    t = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
-    t = torch.nn.functional.interpolate(t, size=(h, w, grid.slices), mode="nearest-exact")[0, 0]
-    out = torch.zeros(grid.grid_shape)
-    out[pad[0][0]:pad[0][0] + h, pad[1][0]:pad[1][0] + w] = t
-    return out.numpy() > 0.5
+    (h, w), _, pad = grid.geometry
+    out = np.zeros(grid.grid_shape, bool)
+    painted = np.flatnonzero(np.asarray(mask).reshape(-1, mask.shape[-1]).any(axis=0))
+    if len(painted) == 0:
+        return out
+    targets = grid.to_grid([(0, 0, int(z)) for z in painted])[:, 2]
+    slices = torch.from_numpy(np.asarray(mask, np.float32)[..., painted]).permute(2, 0, 1)[:, None]  # [n, 1, X, Y]
+    resized = torch.nn.functional.interpolate(slices, size=(h, w), mode="nearest-exact")[:, 0].numpy() > 0.5
+    for z, plane in zip(targets, resized):
+        out[pad[0][0]:pad[0][0] + h, pad[1][0]:pad[1][0] + w, z] |= plane
+    return out
 
 
 def fewshot_mask(vf: VolumeFeatures, head: FewShotHead, seeds_grid: np.ndarray) -> np.ndarray:

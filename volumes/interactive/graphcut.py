@@ -27,9 +27,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import maxflow
 import numpy as np
 from scipy import ndimage
+
+from volumes._optional import require
 
 __all__ = ["graphcut_segment"]
 
@@ -153,6 +154,7 @@ def graphcut_segment(
     infinite = 1.0 + float(cost_fg.sum() + cost_bg.sum()) + 6.0 * smoothness / float(spacing_arr.min()) * sub.size
 
     # Source side = foreground. A node pays its sink capacity when it stays with the source.
+    maxflow = require("maxflow", "the GraphCut baseline")
     graph = maxflow.Graph[float]()
     nodes = graph.add_grid_nodes(sub.shape)
     if smoothness > 0:

@@ -1,0 +1,155 @@
+"""MONAI Label infer tasks for clicks and few-shot labels on the frozen features (docs/INTERACTIVE.md).
+
+* :class:`ClickInfer` (type ``deepgrow``, so 3D Slicer's and OHIF's DeepGrow click tools
+  work unchanged): request ``foreground`` / ``background`` (voxel indices of the image
+  file as stored, as the clients send them) and ``label`` (the object's name, any name:
+  the click model is class-agnostic); response a binary label volume in the image's own
+  geometry and JSON with ``feature_cache`` (``hit``: the encoder did not run),
+  ``encode_s``, ``head_s`` and MONAI Label's ``latencies``.
+* :class:`FewShotInfer` (type ``scribbles``): the client uploads a label volume with the
+  new structure painted on one to three slices (``label_in``); params ``label_name``,
+  ``save`` (keep the head as a new label of the model), ``foreground_value`` (default 1)
+  and ``background_value`` (scribble mode: only voxels of these two values are samples).
+  Without an uploaded label, a saved label name segments the image with its saved head.
+
+Both share one :class:`volumes.apps.interact.InteractiveModel`: features are encoded once
+per (input file hash, model) and kept in memory (``--conf interactive_cache_mb``).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from volumes.apps.interact import InteractiveModel, file_to_ras, load_case
+
+__all__ = ["ClickInfer", "FewShotInfer", "InteractiveService"]
+
+logger = logging.getLogger(__name__)
+
+
+class InteractiveService:
+    """The loaded click model folder, and the features of the volumes clicked on."""
+
+    def __init__(self, root: Path, budget_mb: int, device: str | None) -> None:
+        self.model = InteractiveModel(root, budget_bytes=budget_mb * 1024 * 1024, device=device or "cpu")
+
+    def features(self, image_path: str) -> tuple[Any, bool]:
+        from volumes.data.io import source_sha256
+
+        key = source_sha256(image_path)
+
+        def encode():  # only when this file was not encoded by this model before
+            volume, spacing, _, loaded = load_case(image_path)
+            vf = self.model.encode(volume, spacing)
+            vf.extra.update(affine=np.asarray(loaded.affine, float),
+                            original_affine=np.asarray(loaded.meta.get("original_affine", loaded.affine), float),
+                            key=key)
+            return vf
+
+        return self.model.store.get_or_compute((key, self.model.model_key), encode)
+
+    @staticmethod
+    def to_ras(vf: Any, points: Sequence[Sequence[int]] | None) -> list[tuple[int, int, int]]:
+        points = [p for p in (points or []) if len(p) >= 3]
+        return file_to_ras([p[:3] for p in points], vf.extra["original_affine"], vf.extra["affine"], vf.grid.shape)
+
+
+def _write_mask(mask: np.ndarray, vf: Any) -> str:
+    from volumes.segmentation import write_label_map
+
+    path = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+    write_label_map(mask.astype(np.uint8), vf.extra["affine"], path, original_affine=vf.extra["original_affine"])
+    return path
+
+
+class ClickInfer(BasicInferTask):
+    """DeepGrow-type clicks on any object: positive adds, negative removes, within the click's window."""
+
+    def __init__(self, service: InteractiveService, labels: Sequence[str]) -> None:
+        root = service.model.root
+        super().__init__(path=str(root / "click_model.safetensors"), network=None, type=InferType.DEEPGROW,
+                         labels={name: 1 for name in labels}, dimension=3,
+                         description="Clicks on any structure: a class-agnostic click model on frozen DINOv2 "
+                                     "slice features (positive and negative clicks)")
+        self.service = service
+
+    def is_valid(self) -> bool:
+        return Path(self.path[0] if isinstance(self.path, list) else self.path).is_file()
+
+    def pre_transforms(self, data: dict | None = None) -> list:
+        return []
+
+    def inverse_transforms(self, data: dict | None = None) -> None:
+        return None
+
+    def post_transforms(self, data: dict | None = None) -> list:
+        return []
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
+        start = time.perf_counter()
+        vf, hit = self.service.features(data["image"])
+        foreground = self.service.to_ras(vf, data.get("foreground"))
+        background = self.service.to_ras(vf, data.get("background"))
+        if not foreground:
+            raise ValueError("no foreground click: click the structure first (positive click)")
+        label = str(data.get("label") or "object")
+        mask, info = self.service.model.click(vf, foreground, background, key=(vf.extra["key"], label))
+        data["pred"] = mask
+        data["_features"] = vf
+        data["_result"] = {"label": label, "feature_cache": "hit" if hit else "miss", "encode_s": round(vf.encode_s, 3),
+                           "head_s": round(info["head_s"], 3), "clicks_run": info["clicks_run"],
+                           "seconds": round(time.perf_counter() - start, 3), "voxels": int(mask.sum())}
+        return data
+
+    def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[str, dict]:
+        return _write_mask(data["pred"], data["_features"]), dict(data["_result"])
+
+
+class FewShotInfer(ClickInfer):
+    """A new label from painted slices (or scribbles), optionally saved as a label of the model."""
+
+    def __init__(self, service: InteractiveService, labels: Sequence[str]) -> None:
+        super().__init__(service, labels)
+        self.type = InferType.SCRIBBLES
+        self.description = ("A new label from one to three painted slices: a logistic head on frozen DINOv2 patch "
+                            "features, fitted in seconds; save it with save=true and label_name")
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
+        from volumes.apps.interact import fewshot_mask
+        from volumes.data.io import load_volume
+
+        start = time.perf_counter()
+        vf, hit = self.service.features(data["image"])
+        model = self.service.model
+        name = str(data.get("label_name") or "new_structure")
+        annotation_path = data.get("label")
+        result: dict[str, Any] = {"label": name, "feature_cache": "hit" if hit else "miss",
+                                  "encode_s": round(vf.encode_s, 3)}
+        if annotation_path:
+            painted = load_volume(annotation_path, dtype=None)
+            values = np.asarray(painted[0])
+            if values.shape != vf.grid.shape:
+                raise ValueError(f"{Path(annotation_path).name}: the annotation's shape {list(values.shape)} is not "
+                                 f"the image's {list(vf.grid.shape)}")
+            fg_value = int(data.get("foreground_value", 1))
+            bg_value = data.get("background_value")
+            foreground = values == fg_value
+            background = None if bg_value is None else values == int(bg_value)
+            mask, head, info = model.fewshot(vf, foreground, background)
+            result.update(fit_s=round(info["fit_s"], 3), painted_slices=int(np.any(foreground, axis=(0, 1)).sum()))
+            if str(data.get("save", "false")).lower() in ("1", "true", "yes"):
+                result["saved"] = model.save_label(head, name).name
+        else:
+            head = model.load_label(name)
+            mask = fewshot_mask(vf, head, np.zeros(vf.grid.grid_shape, bool))
+        result.update(seconds=round(time.perf_counter() - start, 3), voxels=int(mask.sum()))
+        data["pred"], data["_features"], data["_result"] = mask, vf, result
+        return data
