@@ -7,6 +7,7 @@ test to seconds; the figures of real runs are in docs/INTERACTIVE.md.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -258,3 +259,38 @@ def test_a_trained_folder_serves_clicks_reusing_the_features_and_the_cli_simulat
     assert methods == {(m, o) for m in ("clicks", "deepgrow", "graphcut", "fewshot-1") for o in ("liver", "aorta")}
     assert all(0.0 <= d <= 1.0 for r in rows for d in r["dice"])
     assert all(len(r["dice"]) <= 2 for r in rows)
+
+
+# ---------------------------------------------------------------- the bundle
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "dinov2_interactive_segmentation"
+
+
+def test_the_bundle_trains_a_click_model_folder_the_app_serves(tmp_path):
+    """``monai.bundle run`` on train.json with tiny settings writes a folder InteractiveModel loads."""
+    import shutil
+
+    from monai.bundle import run as bundle_run
+
+    root = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, root)
+    bundle_run(config_file=str(root / "configs" / "train.json"), meta_file=str(root / "configs" / "metadata.json"),
+               logging_file=str(root / "configs" / "logging.conf"), bundle_root=str(root), phantom_cases=3,
+               steps=2, window=list(SMALL_WINDOW), encoder_model_kwargs={"depth": 1},
+               **{"preprocessing_config#size": 56})
+    settings = json.loads((root / "models" / "click_model.json").read_text())
+    assert settings["training"]["steps"] == 2 and settings["interactive"]["size"] == 56
+    model = InteractiveModel(root / "models")
+    assert model.window == SMALL_WINDOW and model.encoder.depth == 1
+
+
+def test_bundle_metadata_passes_the_monai_schema(tmp_path, shared_data):
+    import shutil
+
+    from monai import bundle as monai_bundle
+
+    schema = shared_data.parent / "monai" / "meta_schema_20240725.json"
+    if not schema.is_file():
+        pytest.skip(f"{schema} not found")
+    local = tmp_path / "schema.json"
+    shutil.copy(schema, local)
+    monai_bundle.verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(local))
