@@ -8,11 +8,9 @@ segments the whole volume; since it is linear, its logits are computed on the pa
 and upsampled, which is exact and cheap. The component(s) holding the painted voxels
 are kept.
 
-Clicks correct it: a click adds its neighbourhood (radius 1.5 working voxels) as
-positive or negative samples with a high weight, the head is refitted, and only the
-click's window is re-predicted, with the same guarantees as
-:class:`~volumes.interactive.segmenter.ClickSegmenter` (a click's voxel as the user said,
-the rest of the volume unchanged).
+Clicks correct it: :meth:`FewShotHead.add_click` adds the click's neighbourhood
+(radius 1.5 working voxels, on its slice) as positive or negative samples with a high
+weight and refits the head.
 
 :meth:`FewShotHead.save` writes the head as a new label of the model (safetensors and
 JSON, no code), :meth:`FewShotHead.load` reads it back (refusing another encoder).
