@@ -37,3 +37,21 @@ def classification_cohort(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("classification_cohort")
     return write_cohort(root / "phantoms", 48, seed=0, config=PhantomConfig.classification_demo(),
                         splits=(0.5, 0.25, 0.25), progress=False)
+
+
+@pytest.fixture
+def verify_bundle_metadata(tmp_path, shared_data):
+    """``verify(metadata_json)``: MONAI's verify_metadata against the schema in ``../shared/monai`` (skips without it)."""
+    import shutil
+
+    schema = shared_data.parent / "monai" / "meta_schema_20240725.json"
+    if not schema.is_file():
+        pytest.skip(f"{schema} not found")
+    local = tmp_path / "schema.json"
+    shutil.copy(schema, local)  # verify_metadata writes beside the schema
+
+    def verify(meta_file: Path) -> None:
+        from monai import bundle as monai_bundle
+
+        monai_bundle.verify_metadata(meta_file=str(meta_file), filepath=str(local))
+    return verify

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,13 +118,8 @@ def test_inference_writes_probabilities_and_top_slices(trained):
     assert [r["case_id"] for r in table] == [r["case_id"] for r in rows]
 
 
-def test_verify_metadata_against_the_monai_schema(tmp_path, shared_data):
-    schema = shared_data.parent / "monai" / "meta_schema_20240725.json"
-    if not schema.is_file():
-        pytest.skip(f"{schema} not found")
-    local = tmp_path / "schema.json"
-    shutil.copy(schema, local)
-    monai_bundle.verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(local))
+def test_verify_metadata_against_the_monai_schema(verify_bundle_metadata):
+    verify_bundle_metadata(CONFIGS / "metadata.json")
 
 
 def test_verify_net_in_out():

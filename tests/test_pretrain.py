@@ -310,12 +310,5 @@ def test_the_bundle_runs_the_same_pretraining(archive, tmp_path):
     assert torch.load(root / "models" / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
-def test_bundle_metadata_passes_the_monai_schema(tmp_path, shared_data):
-    from monai import bundle as monai_bundle
-
-    schema = shared_data.parent / "monai" / "meta_schema_20240725.json"
-    if not schema.is_file():
-        pytest.skip(f"{schema} not found")
-    local = tmp_path / "schema.json"
-    shutil.copy(schema, local)
-    monai_bundle.verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(local))
+def test_bundle_metadata_passes_the_monai_schema(verify_bundle_metadata):
+    verify_bundle_metadata(BUNDLE / "configs" / "metadata.json")

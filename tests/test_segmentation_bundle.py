@@ -128,13 +128,8 @@ def test_training_fits_quality_control_that_flags_wrongly_scaled_input(trained, 
     assert "Flagged for review" in (output / "report.html").read_text()
 
 
-def test_verify_metadata_against_the_monai_schema(tmp_path, shared_data):
-    schema = shared_data.parent / "monai" / "meta_schema_20240725.json"
-    if not schema.is_file():
-        pytest.skip(f"{schema} not found")
-    local = tmp_path / "schema.json"
-    shutil.copy(schema, local)
-    monai_bundle.verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(local))
+def test_verify_metadata_against_the_monai_schema(verify_bundle_metadata):
+    verify_bundle_metadata(CONFIGS / "metadata.json")
 
 
 def test_metadata_channel_def_names_the_organs_of_the_configs():

@@ -15,7 +15,6 @@ standard protocol (:mod:`volumes.interactive.simulate`) for any of the methods.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -245,10 +244,12 @@ def train(data: str | Path, out: str | Path, *, config: InteractiveConfig | None
     training = training or ClickTrainingConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # the folder is the whole model: the encoder goes in (a random one is still a specific one)
     if config.encoder_weights is None:
-        # a random encoder is still a specific one: save it, so the folder is the whole model
         write_encoder(out / ENCODER_FILE, config.encoder_model_kwargs, seed=training.seed)
         config = InteractiveConfig(**{**asdict(config), "encoder_weights": ENCODER_FILE})
+    else:
+        config = InteractiveConfig(**{**asdict(config), "encoder_weights": _copy_weights(Path(config.encoder_weights), out)})
     encoder = load_encoder(config, out)
     if volumes is None:
         volumes = labelled_features(datalist_section(data, section), encoder, config, progress)
@@ -266,6 +267,22 @@ def train(data: str | Path, out: str | Path, *, config: InteractiveConfig | None
                               "seconds": seconds})
         summary[name] = {"seconds": seconds, "last_loss": float(np.mean([r["loss"] for r in log[-10:]]))}
     return summary
+
+
+def _copy_weights(source: Path, out: Path) -> str:
+    """Copy encoder weights (a file or a Hugging Face folder) into the model folder; its name there."""
+    import shutil
+
+    if not source.exists():
+        raise FileNotFoundError(f"encoder weights {source} not found")
+    name = "encoder" if source.is_dir() else "encoder" + source.suffix
+    target = out / name
+    if source.resolve() != target.resolve():
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target)
+    return name
 
 
 # ---------------------------------------------------------------------- simulation
