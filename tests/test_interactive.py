@@ -143,6 +143,27 @@ def test_clicks_keep_their_promises(encoder):
         segmenter.segment(vf, [(200, 0, 0)])
 
 
+def test_the_intensity_cue_marks_voxels_that_look_like_the_clicked_one():
+    """1 at the click and wherever the (3 x 3 x 3 mean) intensities equal it, about 0 far from it, 0 with no click."""
+    from volumes.interactive.model import click_maps, guidance_json, intensity_similarity
+
+    image = torch.zeros(1, 3, 20, 20, 10)
+    image[:, :, :10] = 0.5  # two flat halves: 0.5 and 0
+    image[:, 1, 15:, 15:] = 0.05  # a corner 0.05 away from 0 in one window
+    maps = torch.from_numpy(click_maps((20, 20, 10), guidance_json([(4, 4, 5)], [])))[None]
+    cue = intensity_similarity(image, maps)
+    assert cue.shape == (1, 2, 20, 20, 10)
+    assert float(cue[0, 0, 4, 4, 5]) == pytest.approx(1.0) and float(cue[0, 0, 2, 7, 1]) == pytest.approx(1.0)
+    assert float(cue[0, 0, 16, 4, 5]) < 1e-6  # 0.5 away in each of 3 windows
+    assert float(cue[0, 1].abs().max()) == 0.0  # no negative click
+    both = torch.from_numpy(click_maps((20, 20, 10), guidance_json([(4, 4, 5)], [(12, 4, 5)])))[None]
+    cue = intensity_similarity(image, both)
+    assert float(cue[0, 1, 16, 4, 5]) == pytest.approx(1.0) and float(cue[0, 1, 17, 17, 5]) == pytest.approx(
+        float(np.exp(-0.05 ** 2 / (2 * 0.1 ** 2))), rel=1e-4)
+    assert ClickNet(384).body.conv_0.conv_0.conv.in_channels == 16 + 2 + 3 + 2 + 4
+    assert ClickNet(384, intensity_cue=False, use_features=False).body.conv_0.conv_0.conv.in_channels == 5  # DeepGrow's
+
+
 def test_the_click_model_learns_to_segment_what_is_clicked(encoder):
     """Trained on ellipsoids for 60 steps with simulated clicks, one click segments an unseen one (measured: 0.86)."""
     volumes = []
@@ -188,6 +209,31 @@ def test_a_new_label_from_one_painted_slice(encoder, tmp_path):
         FewShotHead.load(path, "def" * 10)
     with pytest.raises(ValueError, match="no painted voxel"):
         FewShotHead().fit_slices(vf, np.zeros_like(label))
+
+
+def test_a_new_label_between_a_darker_and_a_brighter_structure():
+    """The squared intensities let the linear head draw a band: a 50 HU organ between 0 HU and 100 HU tissue.
+
+    Features are zeroed, so only the intensities can answer. Every value lies inside every
+    window (no clipping), so without the squares the head has a single threshold on HU and
+    cannot keep both sides out (measured: Dice 0.92 with the squares, 0.31 without them).
+    """
+    from volumes.interactive import WorkGrid
+    from volumes.interactive.session import VolumeFeatures
+
+    volume, truth = blob_volume(shape=(56, 56, 30), centre=(28, 28, 15), radii=(12, 12, 8), hu=(0.0, 50.0))
+    bright = np.zeros(truth.shape, bool)
+    bright[:, 44:, :] = True  # a 100 HU slab beside it
+    volume[0][torch.from_numpy(bright)] += 100.0
+    grid = WorkGrid((56, 56, 30), (1.0, 1.0, 1.0), size=56)
+    image, _ = grid.prepare(volume)
+    vf = VolumeFeatures(grid=grid, image=image.half(), features=torch.zeros(4, 4, 4, 30, dtype=torch.float16),
+                        label=torch.from_numpy(truth.astype(np.int64)))
+    painted = np.zeros_like(truth)
+    painted[..., 15] = True
+    head = FewShotHead().fit_slices(vf, truth & painted)
+    band_dice = dice(head.probability(vf).numpy() > 0.5, truth)
+    assert band_dice > 0.9, band_dice
 
 
 # ---------------------------------------------------------------- protocol
@@ -291,3 +337,53 @@ def test_the_bundle_trains_a_click_model_folder_the_app_serves(tmp_path):
 
 def test_bundle_metadata_passes_the_monai_schema(verify_bundle_metadata):
     verify_bundle_metadata(BUNDLE / "configs" / "metadata.json")
+
+
+def _dijkstra(image: np.ndarray, seed: tuple, gamma: float) -> np.ndarray:
+    """Reference: 6-neighbour geodesic distances by Dijkstra's algorithm (heapq), image ``[C, X, Y, Z]``."""
+    import heapq
+
+    shape = image.shape[1:]
+    dist = np.full(shape, np.inf)
+    dist[seed] = 0.0
+    heap = [(0.0, seed)]
+    while heap:
+        d, p = heapq.heappop(heap)
+        if d > dist[p]:
+            continue
+        for axis in range(3):
+            for step in (-1, 1):
+                q = list(p)
+                q[axis] += step
+                q = tuple(q)
+                if not 0 <= q[axis] < shape[axis]:
+                    continue
+                diff = image[(slice(None), *q)] - image[(slice(None), *p)]
+                nd = d + np.sqrt(1.0 + gamma ** 2 * float((diff ** 2).sum()))
+                if nd < dist[q]:
+                    dist[q] = nd
+                    heapq.heappush(heap, (nd, q))
+    return dist
+
+
+def test_geodesic_distance_matches_dijkstra_and_stops_at_edges():
+    """Raster scans converge to Dijkstra's 6-neighbour geodesic (exact after 6 rounds here; the default 2 are an
+    upper bound within 5%, measured 4.7%); on a flat image it is the city-block distance."""
+    from volumes.interactive.geodesic import geodesic_distance
+
+    rng = np.random.default_rng(0)
+    image = rng.random((2, 9, 8, 6)).astype(np.float32) * 0.2
+    image[:, 5:] += 1.0  # an edge across X
+    seeds = np.zeros((9, 8, 6), bool)
+    seeds[2, 3, 1] = True
+    reference = _dijkstra(image, (2, 3, 1), 5.0)
+    exact = geodesic_distance(torch.from_numpy(image)[None], torch.from_numpy(seeds)[None], gamma=5.0, iterations=6)[0]
+    np.testing.assert_allclose(exact.numpy(), reference, rtol=1e-5)
+    ours = geodesic_distance(torch.from_numpy(image)[None], torch.from_numpy(seeds)[None], gamma=5.0)[0]
+    assert (ours.numpy() >= reference - 1e-4).all() and (ours.numpy() <= reference * 1.05 + 1e-4).all()
+    # crossing the edge costs at least sqrt(1 + 25 * 2 * 0.8^2) = 5.7 voxel lengths; a flat step costs about 1
+    assert float((exact[5] - exact[4]).min()) > 5.6 and float((exact[4] - exact[3]).abs().max()) < 2.5
+    flat = geodesic_distance(torch.zeros(1, 1, 9, 8, 6), torch.from_numpy(seeds)[None], gamma=5.0)[0]
+    grid = np.indices((9, 8, 6))
+    np.testing.assert_allclose(flat.numpy(), np.abs(grid - np.array([2, 3, 1])[:, None, None, None]).sum(0))
+    assert torch.isinf(geodesic_distance(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 4, 4, 4, dtype=torch.bool))).all()

@@ -1,8 +1,9 @@
 """A new label from one to three annotated slices: a logistic head on the frozen patch features.
 
 The user paints a structure on a few slices. Every voxel of those slices is a sample:
-its patch features (the encoder's grids, bilinearly upsampled to the slice) and its three
-prepared intensities; inside the painted structure positive, elsewhere on those slices
+its patch features (the encoder's grids, bilinearly upsampled to the slice), its three
+prepared intensities and their squares (so a linear head can draw an intensity band, an
+organ between fat and bone, not only a threshold); inside the painted structure positive, elsewhere on those slices
 negative. A logistic regression (L-BFGS, L2, classes balanced) is fitted in seconds and
 segments the whole volume; since it is linear, its logits are computed on the patch grid
 and upsampled, which is exact and cheap. The component(s) holding the painted voxels
@@ -48,7 +49,7 @@ def keep_connected(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
 
 
 class FewShotHead:
-    """Logistic regression on (patch features, intensities) of a volume's working grid.
+    """Logistic regression on (patch features, intensities, squared intensities) of a volume's working grid.
 
     Args:
         l2: L2 penalty on the weights (features are standardised first).
@@ -58,7 +59,7 @@ class FewShotHead:
 
     def __init__(self, l2: float = 1e-3, iterations: int = 60, negatives: int = 40000, seed: int = 0):
         self.l2, self.iterations, self.negatives, self.seed = float(l2), int(iterations), int(negatives), int(seed)
-        self.weight: torch.Tensor | None = None  # [C + 3]
+        self.weight: torch.Tensor | None = None  # [C + 6]
         self.bias: float = 0.0
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
@@ -68,11 +69,12 @@ class FewShotHead:
     # ------------------------------------------------------------------ samples
     @staticmethod
     def voxel_features(vf: VolumeFeatures, z: int) -> torch.Tensor:
-        """``[H, W, C + 3]`` features of working-grid slice ``z``."""
+        """``[H, W, C + 6]`` features of working-grid slice ``z``: patch features, intensities, their squares."""
         h, w, _ = vf.grid.grid_shape
         grid = vf.features[..., z].float()[None]  # [1, C, h', w']
         up = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[0]
-        return torch.cat([up, vf.image[..., z].float()], dim=0).permute(1, 2, 0)
+        image = vf.image[..., z].float()
+        return torch.cat([up, image, image * image], dim=0).permute(1, 2, 0)
 
     def samples_from_slices(self, vf: VolumeFeatures, label: np.ndarray, background: np.ndarray | None = None,
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,28 +143,29 @@ class FewShotHead:
                         torch.cat([wt, torch.full((n,), weight)]))
 
     # ------------------------------------------------------------------ predict
-    def _split(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _split(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Weights on the raw inputs: (patch features, intensities, squared intensities), bias."""
         assert self.weight is not None and self.mean is not None and self.std is not None
         scaled = self.weight / self.std
         bias = self.bias - float((self.mean * scaled).sum())
-        return scaled[:-3], scaled[-3:], bias
+        return scaled[:-6], scaled[-6:-3], scaled[-3:], bias
 
     @torch.inference_mode()
     def probability(self, vf: VolumeFeatures, window: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
         """Working-grid probability ``[H, W, D]`` (or of ``window``)."""
-        w_feat, w_img, bias = self._split()
+        w_feat, w_img, w_sq, bias = self._split()
         h, w, d = vf.grid.grid_shape
         (x0, x1), (y0, y1), (z0, z1) = window or [(0, h), (0, w), (0, d)]
         feats = vf.features[..., z0:z1].float()  # [C, h', w', dz]
         patch_logits = torch.einsum("c,cxyz->zxy", w_feat, feats)[:, None]  # [dz, 1, h', w']
         up = F.interpolate(patch_logits, size=(h, w), mode="bilinear", align_corners=False)[:, 0].permute(1, 2, 0)
         image = vf.image[..., z0:z1].float()
-        logits = up + torch.einsum("c,cxyz->xyz", w_img, image) + bias
+        logits = up + torch.einsum("c,cxyz->xyz", w_img, image) + torch.einsum("c,cxyz->xyz", w_sq, image * image) + bias
         return torch.sigmoid(logits[x0:x1, y0:y1])
 
     def to_dict(self) -> dict[str, Any]:
-        w_feat, w_img, bias = self._split()
-        return {"feature_weight": w_feat, "image_weight": w_img, "bias": torch.tensor([bias])}
+        w_feat, w_img, w_sq, bias = self._split()
+        return {"feature_weight": w_feat, "image_weight": w_img, "image_squared_weight": w_sq, "bias": torch.tensor([bias])}
 
     def save(self, path: str | Path, *, name: str, encoder_fingerprint: str, grid: dict[str, Any]) -> Path:
         """Write the head as a label of the model: ``<path>.safetensors`` + ``<path>.json``."""
@@ -189,7 +192,8 @@ class FewShotHead:
                              f"({meta['encoder_fingerprint'][:12]}, this one is {encoder_fingerprint[:12]}); fit it again")
         tensors = load_file(str(path.with_suffix(".safetensors")))
         head = cls()
-        weight = torch.cat([tensors["feature_weight"], tensors["image_weight"]])
+        squared = tensors.get("image_squared_weight", torch.zeros_like(tensors["image_weight"]))  # older heads: none
+        weight = torch.cat([tensors["feature_weight"], tensors["image_weight"], squared])
         head.weight, head.bias = weight, float(tensors["bias"][0])
         head.mean, head.std = torch.zeros_like(weight), torch.ones_like(weight)
         head.meta = meta

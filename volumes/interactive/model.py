@@ -11,6 +11,16 @@ encoder's patch grid):
   idea of training-free DINOv2 segmentation, given to the network as evidence: "this
   looks like what was clicked" does not have to be learnt from a few hundred CPU steps;
 * the three prepared CT windows ``[3, W, W, Wz]``;
+* with ``intensity_cue``, four maps of the image around the clicks (positive, negative):
+  the **intensity similarity** (per voxel, the highest ``exp(-d^2 / 2 s^2)`` over the
+  clicks, ``d`` the distance of the voxel's three windows, 3 x 3 x 3 averaged, from the
+  click's, ``s = 0.1``: the voxel-level twin of the feature similarity) and the
+  **geodesic distance** from the clicks as ``exp(-D / 30)`` (:mod:`.geodesic`, DeepIGeoS'
+  click encoding: small inside the clicked structure, jumping at its edges). Without
+  them, the first model trained here (400 CPU steps, random encoder) drew about the same
+  liver-sized blob whatever was clicked: a random encoder's 8 x 8 patch grid is too
+  coarse for a kidney, and that budget did not teach the network where the click's
+  structure ends;
 * the click maps ``[2, W, W, Wz]`` (positive, negative) exactly as MONAI's DeepGrow makes
   them: :class:`monai.apps.deepgrow.transforms.AddGuidanceSignald` (Gaussian of sigma 2
   voxels around each click, scaled to [0, 1]).
@@ -36,7 +46,7 @@ from monai.apps.deepgrow.transforms import AddGuidanceSignald
 from monai.networks.nets import BasicUNet
 from torch import nn
 
-__all__ = ["ClickNet", "click_maps", "click_similarity", "clicked_patches", "guidance_json", "window_slices", "crop_window", "DEFAULT_FEATURES"]
+__all__ = ["ClickNet", "click_maps", "click_similarity", "clicked_patches", "intensity_cues", "intensity_similarity", "guidance_json", "window_slices", "crop_window", "DEFAULT_FEATURES"]
 
 DEFAULT_FEATURES = (8, 16, 32, 64, 128, 8)
 
@@ -51,20 +61,24 @@ class ClickNet(nn.Module):
         features: :class:`BasicUNet` feature sizes.
         sigma: click-map Gaussian sigma in voxels (DeepGrow's default 2).
         scale: in-plane downsampling of the body's input (1: full working resolution).
+        intensity_cue: add the intensity-similarity and geodesic maps (:func:`intensity_cues`).
     """
 
     def __init__(self, feature_channels: int, projected: int = 16, *, use_features: bool = True,
-                 features: Sequence[int] = DEFAULT_FEATURES, sigma: int = 2, scale: int = 2):
+                 features: Sequence[int] = DEFAULT_FEATURES, sigma: int = 2, scale: int = 2,
+                 intensity_cue: bool = True):
         super().__init__()
         self.scale = int(scale)
         self.feature_channels = int(feature_channels)
         self.use_features = bool(use_features)
         self.sigma = int(sigma)
+        self.intensity_cue = bool(intensity_cue)
         self.project = nn.Conv3d(feature_channels, projected, 1) if use_features else None
-        in_channels = 3 + 2 + (projected + 2 if use_features else 0)
+        in_channels = 3 + 2 + (projected + 2 if use_features else 0) + (4 if intensity_cue else 0)
         self.body = BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=1, features=tuple(features))
         self.config = {"feature_channels": self.feature_channels, "projected": int(projected),
-                       "use_features": self.use_features, "features": list(features), "sigma": self.sigma, "scale": self.scale}
+                       "use_features": self.use_features, "features": list(features), "sigma": self.sigma, "scale": self.scale,
+                       "intensity_cue": self.intensity_cue}
 
     def forward(self, features: torch.Tensor | None, image: torch.Tensor, clicks: torch.Tensor) -> torch.Tensor:
         size = image.shape[2:]
@@ -72,10 +86,11 @@ class ClickNet(nn.Module):
             if features is None:
                 raise ValueError("this click model needs the patch features")
             evidence = torch.cat([self.project(features), click_similarity(features, clicked_patches(clicks, features))], 1)
+        cue = intensity_cues(image, clicks, self.scale) if self.intensity_cue else None
         if self.scale > 1:
             kernel = (self.scale, self.scale, 1)
             image, clicks = F.avg_pool3d(image, kernel), F.avg_pool3d(clicks, kernel)
-        parts = [image, clicks]
+        parts = [image, clicks] + ([cue] if cue is not None else [])
         if self.project is not None:
             evidence = F.interpolate(evidence, size=image.shape[2:], mode="trilinear", align_corners=False)
             parts.insert(0, evidence)
@@ -90,8 +105,59 @@ def clicked_patches(clicks: torch.Tensor, features: torch.Tensor) -> torch.Tenso
 
     A click is a local maximum of its Gaussian map (above 0.1).
     """
-    peaks = (clicks >= F.max_pool3d(clicks, 3, stride=1, padding=1)) & (clicks > 0.1)
-    return F.adaptive_max_pool3d(peaks.float(), features.shape[2:]) > 0.5
+    return F.adaptive_max_pool3d(click_peaks(clicks).float(), features.shape[2:]) > 0.5
+
+
+def click_peaks(clicks: torch.Tensor) -> torch.Tensor:
+    """``[B, 2, W, W, Wz]`` (bool): the clicks' voxels, local maxima (above 0.1) of their Gaussian maps."""
+    return (clicks >= F.max_pool3d(clicks, 3, stride=1, padding=1)) & (clicks > 0.1)
+
+
+def intensity_similarity(image: torch.Tensor, clicks: torch.Tensor, width: float = 0.1) -> torch.Tensor:
+    """``[B, 2, W, W, Wz]``: per voxel, the highest ``exp(-d^2 / 2 width^2)`` over the positive (negative) clicks.
+
+    ``d``: Euclidean distance between the voxel's prepared intensities ``image`` ``[B, 3, ...]``
+    (each 3 x 3 x 3 averaged, against noise) and the clicked voxel's. A map with no click is 0.
+    """
+    smooth = F.avg_pool3d(image, 3, stride=1, padding=1, count_include_pad=False)
+    peaks = click_peaks(clicks)
+    out = torch.zeros(image.shape[0], 2, *image.shape[2:], dtype=image.dtype, device=image.device)
+    for b in range(image.shape[0]):
+        for k in range(2):
+            points = torch.nonzero(peaks[b, k])
+            if len(points) == 0:
+                continue
+            refs = smooth[b][:, points[:, 0], points[:, 1], points[:, 2]].T  # [N, 3]
+            d2 = ((smooth[b][None] - refs[:, :, None, None, None]) ** 2).sum(1)  # [N, W, W, Wz]
+            out[b, k] = torch.exp(-d2.amin(0) / (2 * width ** 2))
+    return out
+
+
+GEODESIC_GAMMA = 15.0  # an intensity step of 0.1 (15 HU in the liver window) costs 1.5 voxel lengths
+GEODESIC_SCALE = 30.0  # exp(-D / 30): 0.37 thirty voxel lengths along the structure
+
+
+def intensity_cues(image: torch.Tensor, clicks: torch.Tensor, scale: int = 1) -> torch.Tensor:
+    """``[B, 4, W / scale, W / scale, Wz]``: intensity similarity (positive, negative), then geodesic maps.
+
+    The geodesic distance runs on the 3 x 3 x 3 averaged image pooled ``scale x scale`` in-plane
+    (the click network's resolution; steps of ``scale`` voxels in-plane, 1 along z), from the
+    pooled clicks; ``exp(-D / GEODESIC_SCALE)``, 0 for a side with no click.
+    """
+    from volumes.interactive.geodesic import geodesic_distance
+
+    similarity = intensity_similarity(image, clicks)
+    smooth = F.avg_pool3d(image, 3, stride=1, padding=1, count_include_pad=False)
+    peaks = click_peaks(clicks).float()
+    if scale > 1:
+        kernel = (scale, scale, 1)
+        similarity, smooth, peaks = F.avg_pool3d(similarity, kernel), F.avg_pool3d(smooth, kernel), F.max_pool3d(peaks, kernel)
+    b = image.shape[0]
+    seeds = peaks.reshape(b * 2, *peaks.shape[2:]) > 0.5
+    distance = geodesic_distance(smooth.repeat_interleave(2, dim=0), seeds, gamma=GEODESIC_GAMMA,
+                                 spacing=(scale, scale, 1))
+    geodesic = torch.exp(-distance / GEODESIC_SCALE).reshape(b, 2, *distance.shape[1:])  # inf -> 0
+    return torch.cat([similarity, geodesic.to(similarity.dtype)], dim=1)
 
 
 def click_similarity(features: torch.Tensor, chosen_patches: torch.Tensor) -> torch.Tensor:

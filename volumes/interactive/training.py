@@ -51,6 +51,7 @@ class ClickTrainingConfig:
     projected: int = 16
     features: tuple[int, ...] = (8, 16, 32, 64, 128, 8)
     scale: int = 2
+    intensity_cue: bool = True
     seed: int = 0
 
 
@@ -101,7 +102,7 @@ def train_click_model(volumes: Sequence[VolumeFeatures], config: ClickTrainingCo
     rng = np.random.default_rng(config.seed)
     channels = int(volumes[0].features.shape[0])
     model = ClickNet(channels, config.projected, use_features=config.use_features, features=config.features,
-                     scale=config.scale)
+                     scale=config.scale, intensity_cue=config.intensity_cue)
     seed, more, discrepancy = AddInitialSeedPointd(), AddRandomGuidanced(), FindDiscrepancyRegionsd()
     seed.set_random_state(config.seed)
     more.set_random_state(config.seed + 1)
@@ -169,6 +170,7 @@ def load_click_model(path: str | Path) -> tuple[ClickNet, dict[str, Any]]:
     settings = json.loads(settings_file.read_text())
     net = settings["network"]
     model = ClickNet(net["feature_channels"], net["projected"], use_features=net["use_features"],
-                     features=net["features"], sigma=net["sigma"], scale=net["scale"])
+                     features=net["features"], sigma=net["sigma"], scale=net["scale"],
+                     intensity_cue=net.get("intensity_cue", False))  # models saved before the cue had none
     model.load_state_dict(load_file(str(path)))
     return model.eval(), settings
