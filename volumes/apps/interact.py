@@ -256,7 +256,8 @@ def train(data: str | Path, out: str | Path, *, config: InteractiveConfig | None
     summary: dict[str, Any] = {"cases": len(volumes), "out": str(out)}
     runs = [(CLICK_MODEL, training)]
     if baseline:
-        runs.append((DEEPGROW, ClickTrainingConfig(**{**asdict(training), "use_features": False, "intensity_cue": False})))
+        runs.append((DEEPGROW, ClickTrainingConfig(**{**asdict(training), "use_features": False, "intensity_cue": False,
+                                                        "intensity_augment": 0.0})))
     for name, cfg in runs:
         log: list[dict[str, float]] = []
         start = time.perf_counter()

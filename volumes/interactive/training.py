@@ -13,6 +13,11 @@ clicks simulated as MONAI Label's DeepGrow trainer does:
    in the larger of the two, drawn the same way);
 3. :class:`~monai.apps.deepgrow.transforms.AddGuidanceSignald` for the click maps.
 
+With ``intensity_augment`` > 0 each window's three CT windows are scaled and shifted at
+random first, channel by channel (MONAI's ``RandScaleIntensity`` and ``RandShiftIntensity``),
+so the network learns "the clicked structure" rather than "soft tissue of about 110 HU":
+the training organs share one intensity, the held-out ones do not.
+
 Loss: MONAI's ``DiceCELoss`` (sigmoid) on the window. The same trainer with
 ``use_features=False`` trains the DeepGrow 3D baseline.
 """
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 from monai.apps.deepgrow.transforms import AddInitialSeedPointd, AddRandomGuidanced, FindDiscrepancyRegionsd
 from monai.losses import DiceCELoss
+from monai.transforms import RandScaleIntensity, RandShiftIntensity
 
 from volumes.interactive.model import ClickNet, click_maps, crop_window, window_slices
 from volumes.interactive.session import VolumeFeatures
@@ -52,6 +58,7 @@ class ClickTrainingConfig:
     features: tuple[int, ...] = (8, 16, 32, 64, 128, 8)
     scale: int = 2
     intensity_cue: bool = True
+    intensity_augment: float = 0.3
     seed: int = 0
 
 
@@ -107,6 +114,10 @@ def train_click_model(volumes: Sequence[VolumeFeatures], config: ClickTrainingCo
     seed.set_random_state(config.seed)
     more.set_random_state(config.seed + 1)
     loss_fn = DiceCELoss(sigmoid=True)
+    scale_intensity = RandScaleIntensity(factors=config.intensity_augment, prob=1.0, channel_wise=True)
+    shift_intensity = RandShiftIntensity(offsets=config.intensity_augment, prob=1.0, channel_wise=True)
+    scale_intensity.set_random_state(config.seed + 2)
+    shift_intensity.set_random_state(config.seed + 3)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     warmup = max(1, config.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to zero
@@ -126,6 +137,9 @@ def train_click_model(volumes: Sequence[VolumeFeatures], config: ClickTrainingCo
             if sample is None:
                 continue
             image, feat, label = sample
+            if config.intensity_augment > 0:
+                out = shift_intensity(scale_intensity(image))
+                image = (out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)).float()
             clicks.append(torch.from_numpy(_clicks_for(model, image, feat, label, config, rng, seed, more, discrepancy)))
             images.append(image)
             feats.append(feat)
