@@ -113,16 +113,27 @@ def click_peaks(clicks: torch.Tensor) -> torch.Tensor:
     return (clicks >= F.max_pool3d(clicks, 3, stride=1, padding=1)) & (clicks > 0.1)
 
 
-def intensity_similarity(image: torch.Tensor, clicks: torch.Tensor, width: float = 0.1) -> torch.Tensor:
+SIMILARITY_WIDTH = 0.1  # of the intensity similarity, in prepared-window units (15 HU in the liver window)
+
+
+def intensity_similarity(image: torch.Tensor, clicks: torch.Tensor, width: float = SIMILARITY_WIDTH) -> torch.Tensor:
     """``[B, 2, W, W, Wz]``: per voxel, the highest ``exp(-d^2 / 2 width^2)`` over the positive (negative) clicks.
 
     ``d``: Euclidean distance between the voxel's prepared intensities ``image`` ``[B, 3, ...]``
     (each 3 x 3 x 3 averaged, against noise) and the clicked voxel's. A map with no click is 0.
     """
-    smooth = F.avg_pool3d(image, 3, stride=1, padding=1, count_include_pad=False)
-    peaks = click_peaks(clicks)
-    out = torch.zeros(image.shape[0], 2, *image.shape[2:], dtype=image.dtype, device=image.device)
-    for b in range(image.shape[0]):
+    return _similarity_to_peaks(_smooth(image), click_peaks(clicks), width)
+
+
+def _smooth(image: torch.Tensor) -> torch.Tensor:
+    """The 3 x 3 x 3 mean of ``image`` ``[B, C, ...]`` (the cues read it, against noise)."""
+    return F.avg_pool3d(image, 3, stride=1, padding=1, count_include_pad=False)
+
+
+def _similarity_to_peaks(smooth: torch.Tensor, peaks: torch.Tensor, width: float) -> torch.Tensor:
+    """:func:`intensity_similarity` from the smoothed image and the click voxels (:func:`click_peaks`)."""
+    out = torch.zeros(smooth.shape[0], 2, *smooth.shape[2:], dtype=smooth.dtype, device=smooth.device)
+    for b in range(smooth.shape[0]):
         for k in range(2):
             points = torch.nonzero(peaks[b, k])
             if len(points) == 0:
@@ -146,9 +157,9 @@ def intensity_cues(image: torch.Tensor, clicks: torch.Tensor, scale: int = 1) ->
     """
     from volumes.interactive.geodesic import geodesic_distance
 
-    similarity = intensity_similarity(image, clicks)
-    smooth = F.avg_pool3d(image, 3, stride=1, padding=1, count_include_pad=False)
-    peaks = click_peaks(clicks).float()
+    smooth, peaks = _smooth(image), click_peaks(clicks)
+    similarity = _similarity_to_peaks(smooth, peaks, SIMILARITY_WIDTH)
+    peaks = peaks.float()
     if scale > 1:
         kernel = (scale, scale, 1)
         similarity, smooth, peaks = F.avg_pool3d(similarity, kernel), F.avg_pool3d(smooth, kernel), F.max_pool3d(peaks, kernel)
