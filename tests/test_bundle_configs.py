@@ -98,3 +98,25 @@ def test_a_checkpoint_saved_before_the_decoder_setting_counts_as_unetr(tmp_path)
     load_network_weights(network("unetr"), bare)
     with pytest.raises(VolumesError, match="weights are of the 'unetr' decoder, the config builds 'light'"):
         load_network_weights(network("light"), bare, settings={"network": {"decoder": "light"}})
+
+
+@pytest.mark.parametrize("bundle", ["dinov2_slice_classification", "dinov2_unet_segmentation"])
+def test_tracking_mlflow_patches_the_training_and_validation_handlers(bundle, tmp_path):
+    """``monai.bundle run --tracking mlflow`` appends MONAI's MLFlowHandler to ``train#handlers`` and
+    ``validate#handlers``, which it can only do to lists (an expression string made it fail)."""
+    from monai.bundle import ConfigParser, ConfigWorkflow
+    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+    configs = BUNDLES / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([configs / "train.json"])
+    parser["bundle_root"] = str(tmp_path)
+    ConfigWorkflow.patch_bundle_tracking(parser, DEFAULT_MLFLOW_SETTINGS)
+    for section in ("train#handlers", "validate#handlers"):
+        handlers = parser[section]
+        assert isinstance(handlers, list) and handlers[-1]["_target_"] == "MLFlowHandler", section
+    # the multi-GPU config hands the same lists to rank 0
+    multi = json.loads((configs / "multi_gpu_train.json").read_text())
+    assert "@train#handlers" in multi["train#trainer#train_handlers"]
+    assert "@validate#handlers" in multi["validate#evaluator#val_handlers"]
+    assert list(tmp_path.glob("eval/config_*.json"))  # the executed config, logged as MLflow's artifact

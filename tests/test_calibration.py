@@ -96,19 +96,70 @@ def test_a_separable_validation_split_leaves_the_temperature_at_one(caplog):
     assert 1.0 < t < 20.0
 
 
-def test_fit_temperature_handler_fits_platt_for_two_classes_and_temperature_for_more(tmp_path):
+def test_fit_temperature_handler_saves_the_choice_and_its_reason(tmp_path):
     import json
 
     from volumes.calibration import FitTemperature
 
     handler = FitTemperature(tmp_path / "model.pt")
-    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
-    saved = json.loads(handler.write(probabilities, np.array([0, 1, 0])).read_text())
-    assert saved["method"] == "Platt scaling" and saved["separable"] is True and len(saved["bias"]) == 2
-    three = np.array([[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.2, 0.2, 0.6]])
-    saved = json.loads(handler.write(three, np.array([0, 1, 2])).read_text())
-    assert saved == {**saved, "method": "temperature scaling", "separable": True, "temperature": 1.0, "bias": []}
+    # every validation case right: the identity, said so (Platt's smoothed targets used to sharpen these 20x)
+    probabilities = np.array([[0.6, 0.4], [0.45, 0.55], [0.7, 0.3]] * 4)
+    saved = json.loads(handler.write(probabilities, np.array([0, 1, 0] * 4)).read_text())
+    assert saved == {**saved, "method": "none", "separable": True, "temperature": 1.0, "bias": []}
+    assert "classified correctly" in saved["reason"]
     assert saved["val_ece_calibrated"] == pytest.approx(saved["val_ece"])
+    # over-confident three-class probabilities (labels drawn at T = 2.5): temperature scaling, softer
+    logits, labels = _sampled(2.5, n=300, seed=3)
+    saved = json.loads(handler.write(softmax(logits), labels).read_text())
+    assert saved["method"] == "temperature scaling" and saved["temperature"] == pytest.approx(2.5, rel=0.25)
+    assert set(saved["heldout_nll"]) == {"none", "temperature scaling"}
+    assert saved["heldout_nll"]["temperature scaling"] < saved["heldout_nll"]["none"]
+    assert saved["val_ece_calibrated"] < saved["val_ece"] and "cross-validated NLL" in saved["reason"]
+
+
+def test_fit_calibration_keeps_the_identity_on_separable_or_tiny_splits():
+    from volumes.calibration import fit_calibration
+
+    margins = np.array([-8.0, -7.5, -7.0, -6.0, 0.5, 1.0, 2.0, 4.0] * 3)
+    logits = np.stack([np.zeros_like(margins), margins], axis=1)
+    chosen = fit_calibration(logits, np.array([0, 0, 0, 0, 1, 1, 1, 1] * 3))
+    assert (chosen.method, chosen.temperature, chosen.bias, chosen.separable) == ("none", 1.0, (), True)
+    tiny = fit_calibration(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), np.array([0, 1, 1]))
+    assert tiny.method == "none" and "too few" in tiny.reason
+
+
+def test_fit_calibration_refuses_a_sharpening_that_cross_validation_does_not_support():
+    """Under-confident but right on 19 of 20 with one confident mistake: the held-in NLL alone would sharpen."""
+    from volumes.calibration import TEMPERATURE_BOUNDS, fit_calibration, fit_temperature
+
+    margins = np.array([0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3] * 2)
+    labels = np.array([1] * 10 + [0] * 10)
+    margins[10:] *= -1
+    margins[0] = -3.0  # a positive called negative with confidence 0.95
+    logits = np.stack([np.zeros_like(margins), margins], axis=1)
+    assert fit_temperature(logits, labels) < 1.0  # the held-in fit sharpens...
+    chosen = fit_calibration(logits, labels)
+    held = chosen.probabilities(logits)
+    assert TEMPERATURE_BOUNDS[0] <= chosen.temperature <= TEMPERATURE_BOUNDS[1]
+    # ...the choice never makes the held-in calibration worse, and says what it weighed
+    assert expected_calibration_error(held, labels) <= expected_calibration_error(softmax(logits), labels) + 1e-12
+    assert set(chosen.heldout_nll) == {"none", "temperature scaling", "Platt scaling"} and chosen.reason
+
+
+@pytest.mark.parametrize("true_t", [0.5, 2.5])
+def test_fit_calibration_on_noisy_splits_never_raises_the_test_ece_on_average(true_t):
+    """20 seeded 30-case validation splits, 200-case test splits: calibrated ECE at most the raw one, on average."""
+    from volumes.calibration import fit_calibration
+
+    differences, fitted = [], 0
+    for seed in range(20):
+        logits, labels = _sampled(true_t, n=230, k=2, seed=seed)
+        chosen = fit_calibration(logits[:30], labels[:30])
+        fitted += chosen.method != "none"
+        raw = expected_calibration_error(softmax(logits[30:]), labels[30:])
+        differences.append(expected_calibration_error(chosen.probabilities(logits[30:]), labels[30:]) - raw)
+    assert np.mean(differences) < 0 and max(differences) < 0.01
+    assert fitted >= 4  # it does calibrate when the split shows a miscalibration
 
 
 def _platt_sampled(a: float, b: float, n: int = 20000, seed: int = 0):

@@ -196,3 +196,35 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = _metrics(tmp_path)
     assert set(metrics) == {"val_mean_dice", "val_hd95_mm"} and 0.0 <= metrics["val_mean_dice"] <= 1.0
+
+
+def test_a_run_shorter_than_the_validation_interval_keeps_its_weights_and_curves(tmp_path):
+    """``--epochs 1`` with ``validation_interval`` 5 used to exit 0 without a model.pt; the curves go to
+    TensorBoard (eval/events.out.tfevents.*) and, with ``--tracking mlflow``, to MLflow (eval/mlruns.db)."""
+    pytest.importorskip("mlflow")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "train.json"),
+               "--meta_file", str(CONFIGS / "metadata.json"), "--bundle_root", str(tmp_path), "--epochs", "1",
+               "--phantom_cases", "8", "--encoder_model_kwargs", '{"depth": 1}', "--tracking", "mlflow"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "between two validations" in result.stderr + result.stdout
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert any(k.startswith("decoder.") for k in state)
+    assert (tmp_path / "models" / "model.qc.json").is_file() and (tmp_path / "models" / "model.settings.json").is_file()
+    scalars: dict[str, list[float]] = {}
+    for events in (tmp_path / "eval").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
+    assert len(scalars["train_loss"]) >= 2 and all(np.isfinite(scalars["train_loss"]))
+    assert len(scalars["val_mean_dice"]) == 1 and 0.0 <= scalars["val_mean_dice"][0] <= 1.0
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
+    runs = mlflow.search_runs(experiment_names=["monai_experiment"])
+    assert len(runs) == 1 and runs.loc[0, "metrics.val_mean_dice"] == pytest.approx(scalars["val_mean_dice"][0], abs=1e-6)
+    assert np.isfinite(runs.loc[0, "metrics.train_loss"])

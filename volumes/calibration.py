@@ -12,7 +12,12 @@ which keep the fit finite when the validation split has no mistake.
 * :func:`fit_temperature`: ``T`` from validation logits and labels (``T = 1`` when the
   split is :func:`separable`: then the likelihood has no minimum).
 * :func:`fit_platt`: ``a``, ``b`` for two classes, as a :class:`Calibration`.
-* :func:`fit_calibration`: what the bundle fits: Platt for two classes, temperature otherwise.
+* :func:`fit_calibration`: what the bundle fits, chosen by a criterion that can refuse: the
+  identity, temperature scaling and (two classes) Platt scaling compete on the validation
+  split's cross-validated NLL; a fitted map is kept only when it beats the identity there and
+  lowers the held-in NLL without raising the held-in ECE. A split without a mistake keeps the
+  identity (it cannot say how confident to be), and the temperature is bounded
+  (:data:`TEMPERATURE_BOUNDS`). The choice and its reason go into ``model.calibration.json``.
 * :func:`expected_calibration_error`: the standard ECE with equal-width confidence bins.
 * :func:`brier_score`: mean squared distance of the probability vector to the one-hot label.
 * :class:`FitTemperature`: the classification bundle's training handler that fits the
@@ -28,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +41,18 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Calibration", "CalibrationReport", "FitTemperature", "brier_score", "calibration_metrics", "calibration_path",
-           "expected_calibration_error", "fit_calibration", "fit_platt", "fit_temperature", "load_calibration",
-           "separable", "softmax"]
+__all__ = ["TEMPERATURE_BOUNDS", "Calibration", "CalibrationReport", "FitTemperature", "brier_score",
+           "calibration_metrics", "calibration_path", "cross_validated_nll", "expected_calibration_error",
+           "fit_calibration", "fit_platt", "fit_temperature", "load_calibration", "separable", "softmax"]
+
+
+#: The temperatures (and Platt slopes ``1 / T``) a fit may choose: at most 4x sharper (a validation
+#: split of a few dozen cases cannot support more; the demo's unbounded fits reached 0.05) and at
+#: most 20x softer.
+TEMPERATURE_BOUNDS: tuple[float, float] = (0.25, 20.0)
+
+#: Fewer validation cases than this: no calibration is fitted (nothing to cross-validate on).
+MIN_CASES = 10
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -69,7 +83,8 @@ def separable(logits: np.ndarray, labels: np.ndarray) -> bool:
     return bool((own > others.max(axis=1)).all())
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, *,
+                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS, warn: bool = True) -> float:
     """The temperature that minimises the NLL of ``softmax(logits / T)`` on ``labels``.
 
     Args:
@@ -90,8 +105,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[flo
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
         raise ValueError(f"fit_temperature needs logits [N, K] and labels [N], got {logits.shape} and {labels.shape}")
     if separable(logits, labels):
-        logger.warning("temperature scaling: all %d held-out cases are classified correctly, so they cannot say how "
-                       "confident the classifier should be; T = 1 (probabilities left as they are)", len(labels))
+        if warn:
+            logger.warning("temperature scaling: all %d held-out cases are classified correctly, so they cannot say how "
+                           "confident the classifier should be; T = 1 (probabilities left as they are)", len(labels))
         return 1.0
     low, high = np.log(bounds[0]), np.log(bounds[1])
     result = minimize_scalar(lambda log_t: _nll(logits, labels, float(np.exp(log_t))), bounds=(low, high),
@@ -101,15 +117,19 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[flo
 
 @dataclass(frozen=True)
 class Calibration:
-    """``softmax(logits / temperature + bias)``: temperature scaling, or Platt scaling for two classes.
+    """``softmax(logits / temperature + bias)``: the identity, temperature scaling, or Platt scaling for two classes.
 
     ``bias`` holds one offset per class (empty: none); Platt's intercept ``b`` is ``(0, b)``.
+    ``reason`` says why this map was chosen (:func:`fit_calibration`) and ``heldout_nll`` the
+    cross-validated NLL of every candidate it weighed.
     """
 
     temperature: float = 1.0
     bias: tuple[float, ...] = ()
     method: str = "none"
     separable: bool = False
+    reason: str = ""
+    heldout_nll: dict[str, float] = field(default_factory=dict)
 
     def _offsets(self, classes: int) -> np.ndarray:
         if not self.bias:
@@ -132,7 +152,8 @@ class Calibration:
 
     def as_dict(self) -> dict[str, Any]:
         return {"method": self.method, "temperature": self.temperature, "bias": list(self.bias),
-                "separable": self.separable}
+                "separable": self.separable, "reason": self.reason,
+                "heldout_nll": {k: round(v, 6) for k, v in self.heldout_nll.items()}}
 
 
 def _platt_targets(labels: np.ndarray) -> np.ndarray:
@@ -141,7 +162,7 @@ def _platt_targets(labels: np.ndarray) -> np.ndarray:
     return np.where(labels == 1, (positives + 1.0) / (positives + 2.0), 1.0 / (negatives + 2.0))
 
 
-def fit_platt(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[float, float] = (0.05, 20.0)) -> Calibration:
+def fit_platt(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> Calibration:
     """Platt scaling of a two-class classifier: ``p(1) = sigmoid(a (l1 - l0) + b)``, as ``T = 1 / a``, ``bias = (0, b)``.
 
     Fitted by cross-entropy against Platt's smoothed targets (``(N+ + 1) / (N+ + 2)`` for
@@ -172,13 +193,107 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[float, fl
                        separable=separable(logits, labels))
 
 
-def fit_calibration(logits: np.ndarray, labels: np.ndarray) -> Calibration:
-    """What the classification bundle fits on its validation split: :func:`fit_platt` for two classes, else :func:`fit_temperature`."""
+def _case_nll(calibration: Calibration, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    p = calibration.probabilities(logits)[np.arange(len(labels)), labels]
+    return -np.log(np.clip(p, 1e-12, None))
+
+
+def _nll_of(calibration: Calibration, logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(_case_nll(calibration, logits, labels).mean())
+
+
+def _candidates(classes: int) -> dict[str, Any]:
+    """The maps :func:`fit_calibration` weighs: name -> fit(logits, labels) -> Calibration."""
+    candidates: dict[str, Any] = {
+        "temperature scaling": lambda x, y: Calibration(temperature=fit_temperature(x, y, warn=False),
+                                                        method="temperature scaling")}
+    if classes == 2:
+        candidates["Platt scaling"] = fit_platt
+    return candidates
+
+
+def _folds(labels: np.ndarray, folds: int) -> np.ndarray:
+    """A fold index per case, stratified and deterministic: each class's cases dealt out in turn."""
+    index = np.zeros(len(labels), dtype=np.int64)
+    dealt = 0
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        index[members] = (np.arange(len(members)) + dealt) % folds
+        dealt += len(members)
+    return index
+
+
+def cross_validated_nll(logits: np.ndarray, labels: np.ndarray, fit: Any, folds: int = 10) -> np.ndarray:
+    """Each case's NLL under the map ``fit`` learnt on the other folds (``min(folds, N)``; N: leave-one-out)."""
     logits = np.asarray(logits, dtype=np.float64)
-    if logits.ndim == 2 and logits.shape[1] == 2:
-        return fit_platt(logits, labels)
-    return Calibration(temperature=fit_temperature(logits, labels), method="temperature scaling",
-                       separable=separable(logits, labels))
+    labels = np.asarray(labels, dtype=np.int64)
+    assignment = _folds(labels, min(folds, len(labels)))
+    nll = np.zeros(len(labels))
+    for fold in np.unique(assignment):
+        held = assignment == fold
+        nll[held] = _case_nll(fit(logits[~held], labels[~held]), logits[held], labels[held])
+    return nll
+
+
+def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, folds: int = 10) -> Calibration:
+    """What the classification bundle fits on its validation split, by a rule that can refuse.
+
+    1. Fewer than :data:`MIN_CASES` cases, or a :func:`separable` split (no mistake: it
+       cannot say how confident the classifier should be): the identity.
+    2. Otherwise the identity, temperature scaling and, for two classes, Platt scaling
+       (:func:`fit_platt`) compete on the split's ``folds``-fold cross-validated NLL
+       (:func:`cross_validated_nll`, stratified; temperature and slope within
+       :data:`TEMPERATURE_BOUNDS`). The identity wins unless the best map lowers the
+       mean NLL by more than one standard error of the per-case gains.
+    3. The winner is refitted on the whole split and kept only if it lowers the held-in NLL
+       and does not raise the held-in ECE; else the identity.
+
+    The result's ``reason`` says which rule decided, ``heldout_nll`` holds every candidate's score.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
+        raise ValueError(f"fit_calibration needs logits [N, K] and labels [N], got {logits.shape} and {labels.shape}")
+    n = len(labels)
+    identity = Calibration()
+    if separable(logits, labels):
+        return replace(identity, separable=True, reason=(
+            f"all {n} validation cases are classified correctly, so they cannot say how confident the classifier "
+            "should be: probabilities left as they are"))
+    if n < MIN_CASES:
+        return replace(identity, reason=f"{n} validation cases are too few to cross-validate a calibration "
+                                        f"(at least {MIN_CASES}): probabilities left as they are")
+    scheme = "leave-one-out" if min(folds, n) == n else f"{folds}-fold"
+    per_case = {"none": _case_nll(identity, logits, labels)}
+    candidates = _candidates(logits.shape[1])
+    for name, fit in candidates.items():
+        per_case[name] = cross_validated_nll(logits, labels, fit, folds)
+    scores = {name: float(values.mean()) for name, values in per_case.items()}
+    said = ", ".join(f"{name} {value:.3f}" for name, value in scores.items())
+    best = min(scores, key=lambda name: (scores[name], name != "none"))
+    if best != "none":
+        # one standard error: the gain over the raw probabilities must exceed the spread of the per-case gains
+        gain = per_case["none"] - per_case[best]
+        if gain.mean() <= gain.std(ddof=1) / np.sqrt(n):
+            return replace(identity, heldout_nll=scores, reason=(
+                f"{best} lowered the {scheme} cross-validated NLL of the {n} validation cases ({said}) by "
+                f"{gain.mean():.3f}, within one standard error ({gain.std(ddof=1) / np.sqrt(n):.3f}): "
+                "probabilities left as they are"))
+    if best == "none":
+        return replace(identity, heldout_nll=scores, reason=(
+            f"no fitted map beat the raw probabilities on the {scheme} cross-validated NLL of the {n} validation "
+            f"cases ({said})"))
+    fitted = candidates[best](logits, labels)
+    raw_p, fitted_p = softmax(logits), fitted.probabilities(logits)
+    raw_ece, fitted_ece = expected_calibration_error(raw_p, labels), expected_calibration_error(fitted_p, labels)
+    if _nll_of(fitted, logits, labels) >= scores["none"] or fitted_ece > raw_ece:
+        return replace(identity, heldout_nll=scores, reason=(
+            f"{best} won the {scheme} cross-validated NLL ({said}) but, fitted on all {n} validation cases, "
+            f"did not lower their NLL without raising their ECE ({raw_ece:.3f} -> {fitted_ece:.3f}): "
+            "probabilities left as they are"))
+    return replace(fitted, heldout_nll=scores, reason=(
+        f"lowest {scheme} cross-validated NLL on the {n} validation cases ({said}); held-in ECE "
+        f"{raw_ece:.3f} -> {fitted_ece:.3f}"))
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -208,19 +323,22 @@ def brier_score(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 
 def calibration_metrics(val_probabilities: np.ndarray, val_labels: np.ndarray, test_probabilities: np.ndarray,
-                        test_labels: np.ndarray) -> dict[str, float]:
-    """Test ECE and Brier score before and after a temperature fitted on the validation split.
+                        test_labels: np.ndarray) -> dict[str, Any]:
+    """Test ECE and Brier score before and after the calibration :func:`fit_calibration` chooses on the validation split.
 
     Works from probabilities: ``log p`` differs from the logits by a constant per row, which
     the softmax removes, so ``softmax(log p / T)`` is temperature scaling of the logits.
-    Returns ``temperature``, ``test_ece``, ``test_brier``, ``test_ece_calibrated``,
-    ``test_brier_calibrated`` and ``test_acc_calibrated`` (unchanged argmax: the same accuracy).
+    Returns ``calibration`` (the chosen method), ``calibration_reason``, ``temperature``,
+    ``test_ece``, ``test_brier``, ``test_ece_calibrated``, ``test_brier_calibrated`` and
+    ``test_acc_calibrated`` (argmax after calibration; Platt's intercept can move it).
     """
     eps = 1e-12
-    temperature = fit_temperature(np.log(np.asarray(val_probabilities) + eps), val_labels)
-    calibrated = softmax(np.log(np.asarray(test_probabilities) + eps), temperature)
+    calibration = fit_calibration(np.log(np.asarray(val_probabilities) + eps), val_labels)
+    calibrated = calibration.probabilities(np.log(np.asarray(test_probabilities) + eps))
     return {
-        "temperature": temperature,
+        "calibration": calibration.method,
+        "calibration_reason": calibration.reason,
+        "temperature": calibration.temperature,
         "test_ece": expected_calibration_error(test_probabilities, test_labels),
         "test_brier": brier_score(test_probabilities, test_labels),
         "test_ece_calibrated": expected_calibration_error(calibrated, test_labels),
@@ -263,7 +381,7 @@ def load_calibration(checkpoint: str | Path | None) -> Calibration:
     if not all(math.isfinite(v) for v in bias):
         raise VolumesError(f"{path}: bias must be finite numbers, got {list(bias)}")
     return Calibration(temperature=temperature, bias=bias, method=str(content.get("method", "temperature scaling")),
-                       separable=bool(content.get("separable", False)))
+                       separable=bool(content.get("separable", False)), reason=str(content.get("reason", "")))
 
 
 class _ValidationProbabilities:
@@ -344,9 +462,10 @@ class FitTemperature(_ValidationProbabilities):
     Collects the validation run's probabilities (``pred``, after the bundle's softmax
     postprocessing) and one-hot labels; when the key metric is at least the best so far
     (the rule of ``CheckpointSaver(key_metric_greater_or_equal=True)``, so the file always
-    belongs to the saved weights), fits :func:`fit_calibration` on them (Platt scaling for
-    two classes, temperature scaling otherwise) and writes ``model.calibration.json``
-    atomically with the validation ECE and Brier score before and after.
+    belongs to the saved weights), lets :func:`fit_calibration` choose on them (the identity,
+    temperature scaling or, for two classes, Platt scaling, by cross-validated NLL) and writes
+    ``model.calibration.json`` atomically with the choice, its reason and the validation ECE
+    and Brier score before and after.
 
     Under torchrun (``multi_gpu_train.json``) the handler runs on rank 0 only and fits on
     rank 0's share of the validation split.
@@ -384,4 +503,5 @@ class FitTemperature(_ValidationProbabilities):
         }
         text = json.dumps(content, indent=1) + "\n"
         atomic_write_bytes(self.path, lambda handle: handle.write(text.encode()))
+        logger.info("calibration (%s): %s, because %s", self.path.name, calibration.method, calibration.reason)
         return self.path

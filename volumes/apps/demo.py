@@ -247,20 +247,24 @@ def fitted_calibration(bundle: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     fitted = json.loads(path.read_text())
-    return {k: fitted.get(k) for k in ("method", "temperature", "bias", "separable", "cases")}
+    return {k: fitted.get(k) for k in ("method", "temperature", "bias", "separable", "cases", "reason")}
 
 
 def _calibration_said(fitted: dict[str, Any] | None) -> str:
-    """One phrase on how the classifier was calibrated (:func:`fitted_calibration`)."""
+    """One phrase on which calibration training chose and why (:func:`fitted_calibration`)."""
     if fitted is None:
         return "no calibration (no model.calibration.json)"
-    said = f"{fitted.get('method') or 'temperature scaling'} (T = {fitted['temperature']:.2f}"
-    if fitted.get("bias"):
-        said += f", intercept {fitted['bias'][-1]:+.2f}"
-    said += f") fitted on the {fitted['cases']} validation phantoms"
-    if fitted.get("separable"):
-        said += ", all of them classified correctly"
-    return said
+    method = fitted.get("method") or "temperature scaling"
+    if method == "none":
+        said = "no calibration"
+    else:
+        said = f"{method} (T = {fitted['temperature']:.2f}"
+        if fitted.get("bias"):
+            said += f", intercept {fitted['bias'][-1]:+.2f}"
+        said += ")"
+    if fitted.get("reason"):
+        return f"{said}: {fitted['reason']}"
+    return f"{said} fitted on the {fitted['cases']} validation phantoms"
 
 
 def run_inference(bundles: list[Path], inputs: Path, output: Path, *, workers: int | None = None) -> int:
