@@ -285,6 +285,12 @@ def test_a_trained_folder_serves_clicks_reusing_the_features_and_the_cli_simulat
     summary = train(datalist, out, config=config, baseline=True, progress=False,
                     training=ClickTrainingConfig(window=SMALL_WINDOW, steps=3))
     assert summary["cases"] == 2 and (out / "encoder.safetensors").is_file() and (out / "deepgrow3d.safetensors").is_file()
+    from volumes.curves import read_scalars
+
+    for name in ("click_model", "deepgrow3d"):  # the training curves, one TensorBoard run per network
+        scalars = read_scalars(out / "tensorboard" / name)
+        assert [step for step, _ in scalars["loss"]] == [1, 2, 3] and len(scalars["lr"]) == 3
+        assert all(np.isfinite(v) for _, v in scalars["loss"])
     model = InteractiveModel(out)
     # given weights are copied in: the folder stays the whole model
     again = train(datalist, tmp_path / "model2", config=InteractiveConfig(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +37,26 @@ def test_missing_optional_package_names_the_extra():
 
     with pytest.raises(ImportError, match=r"pip install 'volumes\[dicom\]'"):
         require("highdicom.not_a_module", purpose="DICOM SEG output")
+
+
+def test_every_documented_monailabel_start_command_binds_to_loopback():
+    """The app refuses a server that listens beyond 127.0.0.1, so a command copied from the docs must pass --host."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    documents = [root / "README.md", *root.glob("docs/*.md"), *root.glob("bundles/*/docs/README.md")]
+    commands = []
+    for document in documents:
+        lines = document.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not re.match(r"\s*\S*monailabel start_server", line):  # a command, not prose about one
+                continue
+            command = [line]
+            while command[-1].rstrip().endswith("\\"):
+                i += 1
+                command.append(lines[i])
+            commands.append((document.relative_to(root), " ".join(command)))
+    assert len(commands) >= 4
+    for document, command in commands:
+        assert "--host 127.0.0.1" in command or "--host 0.0.0.0 --conf allow_remote true" in command, (
+            f"{document}: {command!r} has no --host 127.0.0.1")

@@ -206,6 +206,15 @@ def test_the_encoder_loads_unchanged_into_slice_encoder(archive, tmp_path):
 
     result = run(trainer)
     assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3, 4]
+    # the same curves as TensorBoard scalars, in sections
+    from volumes.curves import read_scalars
+
+    scalars = read_scalars(tmp_path / "tensorboard")
+    for tag, key in (("loss/loss", "loss"), ("schedule/lr", "lr"), ("schedule/teacher_temp", "teacher_temp"),
+                     ("collapse/cls_std", "cls_std"), ("collapse/effective_rank", "effective_rank"),
+                     ("collapse/teacher_entropy", "teacher_entropy")):
+        assert [step for step, _ in scalars[tag]] == [1, 2, 3, 4], tag
+        np.testing.assert_allclose([v for _, v in scalars[tag]], [m[key] for m in _metrics(tmp_path)], rtol=1e-4, atol=1e-6)  # the jsonl rounds to 6 places
     info = json.loads((tmp_path / "encoder.json").read_text())
     assert info["steps"] == 4 and info["preprocessing_config"] == {"preset": "ct_three_windows", "axis": "axial",
                                                                    "channel_mode": "windows", "size": 42}
@@ -225,13 +234,23 @@ def test_a_bundle_trains_with_the_pretrained_encoder(archive, tmp_path):
     """The segmentation bundle's encoder_weights read the pretraining output (its features, not a random init)."""
     from monai.bundle import ConfigParser
 
+    import shlex
+
+    from fire.parser import DefaultParseValue
+
+    from volumes.pretrain.trainer import bundle_arguments
+
     result = pretrain(_config(archive, tmp_path / "pt", steps=2))
     parser = ConfigParser()
     parser.read_config(str(TESTS.parent / "bundles" / "dinov2_unet_segmentation" / "configs" / "train.json"))
-    parser["encoder_weights"] = str(result.encoder)
-    parser["encoder_model_kwargs"] = MODEL
-    parser["preprocessing_config#size"] = 42
+    # the arguments `volumes pretrain` prints, parsed as monai.bundle run parses them (fire): every setting
+    words = shlex.split(bundle_arguments(result.out / "encoder.json"))
+    overrides = {words[i][2:]: DefaultParseValue(words[i + 1]) for i in range(0, len(words), 2)}
+    assert set(overrides) == {"encoder", "encoder_weights", "encoder_model_kwargs", "preprocessing_config"}
+    parser.update(overrides)
+    assert parser.get_parsed_content("preprocessing_config")["size"] == 42
     network = parser.get_parsed_content("network_def")
+    assert len(network.encoder.backbone.blocks) == 1
     from safetensors.torch import load_file
 
     saved = load_file(result.encoder)
@@ -239,7 +258,7 @@ def test_a_bundle_trains_with_the_pretrained_encoder(archive, tmp_path):
 
 
 # ---------------------------------------------------------------------- faults and resume
-def test_kill_then_resume_loses_at_most_the_steps_since_the_checkpoint(archive, tmp_path):
+def test_kill_then_resume_loses_at_most_the_steps_since_the_checkpoint(archive, tmp_path, capsys, monkeypatch):
     out, marker = tmp_path / "out", tmp_path / "stopped"
     args = ["pretrain", "--data", str(archive / "datalist.json"), "--out", str(out), "--steps", "6",
             "--checkpoint-every", "2", *CLI_TINY]
@@ -253,13 +272,30 @@ def test_kill_then_resume_loses_at_most_the_steps_since_the_checkpoint(archive, 
     assert saved["step"] == 2
     assert any(p.name.startswith(".encoder.json.") for p in out.iterdir())  # the killed writer's temporary file
     assert main([*args, "--resume"]) == 0
+    assert "4 steps (resumed at step 2, now 6 of 6)" in capsys.readouterr().out  # what this process ran
     assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5, 6]  # each step once
+    from volumes.curves import read_scalars
+
+    assert [step for step, _ in read_scalars(out / "tensorboard")["loss/loss"]] == [1, 2, 3, 4, 5, 6]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # a refused --resume says so before the model is imported and built (that took about 20 s)
+    monkeypatch.setattr(Pretrainer, "_build", lambda self: pytest.fail("built the model before refusing"))
     with pytest.raises(VolumesError, match="batch_size was 4 .* now 8"):
         Pretrainer(_config(archive, out, steps=6, checkpoint_every=2, batch_size=8), resume=True)
     with pytest.raises(VolumesError, match="nothing to resume"):
         Pretrainer(_config(archive, tmp_path / "empty", steps=6), resume=True)
+    assert not (tmp_path / "empty").exists()
+
+
+def test_a_failed_start_leaves_no_output_folder(archive, tmp_path):
+    """A --weights file that cannot be read: the error, and no empty OUT left behind."""
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match="broken.pth"):
+        Pretrainer(_config(archive, out, steps=2, weights=str(broken)))
+    assert not out.exists()
 
 
 def test_collapse_stops_the_run_and_says_what_collapsed(archive, tmp_path, capsys):

@@ -138,10 +138,22 @@ class Calibration:
             raise ValueError(f"calibration has {len(self.bias)} class offsets, the classifier {classes} classes")
         return np.asarray(self.bias, dtype=np.float64)
 
+    @property
+    def identity(self) -> bool:
+        """Whether the map leaves the probabilities as they are (``T = 1``, no offsets)."""
+        return self.temperature == 1.0 and not any(self.bias)
+
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated ``[N, K]`` probabilities from logits (or log-probabilities) ``[N, K]``."""
         logits = np.asarray(logits, dtype=np.float64)
         return softmax(logits / self.temperature + self._offsets(logits.shape[1]))
+
+    def apply_to_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
+        """Calibrated ``[N, K]`` probabilities from uncalibrated ones (the identity returns them unchanged)."""
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        if self.identity:
+            return probabilities
+        return self.probabilities(np.log(probabilities + 1e-12))
 
     def torch_probabilities(self, logits: Any) -> Any:
         """The same on a torch tensor ``[..., K]`` (float32)."""
@@ -332,9 +344,8 @@ def calibration_metrics(val_probabilities: np.ndarray, val_labels: np.ndarray, t
     ``test_ece``, ``test_brier``, ``test_ece_calibrated``, ``test_brier_calibrated`` and
     ``test_acc_calibrated`` (argmax after calibration; Platt's intercept can move it).
     """
-    eps = 1e-12
-    calibration = fit_calibration(np.log(np.asarray(val_probabilities) + eps), val_labels)
-    calibrated = calibration.probabilities(np.log(np.asarray(test_probabilities) + eps))
+    calibration = fit_calibration(np.log(np.asarray(val_probabilities) + 1e-12), val_labels)
+    calibrated = calibration.apply_to_probabilities(test_probabilities)
     return {
         "calibration": calibration.method,
         "calibration_reason": calibration.reason,
@@ -435,7 +446,7 @@ class CalibrationReport(_ValidationProbabilities):
         from volumes.atomic import atomic_write_bytes
 
         calibration = load_calibration(self.checkpoint)
-        calibrated = calibration.probabilities(np.log(probabilities + 1e-12))
+        calibrated = calibration.apply_to_probabilities(probabilities)
 
         def accuracy(p: np.ndarray) -> float:
             predicted = (p[:, 1] >= 0.5).astype(int) if p.shape[1] == 2 else p.argmax(axis=1)
@@ -491,9 +502,8 @@ class FitTemperature(_ValidationProbabilities):
     def write(self, probabilities: np.ndarray, labels: np.ndarray) -> Path:
         from volumes.atomic import atomic_write_bytes
 
-        log_p = np.log(probabilities + 1e-12)
-        calibration = fit_calibration(log_p, labels)
-        calibrated = calibration.probabilities(log_p)
+        calibration = fit_calibration(np.log(probabilities + 1e-12), labels)
+        calibrated = calibration.apply_to_probabilities(probabilities)
         content = {
             **calibration.as_dict(), "fitted_on": "validation split", "cases": int(len(labels)),
             "val_ece": expected_calibration_error(probabilities, labels),

@@ -261,7 +261,8 @@ def train(data: str | Path, out: str | Path, *, config: InteractiveConfig | None
     for name, cfg in runs:
         log: list[dict[str, float]] = []
         start = time.perf_counter()
-        model = train_click_model(volumes, cfg, progress=progress, log=log)
+        model = train_click_model(volumes, cfg, progress=progress, log=log,
+                                  curves=out / "tensorboard" / name.split(".")[0])
         seconds = time.perf_counter() - start
         save_click_model(model, out / name, cfg, interactive=asdict(config), encoder_fingerprint=encoder.fingerprint(),
                          log={"first_loss": log[0]["loss"], "last_loss": float(np.mean([r["loss"] for r in log[-10:]])),

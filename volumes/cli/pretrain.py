@@ -88,6 +88,11 @@ def run(args: argparse.Namespace) -> int:
 
     result = pretrain(config_from_args(args), resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
+        from volumes.pretrain.trainer import ENCODER_JSON, TENSORBOARD, bundle_arguments
+
         print(result.line())
-        print(f"use it in a bundle: --set encoder_weights={result.encoder} (settings in {result.out / 'encoder.json'})")
+        print(f"curves: tensorboard --logdir {result.out / TENSORBOARD}")
+        print(f"use it in a bundle (every setting from {result.out / ENCODER_JSON}):\n"
+              f"  python -m monai.bundle run --config_file configs/train.json "
+              f"{bundle_arguments(result.out / ENCODER_JSON)}")
     return 0

@@ -99,9 +99,15 @@ def _clicks_for(model: ClickNet, image: torch.Tensor, feats: torch.Tensor, label
 
 
 def train_click_model(volumes: Sequence[VolumeFeatures], config: ClickTrainingConfig, *, progress: bool = True,
-                      log: list | None = None) -> ClickNet:
-    """Train a :class:`ClickNet` on working grids with labels; returns it in eval mode."""
+                      log: list | None = None, curves: str | Path | None = None) -> ClickNet:
+    """Train a :class:`ClickNet` on working grids with labels; returns it in eval mode.
+
+    ``log`` collects each step's loss; ``curves`` is a folder for TensorBoard event files of
+    the loss and the learning rate (``tensorboard --logdir`` it).
+    """
     from tqdm.auto import tqdm
+
+    from volumes.curves import TrainingCurves
 
     if not volumes:
         raise ValueError("no labelled volumes to train the click model on")
@@ -129,6 +135,7 @@ def train_click_model(volumes: Sequence[VolumeFeatures], config: ClickTrainingCo
     model.train()
     bar = tqdm(range(config.steps), desc="click model" if config.use_features else "deepgrow 3d", disable=not progress)
     start = time.perf_counter()
+    writer = TrainingCurves(curves) if curves is not None else None
     for step in bar:
         images, feats, clicks, labels = [], [], [], []
         while len(images) < config.batch_size:
@@ -154,6 +161,10 @@ def train_click_model(volumes: Sequence[VolumeFeatures], config: ClickTrainingCo
         bar.set_postfix(loss=f"{value:.3f}")
         if log is not None:
             log.append({"step": step + 1, "loss": value, "seconds": time.perf_counter() - start})
+        if writer is not None:
+            writer.add({"loss": value, "lr": optimiser.param_groups[0]["lr"]}, step + 1)
+    if writer is not None:
+        writer.close()
     return model.eval()
 
 

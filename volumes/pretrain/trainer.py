@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from volumes.atomic import atomic_path, atomic_write_bytes, sweep_temporaries
+from volumes.curves import TrainingCurves
 from volumes.errors import ConfigError, VolumesError
 from volumes.pretrain.recipe import (ADVICE, collapse_metrics, collapse_signs, cosine, cross_entropy, learning_rate,
                                      teacher_temperature)
@@ -49,6 +50,14 @@ CHECKPOINT = "checkpoint.pt"
 ENCODER = "encoder.safetensors"
 ENCODER_JSON = "encoder.json"
 METRICS = "metrics.jsonl"
+#: TensorBoard event files of the same metrics: ``tensorboard --logdir OUT/tensorboard``
+TENSORBOARD = "tensorboard"
+#: their TensorBoard sections: the losses, the schedules, the collapse signs, the speed
+CURVE_GROUPS = {**dict.fromkeys(("loss", "dino", "ibot", "koleo", "grad_norm"), "loss"),
+                **dict.fromkeys(("lr", "weight_decay", "momentum", "teacher_temp"), "schedule"),
+                **dict.fromkeys(("cls_std", "effective_rank", "teacher_entropy", "teacher_marginal_entropy"),
+                                "collapse"),
+                **dict.fromkeys(("slices_per_s", "images_per_s", "seconds"), "speed")}
 FORMAT = 1
 #: settings a resumed run may change; every other one must be the checkpoint's
 RESUMABLE = ("checkpoint_every", "log_every", "num_workers", "progress", "out", "device")
@@ -176,9 +185,14 @@ class PretrainResult:
     images_per_s: float
     last: dict[str, float]
     skipped: int
+    #: the step this process started from (0, or the checkpoint's step when resumed)
+    first_step: int = 0
 
     def line(self) -> str:
-        return (f"{self.steps} steps in {self.seconds:.0f} s ({self.slices_per_s:.1f} slices/s, "
+        ran = self.steps - self.first_step
+        which = f"{ran} steps" if self.first_step == 0 else (
+            f"{ran} steps (resumed at step {self.first_step}, now {self.steps} of {self.steps})")
+        return (f"{which} in {self.seconds:.0f} s ({self.slices_per_s:.1f} slices/s, "
                 f"{self.images_per_s:.1f} views/s); loss {self.last.get('loss', float('nan')):.3f}; "
                 f"encoder: {self.encoder}; {self.skipped} case(s) skipped")
 
@@ -226,8 +240,7 @@ class Pretrainer:
 
     def __init__(self, config: PretrainConfig, *, resume: bool = False):
         from volumes.devices import resolve_device
-        from volumes.pretrain.data import MultiCrop, SliceSpec, list_cases
-        from volumes.pretrain.model import PretrainModel, parameter_groups
+        from volumes.pretrain.data import SliceSpec, list_cases
 
         self.config = config
         self.settings = config.resolved()
@@ -238,13 +251,28 @@ class Pretrainer:
                               planes=tuple(config.planes), min_foreground=config.min_foreground, jitter=config.jitter)
         self.cases = list_cases(config.data)
         self.settings["data_fingerprint"] = data_fingerprint(self.cases)
+        # a refused --resume says so before the model's imports and build (lightly alone takes seconds)
+        checkpoint = self._read_checkpoint() if resume else None
+        if checkpoint is None:
+            torch.manual_seed(config.seed)
+        # the output folder only once the model is built: a failed start (bad --weights) leaves no empty folder
+        self._build()
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:  # a killed run's half-written checkpoint or encoder; only rank 0 writes here
             for folder in (self.out, self.out / "skipped"):
                 sweep_temporaries(folder, unknown_after_s=0)
-        checkpoint = self._read_checkpoint() if resume else None
-        if checkpoint is None:
-            torch.manual_seed(config.seed)
+        self.step_index = 0
+        self.slices_seen = 0
+        self.collapsed_for = 0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    def _build(self) -> None:
+        """Student and teacher, multi-crop, optimiser, losses (and DDP under torchrun)."""
+        from volumes.pretrain.data import MultiCrop
+        from volumes.pretrain.model import PretrainModel, parameter_groups
+
+        config = self.config
         self.model = PretrainModel(config.encoder, weights=config.weights, pretrained=config.pretrained,
                                    model_kwargs=config.model_kwargs, prototypes=config.prototypes,
                                    ibot_prototypes=config.ibot_prototypes, separate_ibot_head=config.separate_ibot_head,
@@ -266,11 +294,6 @@ class Pretrainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # a batch without a masked image leaves the mask token unused
             self.student = DistributedDataParallel(self.model.student, device_ids=ids, find_unused_parameters=True)
-        self.step_index = 0
-        self.slices_seen = 0
-        self.collapsed_for = 0
-        if checkpoint is not None:
-            self._restore(checkpoint)
 
     # ------------------------------------------------------------------ checkpoints
     def _read_checkpoint(self) -> dict[str, Any] | None:
@@ -516,6 +539,7 @@ def run(trainer: Pretrainer) -> PretrainResult:
         _truncate_metrics(out / METRICS, first)
     bar = tqdm(total=total, initial=first, desc="pretrain", unit="step",
                disable=not trainer.config.progress or rank != 0)
+    curves = TrainingCurves(out / TENSORBOARD, first_step=first, groups=CURVE_GROUPS) if rank == 0 else None
     started = time.perf_counter()
     state = {"last": {}, "slices": 0}
 
@@ -543,6 +567,7 @@ def run(trainer: Pretrainer) -> PretrainResult:
             line = json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}) + "\n"
             with open(out / METRICS, "a") as handle:
                 handle.write(line)
+            curves.add(metrics, step)
         if trainer.collapsed_for >= s["collapse_patience"]:
             what = "; ".join(signs) or "another rank's class tokens collapsed"
             raise CollapseError(f"pretraining stopped at step {step}: for {trainer.collapsed_for} steps {what}. "
@@ -558,6 +583,8 @@ def run(trainer: Pretrainer) -> PretrainResult:
             trainer.save_encoder()
     finally:
         bar.close()
+        if curves is not None:
+            curves.close()
     from volumes.pretrain.data import merge_skipped
 
     skipped = merge_skipped(out) if rank == 0 else []
@@ -573,7 +600,29 @@ def run(trainer: Pretrainer) -> PretrainResult:
     rate = state["slices"] / max(elapsed, 1e-9)
     last = dict(state["last"], peak_memory_mb=peak_memory_mb(trainer.device), teacher_sha256=fingerprint)
     return PretrainResult(out=out, encoder=out / ENCODER, steps=trainer.step_index, seconds=elapsed,
-                          slices_per_s=rate, images_per_s=rate * views_per_slice, last=last, skipped=len(skipped))
+                          slices_per_s=rate, images_per_s=rate * views_per_slice, last=last, skipped=len(skipped),
+                          first_step=first)
+
+
+def bundle_arguments(encoder_json: str | Path) -> str:
+    """The ``monai.bundle run`` arguments that give a bundle the encoder of ``OUT/encoder.json``.
+
+    Every setting the bundle needs, not only the weights: a 4-block encoder or another slice
+    size fails in a bundle that keeps its own ``encoder_model_kwargs`` or ``preprocessing_config``.
+    Values are Python literals, as ``fire`` (monai.bundle's argument parser) reads them.
+    """
+    import shlex
+
+    def literal(value: Any) -> str:  # a Python literal with double-quoted strings (reads like the JSON it came from)
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{json.dumps(str(k))}: {literal(v)}" for k, v in value.items()) + "}"
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(literal(v) for v in value) + "]"
+        return json.dumps(value) if isinstance(value, str) else repr(value)
+
+    settings = json.loads(Path(encoder_json).read_text())["bundle_settings"]
+    return " ".join(f"--{key} {shlex.quote(value if isinstance(value, str) else literal(value))}"
+                    for key, value in settings.items())
 
 
 def pretrain(config: PretrainConfig, *, resume: bool = False) -> PretrainResult:
