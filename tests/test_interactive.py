@@ -318,6 +318,22 @@ def test_a_trained_folder_serves_clicks_reusing_the_features_and_the_cli_simulat
     assert all(0.0 <= d <= 1.0 for r in rows for d in r["dice"])
     assert all(len(r["dice"]) <= 2 for r in rows)
 
+    # one image, one label file per structure (as many datasets ship them): each item is scored on its own
+    # label, and the image is encoded once (the store used to be keyed by path and kept the first item's label)
+    from volumes.apps.interact import simulate
+
+    source = nib.load(item["label"])
+    items = []
+    for organ, value in (("liver", 1), ("spleen", 2)):
+        path = tmp_path / f"{organ}.nii.gz"
+        nib.save(nib.Nifti1Image((np.asanyarray(source.dataobj) == value).astype(np.uint8), source.affine), path)
+        items.append({"image": item["image"], "label": str(path), "case_id": organ})
+    shared = simulate(out, None, labels={"organ": 1}, methods=(), fewshot=(1,), items=items, progress=False)
+    alone = simulate(out, None, labels={"organ": 1}, methods=(), fewshot=(1,), items=items[1:], progress=False)
+    spleen = [r for r in shared["rows"] if r["case"] == "spleen"]
+    assert spleen[0]["dice"] == alone["rows"][0]["dice"] and alone["rows"][0]["dice"][0] > 0.1
+    assert len(shared["encode_s"]) == 1 and shared["store"] == {"hits": 1, "misses": 1}
+
 
 # ---------------------------------------------------------------- the bundle
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "dinov2_interactive_segmentation"

@@ -140,10 +140,18 @@ class InteractiveModel:
         return encode_volume(self.encoder, volume, tuple(spacing), size=c.size, preset=c.preset, label=label,
                              resample_z=c.resample_z, device=self.device)
 
-    def features(self, volume: torch.Tensor, spacing: Sequence[float], key: str,
-                 label: torch.Tensor | None = None) -> tuple[VolumeFeatures, bool]:
-        """The volume's features, from the store when this (input, model) was encoded before."""
-        return self.store.get_or_compute((key, self.model_key), lambda: self.encode(volume, spacing, label))
+    def features(self, volume: torch.Tensor, spacing: Sequence[float], key: str) -> tuple[VolumeFeatures, bool]:
+        """The volume's features, from the store when this (input, model) was encoded before.
+
+        ``key`` must name the input's content (:func:`volumes.data.io.source_sha256`), not its
+        path: an edited file must never get stale features. The stored features carry no label
+        (several labels may belong to one image): :meth:`label_grid` puts one on the grid.
+        """
+        return self.store.get_or_compute((key, self.model_key), lambda: self.encode(volume, spacing))
+
+    def label_grid(self, vf: VolumeFeatures, volume: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """``label`` (loaded grid) on ``vf``'s working grid, as :func:`encode_volume` prepares a label."""
+        return vf.grid.prepare(volume, self.config.preset, label)[1]
 
     def click(self, vf: VolumeFeatures, foreground: Sequence[Sequence[int]], background: Sequence[Sequence[int]] = (),
               *, key: Any = None, order: Sequence[bool] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -328,6 +336,7 @@ def simulate(root: str | Path, data: str | Path, *, labels: dict[str, int], sect
     from tqdm.auto import tqdm
 
     from volumes.bundle import datalist_section
+    from volumes.data.io import source_sha256
     from volumes.interactive.simulate import dice, run_protocol
 
     root = Path(root)
@@ -342,8 +351,12 @@ def simulate(root: str | Path, data: str | Path, *, labels: dict[str, int], sect
     for item in tqdm(items, desc="cases", disable=not progress):
         case = str(item.get("case_id", Path(item["image"]).name))
         volume, spacing, label, _ = load_case(item["image"], item["label"])
-        vf, _ = model.features(volume, spacing, key=str(item["image"]), label=label)
-        encode_s.append(vf.encode_s)
+        # keyed by the image's content: items sharing one image (one label file per structure) share the
+        # features, never one item's label
+        vf, hit = model.features(volume, spacing, key=source_sha256(item["image"]))
+        if not hit:
+            encode_s.append(vf.encode_s)
+        grid_labels = model.label_grid(vf, volume, label)
         truth_all = label.numpy()
         for name, value in labels.items():
             truth = truth_all == value
@@ -361,7 +374,7 @@ def simulate(root: str | Path, data: str | Path, *, labels: dict[str, int], sect
                 protocol = run_protocol(fn, truth, spacing, clicks)
                 rows.append({"method": method, "case": case, "label": name,
                              "dice": [r["dice"] for r in protocol], "seconds": [r["seconds"] for r in protocol]})
-            label_grid = (vf.label == value).numpy()
+            label_grid = (grid_labels == value).numpy()
             for k in fewshot:
                 painted = np.zeros_like(label_grid)
                 for z in fewshot_slices(label_grid, k):
