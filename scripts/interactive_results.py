@@ -107,7 +107,7 @@ import json, resource, sys, time
 import numpy as np, torch, nibabel as nib
 sys.path.insert(0, {str(REPO)!r})
 from volumes.data.phantoms import generate_phantom
-from volumes.apps.interact import InteractiveModel, load_case
+from volumes.interactive.service import InteractiveModel, load_case
 from volumes.interactive.simulate import centre_of, next_click, dice
 shape = {list(shape)!r}
 work = __import__('pathlib').Path({str(work)!r})
@@ -260,7 +260,8 @@ def render(ctx: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
-    from volumes.apps.interact import InteractiveConfig, simulate, train
+    from volumes.interactive.service import InteractiveConfig
+    from volumes.interactive.workflow import simulate, train
     from volumes.bundle import ensure_phantom_cohort
     from volumes.interactive import ClickTrainingConfig
 

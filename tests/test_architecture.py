@@ -88,3 +88,17 @@ def test_the_readme_layout_names_every_part_of_the_package():
     assert missing == [], f"README layout does not mention {missing}"
     named = set(re.findall(r"^  (\w+)/", text, re.M))
     assert named <= {p.name for p in PACKAGE.iterdir() if p.is_dir()}, "README names folders that do not exist"
+
+
+def test_the_monai_label_app_and_the_bundles_use_only_the_library():
+    """The MONAI Label app and the bundles' configs call the library, never ``volumes.apps`` or the command line."""
+    offenders = []
+    for path in sorted((ROOT / "monailabel_app").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.startswith(("volumes.apps", "volumes.cli"))]
+    for path in sorted((ROOT / "bundles").glob("*/configs/*.json")):
+        found = re.findall(r"volumes\.(?:apps|cli)\.[\w.]+", path.read_text())
+        offenders += [f"{path.relative_to(ROOT)}: {name}" for name in found]
+    assert offenders == []

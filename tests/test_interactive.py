@@ -1,4 +1,4 @@
-"""Interactive and few-shot segmentation (volumes.interactive, volumes.apps.interact, volumes interact).
+"""Interactive and few-shot segmentation (volumes.interactive, its service and workflow, volumes interact).
 
 Small encoders (a 1-block ViT-S/14) and synthetic volumes with a known answer keep every
 test to seconds; the figures of real runs are in docs/INTERACTIVE.md.
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from volumes.apps.interact import InteractiveConfig, InteractiveModel, file_to_ras, load_case, train
+from volumes.interactive.service import InteractiveConfig, InteractiveModel, file_to_ras, load_case
+from volumes.interactive.workflow import train
 from volumes.encoders import SliceEncoder
 from volumes.interactive import (
     ClickNet,
@@ -320,7 +321,7 @@ def test_a_trained_folder_serves_clicks_reusing_the_features_and_the_cli_simulat
 
     # one image, one label file per structure (as many datasets ship them): each item is scored on its own
     # label, and the image is encoded once (the store used to be keyed by path and kept the first item's label)
-    from volumes.apps.interact import simulate
+    from volumes.interactive.workflow import simulate
 
     source = nib.load(item["label"])
     items = []

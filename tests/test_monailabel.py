@@ -103,7 +103,8 @@ def _write_phantoms(base: Path) -> tuple[Path, Path]:
 
 def _click_model(base: Path) -> Path:
     """A click model folder (1-block ViT-S/14 at 56 px, a few training steps) for the clicks and fewshot tasks."""
-    from volumes.apps.interact import InteractiveConfig, train
+    from volumes.interactive.service import InteractiveConfig
+    from volumes.interactive.workflow import train
     from volumes.data.phantoms import PhantomConfig, write_cohort
     from volumes.interactive import ClickTrainingConfig
 

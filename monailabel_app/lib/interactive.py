@@ -12,7 +12,7 @@
   and ``background_value`` (scribble mode: only voxels of these two values are samples).
   Without an uploaded label, a saved label name segments the image with its saved head.
 
-Both share one :class:`volumes.apps.interact.InteractiveModel`: features are encoded once
+Both share one :class:`volumes.interactive.service.InteractiveModel`: features are encoded once
 per (input file hash, model) and kept in memory (``--conf interactive_cache_mb``).
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from volumes.apps.interact import InteractiveModel, file_to_ras, load_case
+from volumes.interactive.service import InteractiveModel, fewshot_mask, file_to_ras, load_case
 
 __all__ = ["ClickInfer", "FewShotInfer", "InteractiveService"]
 
@@ -123,7 +123,6 @@ class FewShotInfer(ClickInfer):
                             "features, fitted in seconds; save it with save=true and label_name")
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
-        from volumes.apps.interact import fewshot_mask
         from volumes.data.io import load_volume
 
         start = time.perf_counter()

@@ -56,18 +56,9 @@ DICE_BAR = 0.8  # an organ below it is one quality control should send for revie
 
 def write_encoder(path: Path, model_kwargs: dict[str, Any], seed: int = 0) -> Path:
     """The demo's one encoder: a random-initialised ``ENCODER`` saved as a timm state dict (safetensors)."""
-    import torch
-    from safetensors.torch import save_file
+    from volumes.encoders.slice_encoder import write_random_encoder
 
-    from volumes.atomic import atomic_path
-    from volumes.encoders import SliceEncoder
-
-    torch.manual_seed(seed)
-    encoder = SliceEncoder(ENCODER, model_kwargs=model_kwargs)
-    state = {k: v.detach().contiguous() for k, v in encoder.backbone.state_dict().items()}
-    with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(state, str(tmp))
-    return path
+    return write_random_encoder(path, ENCODER, model_kwargs, seed=seed)
 
 
 def _set(config: dict, key: str, value: Any) -> None:

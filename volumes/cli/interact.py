@@ -58,9 +58,10 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from volumes.apps.interact import InteractiveConfig, simulate, train
     from volumes.atomic import atomic_path
     from volumes.interactive import ClickTrainingConfig
+    from volumes.interactive.service import InteractiveConfig
+    from volumes.interactive.workflow import simulate, train
 
     if args.action == "train":
         config = InteractiveConfig(encoder=args.encoder, encoder_weights=args.encoder_weights,

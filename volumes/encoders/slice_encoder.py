@@ -287,3 +287,22 @@ def volume_to_slices(volume: torch.Tensor) -> torch.Tensor:
     """``[B, C, H, W, D]`` -> ``[B * D, C, H, W]``: every slice along the last axis, case by case."""
     b, c, h, w, d = volume.shape
     return volume.permute(0, 4, 1, 2, 3).reshape(b * d, c, h, w)
+
+
+def write_random_encoder(path: str | Path, name: str = "vit_small_patch14_dinov2", model_kwargs: dict | None = None,
+                         seed: int = 0) -> Path:
+    """A random-initialised ``SliceEncoder(name)`` saved as a timm state dict (safetensors), atomically.
+
+    What a model folder ships when no weights are given: a random encoder is still one specific
+    encoder, and the heads trained on it need exactly it (the demo, the click model folders).
+    """
+    from safetensors.torch import save_file
+
+    from volumes.atomic import atomic_path
+
+    torch.manual_seed(seed)
+    encoder = SliceEncoder(name, model_kwargs=model_kwargs or {})
+    state = {k: v.detach().contiguous() for k, v in encoder.backbone.state_dict().items()}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(state, str(tmp))
+    return Path(path)

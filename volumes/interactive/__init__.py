@@ -7,7 +7,10 @@
 * :mod:`~volumes.interactive.fewshot`: a new label from one to three painted slices;
 * :mod:`~volumes.interactive.training`: simulated clicks by MONAI's DeepGrow transforms;
 * :mod:`~volumes.interactive.simulate`: the standard click protocol;
-* :mod:`~volumes.interactive.graphcut`: a training-free baseline (intensity GraphCut).
+* :mod:`~volumes.interactive.graphcut`: a training-free baseline (intensity GraphCut);
+* :mod:`~volumes.interactive.service`: a click model folder loaded (:class:`InteractiveModel`),
+  the one session the MONAI Label app, the CLI and the bundle call;
+* :mod:`~volumes.interactive.workflow`: train a folder, run the click protocol on it.
 """
 
 from volumes.interactive.fewshot import FewShotHead
