@@ -247,7 +247,7 @@ def run_all(args: argparse.Namespace, cache_dir: Path, cohorts: dict[str, Path],
 
 # --------------------------------------------------------------------------- report
 def cell(values: Sequence[float]) -> str:
-    from volumes.evaluation.metrics import mean_std
+    from volumes.metrics import mean_std
 
     if not values:
         return "–"

@@ -149,7 +149,7 @@ def _rate(values: Sequence[bool]) -> float:
 
 
 def summarise(rows: list[dict], reference: dict) -> dict[str, Any]:
-    from volumes.evaluation.metrics import binary_auc
+    from volumes.metrics import binary_auc
     from volumes.quality import DICE_BAR
 
     bad = [r["dice"] < DICE_BAR for r in rows]

@@ -182,7 +182,7 @@ def fmt_params(n: int) -> str:
 
 
 def render(records: list[dict], args: argparse.Namespace, argv: Sequence[str], ctx: dict) -> str:
-    from volumes.evaluation.metrics import mean_std
+    from volumes.metrics import mean_std
 
     commands = ctx.get("commands") or [" ".join([".venv/bin/python scripts/zoo_results.py", *argv])]
     command = "\n".join(commands)

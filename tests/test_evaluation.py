@@ -31,7 +31,7 @@ from volumes.evaluation.finetune import (
 )
 from volumes.evaluation.knn import knn_scores
 from volumes.evaluation.linear import fit_logistic
-from volumes.evaluation.metrics import roc_auc
+from volumes.metrics import roc_auc
 from volumes.encoders import EncoderConfig
 from volumes.evaluation.runner import Evaluator
 

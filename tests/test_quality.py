@@ -38,7 +38,7 @@ def test_robust_reference_and_one_or_two_sided_z_scores():
 def test_the_auroc_qc_reports_equals_scikit_learn():
     from sklearn.metrics import roc_auc_score
 
-    from volumes.evaluation.metrics import binary_auc
+    from volumes.metrics import binary_auc
 
     rng = np.random.default_rng(0)
     y = rng.random(200) < 0.3

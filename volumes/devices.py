@@ -40,3 +40,24 @@ def resolve_device(choice: str = "auto", *, distributed: bool = False):
         if local_world > 1:  # processes on one machine share its cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return torch.device("cpu")
+
+
+def torchrun_rank(timeout_minutes: float = 30.0) -> tuple[int, int]:
+    """``(rank, world_size)`` under torchrun, joining its process group once; ``(0, 1)`` without it.
+
+    The backend is NCCL on CUDA, gloo on CPUs. ``timeout_minutes`` bounds how long a collective
+    waits for the slowest rank: batch inference passes a day (one rank may hold a long case),
+    pretraining keeps torch's 30 minutes (every step synchronises).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size()

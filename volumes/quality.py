@@ -54,7 +54,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from volumes.evaluation.metrics import binary_auc
+from volumes.metrics import binary_auc
 
 logger = logging.getLogger(__name__)
 

@@ -16,26 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from volumes.data.formats import VOLUME_SUFFIXES, volume_suffix
 from volumes.errors import ConfigError, VolumeReadError
 
 __all__ = ["Case", "DATALIST_SECTIONS", "VOLUME_SUFFIXES", "cases_to_datalist", "discover_cases", "volume_suffix"]
 
 DATALIST_SECTIONS = ("training", "validation", "test")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 
 # Files that are never a DICOM slice, so a folder scan does not open them.
 _NOT_DICOM_SUFFIXES = {
     ".raw", ".zraw", ".img", ".hdr", ".json", ".csv", ".tsv", ".txt", ".md", ".yaml", ".yml", ".py",
     ".npz", ".npy", ".pt", ".pth", ".ckpt", ".safetensors", ".png", ".jpg", ".jpeg", ".gz", ".zip", ".pdf",
 }
-
-
-def volume_suffix(path: str | Path) -> str | None:
-    """The volume suffix of a file name (``".nii.gz"``, ``".mha"``...), or None."""
-    name = Path(path).name.lower()
-    return next((suffix for suffix in VOLUME_SUFFIXES if name.endswith(suffix)), None)
 
 
 @dataclass(frozen=True)

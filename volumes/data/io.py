@@ -30,7 +30,7 @@ from nibabel.arrayproxy import ArrayProxy
 
 from volumes.arrays import as_numpy
 from volumes.data.dicom import check_dicom_series, read_series_uid
-from volumes.data.discovery import ITK_SUFFIXES, NIFTI_SUFFIXES, VOLUME_SUFFIXES, volume_suffix
+from volumes.data.formats import ITK_SUFFIXES, NIFTI_SUFFIXES, VOLUME_SUFFIXES, volume_suffix
 from volumes.errors import ConfigError, VolumeReadError
 
 try:  # Intel ISA-L's gzip: the same format, decompressed about twice as fast as zlib

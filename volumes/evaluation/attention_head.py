@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from volumes.errors import ConfigError
-from volumes.evaluation.metrics import classification_metrics
+from volumes.metrics import classification_metrics
 
 __all__ = ["AttentionHead", "AttentionHeadConfig", "encode_tokens", "run_attention_head", "train_attention_head"]
 

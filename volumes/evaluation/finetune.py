@@ -49,7 +49,7 @@ from torch import nn
 from volumes.encoders import CNNSliceEncoder, SliceEncoder
 from volumes.errors import ConfigError
 from volumes.evaluation.features import encode_deduplicated
-from volumes.evaluation.metrics import classification_metrics
+from volumes.metrics import classification_metrics
 
 __all__ = [
     "METHODS",

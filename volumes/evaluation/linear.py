@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from volumes.errors import ConfigError
-from volumes.evaluation.metrics import classification_metrics
+from volumes.metrics import classification_metrics
 
 __all__ = ["DEFAULT_L2_GRID", "LogisticModel", "fit_logistic", "select_logistic"]
 

@@ -34,7 +34,7 @@ from volumes.evaluation.features import FEATURE_KINDS, FeatureLayout, FeatureSet
 from volumes.evaluation.fewshot import DEFAULT_DRAWS, DEFAULT_FEWSHOT_L2, DEFAULT_SHOTS, fewshot_indices
 from volumes.evaluation.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_scores
 from volumes.evaluation.linear import DEFAULT_L2_GRID, fit_logistic, select_logistic
-from volumes.evaluation.metrics import classification_metrics, mean_std
+from volumes.metrics import classification_metrics, mean_std
 from volumes.reporting import format_params
 
 __all__ = ["FROZEN_PROTOCOLS", "PROTOCOLS", "Evaluator", "ProtocolResult", "results_markdown"]

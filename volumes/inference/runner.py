@@ -38,7 +38,6 @@ import io
 import itertools
 import json
 import logging
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +50,7 @@ import torch
 
 from volumes.arrays import spacing_mm
 from volumes.atomic import atomic_write_bytes, sweep_temporaries
+from volumes.devices import torchrun_rank
 from volumes.errors import VolumesError
 from volumes.inference.bundles import BundleModel
 
@@ -148,22 +148,6 @@ def _fresh(volume: Any) -> Any:
         return volume
     return MetaTensor(volume.as_tensor(), meta=copy.deepcopy(dict(volume.meta)),
                       applied_operations=copy.deepcopy(volume.applied_operations))
-
-
-def _dist() -> tuple[int, int]:
-    """``(rank, world_size)``; joins the torchrun process group when there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import datetime
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        # cases can take long; the default 30-minute barrier timeout is too short for a batch
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
-    return dist.get_rank(), dist.get_world_size()
 
 
 @dataclass
@@ -460,7 +444,8 @@ class BatchInference:
 
         items = normalize_items(items)
         start = time.perf_counter()
-        rank, world = _dist()
+        # cases can take long: the default 30-minute barrier timeout is too short for a batch
+        rank, world = torchrun_rank(timeout_minutes=24 * 60)
         self._rank = rank
         share = items[rank::world]
         self.output_dir.mkdir(parents=True, exist_ok=True)

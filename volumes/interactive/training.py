@@ -37,6 +37,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import RandScaleIntensity, RandShiftIntensity
 
 from volumes.interactive.model import ClickNet, click_maps, crop_window, window_slices
+from volumes.schedules import cosine
 from volumes.interactive.session import VolumeFeatures
 
 __all__ = ["ClickTrainingConfig", "train_click_model", "save_click_model", "load_click_model", "sample_window"]
@@ -127,7 +128,7 @@ def train_click_model(volumes: Sequence[VolumeFeatures], config: ClickTrainingCo
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     warmup = max(1, config.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to zero
-        optimiser, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / config.steps))))
+        optimiser, lambda s: min(1.0, (s + 1) / warmup) * cosine(s, config.steps, 1.0, 0.0))
     pairs = [(i, value) for i, vf in enumerate(volumes) for value in config.labels.values()
              if vf.label is not None and bool((vf.label == value).any())]
     if not pairs:

@@ -14,14 +14,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from volumes.schedules import cosine
+
 __all__ = ["ADVICE", "collapse_metrics", "collapse_signs", "cosine", "cross_entropy", "learning_rate",
            "teacher_temperature"]
-
-
-def cosine(step: int, total: int, start: float, end: float) -> float:
-    """``start`` at step 0 to ``end`` at ``total`` along half a cosine (constant after)."""
-    t = min(max(step, 0), total) / max(total, 1)
-    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def learning_rate(step: int, s: dict[str, Any]) -> float:

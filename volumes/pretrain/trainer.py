@@ -198,18 +198,6 @@ class PretrainResult:
 
 
 # ---------------------------------------------------------------------- the trainer
-def _dist() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
-    return dist.get_rank(), dist.get_world_size()
-
-
 def data_fingerprint(cases: Sequence[dict[str, Any]]) -> str:
     """sha256 of the case list: ids, paths and file sizes (MedMNIST: the arrays' bytes)."""
     digest = hashlib.sha256()
@@ -239,13 +227,13 @@ class Pretrainer:
     """
 
     def __init__(self, config: PretrainConfig, *, resume: bool = False):
-        from volumes.devices import resolve_device
+        from volumes.devices import resolve_device, torchrun_rank
         from volumes.pretrain.data import SliceSpec, list_cases
 
         self.config = config
         self.settings = config.resolved()
         self.out = Path(config.out)
-        self.rank, self.world = _dist()
+        self.rank, self.world = torchrun_rank(timeout_minutes=30)
         self.device = torch.device(resolve_device(config.device, distributed=self.world > 1))
         self.spec = SliceSpec(preset=config.preset, channel_mode=config.channel_mode, size=config.size,
                               planes=tuple(config.planes), min_foreground=config.min_foreground, jitter=config.jitter)

@@ -1,4 +1,8 @@
-"""Classification metrics without extra dependencies: accuracy, ROC AUC, mean ± std."""
+"""Classification metrics without extra dependencies: accuracy, ROC AUC, mean ± std.
+
+Below both the research protocols (:mod:`volumes.evaluation`) and clinical inference's quality
+control (:mod:`volumes.quality`), so neither rests on the other.
+"""
 
 from __future__ import annotations
 
