@@ -99,19 +99,20 @@ def test_preflight_refuses_each_bad_geometry_with_a_plain_reason(tmp_path):
     missing = _series(tmp_path / "missing")
     sorted(missing.iterdir())[4].unlink()
     reason = preflight(summarize_series(missing))
-    assert "irregular slice positions: gap of 5 mm" in reason and "median gap is 2.5 mm (missing slice?)" in reason
+    # the loader's own geometry check, reported (volumes.data.dicom.check_series_geometry)
+    assert "a missing slice between positions" in reason and "(gap 5 mm, median spacing 2.5 mm)" in reason
 
     duplicate = _series(tmp_path / "duplicate")
     first = pydicom.dcmread(sorted(duplicate.iterdir())[0])
     _mutate(duplicate, 3, ImagePositionPatient=list(first.ImagePositionPatient))
-    assert "duplicate slice positions" in preflight(summarize_series(duplicate))
+    assert "slices share the position" in preflight(summarize_series(duplicate))
 
     few = _series(tmp_path / "few", slices=4)
     assert preflight(summarize_series(few), min_slices=8) == "too few slices: 4 (at least 8 needed)"
 
     mixed = _series(tmp_path / "mixed")
     _mutate(mixed, 2, ImageOrientationPatient=[1, 0, 0, 0, 0.8, -0.6])
-    assert "mixed orientations" in preflight(summarize_series(mixed))
+    assert "inconsistent orientation" in preflight(summarize_series(mixed))
 
     truncated = _series(tmp_path / "truncated")
     path = sorted(truncated.iterdir())[6]

@@ -441,7 +441,7 @@ def test_bad_series_are_skipped_with_reasons_and_the_rest_of_the_study_runs(pacs
     reasons = {name: rows[uid]["reason"] for name, (uid, _) in study["series"].items()}
     assert rows[study["series"]["good"][0]]["state"] == "confirmed"
     assert listened["states"][study["study"]]["state"] == "done"
-    expected = {"missing": "irregular slice positions", "truncated": "truncated instance",
+    expected = {"missing": "a missing slice between positions", "truncated": "truncated instance",
                 "mpeg": f"unsupported transfer syntax {MPEG2}", "pdf": "non-image object"}
     for name, phrase in expected.items():
         assert rows[study["series"][name][0]]["state"] == "skipped"

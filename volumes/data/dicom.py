@@ -383,13 +383,32 @@ def check_dicom_series(
     folder = Path(folder)
     slices = _slice_headers(folder)
     slices = _pick_series(folder, slices, series_uid)
-    if len(slices) == 1:
-        raise VolumeReadError(folder, "holds a single slice, which is not a 3D volume (need at least 2 slices)")
+    order = check_series_geometry(folder, slices, spacing_tolerance=spacing_tolerance)
+    return [slices[i][0] for i in order]
+
+
+def check_series_geometry(folder: str | Path, slices: Sequence[tuple[Path, Any]], *,
+                          spacing_tolerance: float = SPACING_TOLERANCE, min_slices: int = 2) -> np.ndarray:
+    """The slice order of one series' headers ``[(path, dataset), ...]`` that make one regular 3D grid.
+
+    The one geometry check of a series, for loading (:func:`check_dicom_series`) and for the
+    PACS node's pre-flight (:func:`volumes.pacs.rules.preflight`, which reports the problem).
+
+    Raises:
+        VolumeReadError naming ``folder``: fewer than ``min_slices`` slices; Rows/Columns,
+        orientation or pixel spacing differ; two slices share a position; a slice is missing;
+        the spacing is otherwise non-uniform (beyond ``spacing_tolerance`` of the median gap).
+    """
+    folder = Path(folder)
+    if len(slices) < max(2, min_slices):
+        if len(slices) == 1:
+            raise VolumeReadError(folder, "holds a single slice, which is not a 3D volume (need at least 2 slices)")
+        raise VolumeReadError(folder, f"too few slices: {len(slices)} (at least {max(2, min_slices)} needed)")
     _check_same_frame(folder, slices)
     positions = _positions_along_normal(slices)
     order = np.argsort(positions, kind="stable")
     _check_spacing(folder, positions[order], spacing_tolerance)
-    return [slices[i][0] for i in order]
+    return order
 
 
 def _pick_series(folder: Path, slices: list[tuple[Path, Any]], series_uid: str | None) -> list[tuple[Path, Any]]:

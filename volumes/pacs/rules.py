@@ -27,8 +27,8 @@ decision comes with a readable reason; the job writes it to the ledger and the a
 
 The pre-flight (:func:`preflight`) reads every instance of a selected series and
 refuses, with a plain reason: non-image objects, unreadable or truncated instances,
-unsupported transfer syntaxes, mixed image sizes or orientations, gantry tilt,
-duplicate or irregular slice positions (a missing slice), too few slices.
+unsupported transfer syntaxes, too few slices, the loader's geometry problems
+(:func:`volumes.data.dicom.check_series_geometry`), gantry tilt.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from volumes.data.dicom import SPACING_TOLERANCE
-from volumes.errors import VolumesError
+from volumes.data.dicom import check_series_geometry
+from volumes.errors import VolumeReadError, VolumesError
 
 __all__ = ["SeriesSummary", "summarize_series", "select", "preflight", "non_image_reason", "SUPPORTED_TRANSFER_SYNTAXES"]
 
@@ -66,7 +66,6 @@ HTJ2K syntaxes are refused by the pre-flight rather than failing inside the load
 
 _NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 _MAX_TILT_DEG = 0.5       # slice normal vs. the line through the slice positions
-_SAME_ORIENTATION = 1e-3  # direction cosines that differ by less are equal
 
 
 @dataclass
@@ -264,36 +263,22 @@ def preflight(summary: SeriesSummary, *, min_slices: int = 3) -> str | None:
         if int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
             return f"{path.name}: multi-frame images are not supported (NumberOfFrames={ds.NumberOfFrames})"
         headers.append((path, ds))
-    if len(headers) < min_slices:
-        return f"too few slices: {len(headers)} (at least {min_slices} needed)"
-    sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in headers}
-    if len(sizes) > 1:
-        return f"mixed image sizes {sorted(sizes)}"
-    cosines = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in headers])
-    if np.abs(cosines - cosines[0]).max() > _SAME_ORIENTATION:
-        return "mixed orientations (ImageOrientationPatient differs between instances)"
+    try:  # the geometry a volume needs: the loader's own check (volumes.data.dicom), reported, not raised
+        order = check_series_geometry(summary.folder, headers, min_slices=min_slices)
+    except VolumeReadError as exc:
+        return exc.problem
     tilt = max(abs(float(getattr(ds, "GantryDetectorTilt", 0) or 0)) for _, ds in headers)
     if tilt > 0.01:
         return f"gantry tilt of {tilt:g} degrees"
-    normal = np.cross(cosines[0, :3], cosines[0, 3:])
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in headers])
-    along = positions @ normal
-    order = np.argsort(along)
-    along, positions = along[order], positions[order]
-    gaps = np.diff(along)
-    median = float(np.median(gaps))
-    if median <= 0 or np.any(gaps < 1e-3 * max(median, 1e-6)):
-        return "duplicate slice positions (two instances at the same place)"
-    # a sheared stack (positions drifting sideways) is what a tilted gantry writes without the tag
+    # a sheared stack (positions drifting sideways) is what a tilted gantry writes without the tag: the gaps
+    # along the normal stay regular, so the geometry check cannot see it
+    cosines = np.array([float(v) for v in headers[0][1].ImageOrientationPatient])
+    normal = np.cross(cosines[:3], cosines[3:])
+    positions = np.array([[float(v) for v in headers[i][1].ImagePositionPatient] for i in order])
     line = positions[-1] - positions[0]
     angle = math.degrees(math.acos(min(1.0, abs(float(line @ normal)) / float(np.linalg.norm(line)))))
     if angle > _MAX_TILT_DEG:
         return f"gantry tilt: slice positions are sheared by {angle:.2f} degrees from the slice normal"
-    worst = int(np.argmax(np.abs(gaps - median)))
-    if abs(gaps[worst] - median) > SPACING_TOLERANCE * median:
-        hint = " (missing slice?)" if gaps[worst] > 1.5 * median else ""
-        return (f"irregular slice positions: gap of {gaps[worst]:.3g} mm after slice {worst + 1} where the median "
-                f"gap is {median:.3g} mm{hint}")
     return None
 
 
