@@ -265,6 +265,29 @@ def test_names_dispatch_and_unknown_names():
     assert build_slice_encoder("vit_small_patch14_dinov2", model_kwargs={"depth": 1}).__class__.__name__ == "SliceEncoder"
     with pytest.raises(ConfigError, match="zoo"):
         build_slice_encoder("not_a_model")
+
+
+def test_a_new_encoder_family_is_one_registered_class(monkeypatch):
+    """The registry, not an if-chain: a decorated class builds its names; the error lists every family."""
+    import volumes.encoders.registry as registry
+    from volumes.encoders import SliceEncoder, encoder_families, register_encoder_family
+
+    assert [f.name for f in encoder_families()] == ["DINOv2/DINOv3 ViT", "timm CNN", "zoo model"]
+    monkeypatch.setattr(registry, "_FAMILIES", list(registry._FAMILIES))
+
+    @register_encoder_family("tiny test ViT", accepts=lambda name: name.startswith("tiny_"), example="tiny_vit",
+                             listing="none")
+    class TinyEncoder(SliceEncoder):
+        def __init__(self, name: str, **kwargs):
+            super().__init__("vit_small_patch14_dinov2", model_kwargs={"depth": 1})
+            self.asked = name
+
+    encoder = build_slice_encoder("tiny_vit")
+    assert isinstance(encoder, TinyEncoder) and encoder.asked == "tiny_vit"
+    with pytest.raises(ConfigError, match="a tiny test ViT .none, e.g. tiny_vit."):
+        build_slice_encoder("not_a_model")
+    with pytest.raises(ValueError, match="registered already"):
+        register_encoder_family("tiny test ViT", accepts=bool, example="x", listing="y")(type("Other", (), {}))
     with pytest.raises(ConfigError, match="projection"):
         ZooSliceEncoder("samvit_base_patch16", model_kwargs=SAM_SMALL).projected(_images(1, 32, 32))
 

@@ -4,7 +4,8 @@ foundation-model zoo (SAM / MedSAM, CLIP / OpenCLIP / BiomedCLIP, BLIP, MAE, ViT
 from volumes.encoders.slice_encoder import (SliceEncoder, SliceFeatures, default_layers, encoder_names, volume_to_slices,
                                             write_random_encoder)
 from volumes.encoders.weights import read_checkpoint
-from volumes.encoders.cnn import CNNSliceEncoder, build_slice_encoder, cnn_encoder_names
+from volumes.encoders.cnn import CNNSliceEncoder, cnn_encoder_names
+from volumes.encoders.registry import build_slice_encoder, encoder_families, register_encoder_family
 from volumes.encoders.config import EncoderConfig
 from volumes.encoders.zoo import ZooSliceEncoder, native_input_size, zoo_encoder_names
 
@@ -16,7 +17,9 @@ __all__ = [
     "build_slice_encoder",
     "cnn_encoder_names",
     "default_layers",
+    "encoder_families",
     "encoder_names",
+    "register_encoder_family",
     "read_checkpoint",
     "volume_to_slices",
     "ZooSliceEncoder",

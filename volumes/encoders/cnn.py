@@ -22,16 +22,17 @@ give whole feature-map cells. Build either kind by name with :func:`build_slice_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import timm
 import torch
 from torch import nn
 
-from volumes.encoders.slice_encoder import SliceEncoder, SliceFeatures, check_encoder_options, encoder_names
+from volumes.encoders.registry import register_encoder_family
+from volumes.encoders.slice_encoder import SliceEncoder, SliceFeatures, check_encoder_options
 from volumes.errors import ConfigError, WeightsError
 
-__all__ = ["CNN_FAMILIES", "CNNSliceEncoder", "build_slice_encoder", "cnn_encoder_names"]
+__all__ = ["CNN_FAMILIES", "CNNSliceEncoder", "cnn_encoder_names"]
 
 #: timm name patterns of the CNN families the adapter accepts.
 CNN_FAMILIES: tuple[str, ...] = ("resnet*", "resnext*", "wide_resnet*", "seresnet*", "convnext*", "efficientnet*",
@@ -43,28 +44,8 @@ def cnn_encoder_names() -> list[str]:
     return sorted(set(timm.list_models(list(CNN_FAMILIES))))
 
 
-def build_slice_encoder(name: str, **kwargs: Any) -> SliceEncoder:
-    """A :class:`SliceEncoder` for a DINOv2/DINOv3 ViT name, a :class:`CNNSliceEncoder` for a timm CNN name.
-
-    Raises:
-        ConfigError: ``name`` is neither (the message lists both kinds' examples).
-    """
-    if name in encoder_names():
-        return SliceEncoder(name, **kwargs)
-    if name in cnn_encoder_names():
-        return CNNSliceEncoder(name, **kwargs)
-    from volumes.encoders.zoo import ZooSliceEncoder, is_zoo_name  # SAM, CLIP family, BLIP, MAE, ViT IN-21k
-
-    if is_zoo_name(name):
-        return ZooSliceEncoder(name, **kwargs)
-    raise ConfigError(
-        "encoder", name,
-        "a timm DINOv2/DINOv3 ViT (volumes.encoders.encoder_names(), e.g. vit_small_patch14_dinov2) or a timm CNN "
-        "(volumes.encoders.cnn_encoder_names(), e.g. resnet50) or a zoo model (volumes.encoders.zoo_encoder_names(), "
-        "e.g. samvit_base_patch16, vit_base_patch16_clip_224)",
-    )
-
-
+@register_encoder_family("timm CNN", accepts=lambda name: name in cnn_encoder_names(), example="resnet50",
+                         listing="volumes.encoders.cnn_encoder_names()")
 class CNNSliceEncoder(SliceEncoder):
     """Embeds 2D slices with a timm CNN, with the outputs and modes of :class:`SliceEncoder`.
 

@@ -47,7 +47,7 @@ class EncoderConfig:
         """A fresh encoder; with a ``seed`` and random weights, the same one every time."""
         import torch
 
-        from volumes.encoders.cnn import build_slice_encoder
+        from volumes.encoders.registry import build_slice_encoder
 
         kwargs = {**self.kwargs(), **overrides}
         if self.seed is None:

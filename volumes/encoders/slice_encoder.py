@@ -14,6 +14,7 @@ from torch import nn
 import volumes.encoders.pos_embed as pos_embed
 from volumes.encoders.weights import Checkpoint, load_checkpoint_into, read_checkpoint
 from volumes.hashing import NAMED, sha256_files
+from volumes.encoders.registry import register_encoder_family
 from volumes.errors import ConfigError
 
 MODES = ("frozen", "finetune", "last_n")
@@ -75,6 +76,8 @@ def default_layers(depth: int) -> tuple[int, ...]:
     return tuple(max(0, depth * (i + 1) // 4 - 1) for i in range(4))  # shallow encoders repeat block 0
 
 
+@register_encoder_family("DINOv2/DINOv3 ViT", accepts=lambda name: name in encoder_names(),
+                         example="vit_small_patch14_dinov2", listing="volumes.encoders.encoder_names()")
 class SliceEncoder(nn.Module):
     """Embeds 2D slices with a timm DINOv2 / DINOv3 ViT, in chunks of bounded size.
 

@@ -48,6 +48,7 @@ import volumes.encoders.pos_embed as pos_embed
 from volumes.encoders.sam import SamTokenViT, to_token_vit
 from volumes.encoders.slice_encoder import SliceEncoder, check_encoder_options
 from volumes.encoders.weights import load_checkpoint_into
+from volumes.encoders.registry import register_encoder_family
 from volumes.encoders.zoo_weights import ZooCheckpoint, read_zoo_checkpoint
 from volumes.errors import ConfigError
 
@@ -92,6 +93,9 @@ def _clip_projection_width(name: str) -> int:
     return 0
 
 
+@register_encoder_family("zoo model", accepts=lambda name: is_zoo_name(name),
+                         example="samvit_base_patch16, vit_base_patch16_clip_224",
+                         listing="volumes.encoders.zoo_encoder_names()")
 class ZooSliceEncoder(SliceEncoder):
     """A SAM, CLIP-family or plain timm ViT as a slice encoder (see the module docstring).
 
