@@ -36,7 +36,7 @@ from monai.apps.deepgrow.transforms import AddInitialSeedPointd, AddRandomGuidan
 from monai.losses import DiceCELoss
 from monai.transforms import RandScaleIntensity, RandShiftIntensity
 
-from volumes.interactive.model import ClickNet, click_maps, crop_window, window_slices
+from volumes.interactive.model import DEFAULT_FEATURES, ClickNet, click_maps, crop_window, window_slices
 from volumes.schedules import cosine
 from volumes.interactive.session import VolumeFeatures
 
@@ -56,7 +56,7 @@ class ClickTrainingConfig:
     max_interactions: int = 4
     use_features: bool = True
     projected: int = 16
-    features: tuple[int, ...] = (8, 16, 32, 64, 128, 8)
+    features: tuple[int, ...] = DEFAULT_FEATURES  # the network's own default, written once (model.py)
     scale: int = 2
     intensity_cue: bool = True
     intensity_augment: float = 0.3

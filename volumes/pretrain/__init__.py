@@ -4,6 +4,7 @@
   them -> multi-crop views, streamed with bounded memory;
 * :mod:`volumes.pretrain.model`: student and EMA teacher (timm ViT through lightly's masked
   ViT, DINO and iBOT heads);
+* :mod:`volumes.pretrain.config`: the settings of a run (:class:`PretrainConfig`);
 * :mod:`volumes.pretrain.trainer`: the step (DINO + iBOT + KoLeo), schedules, checkpoints,
   resume, metrics, collapse detection, torchrun DDP.
 
@@ -12,6 +13,7 @@ Outputs (``OUT/``): ``encoder.safetensors`` (the teacher's ViT, timm keys: what
 ``checkpoint.pt``, ``metrics.jsonl``, ``skipped.csv``. See docs/PRETRAIN.md.
 """
 
-from volumes.pretrain.trainer import CollapseError, PretrainConfig, PretrainResult, Pretrainer, pretrain
+from volumes.pretrain.config import PretrainConfig
+from volumes.pretrain.trainer import CollapseError, PretrainResult, Pretrainer, pretrain
 
 __all__ = ["CollapseError", "PretrainConfig", "PretrainResult", "Pretrainer", "pretrain"]
