@@ -348,3 +348,27 @@ def test_the_bundle_runs_the_same_pretraining(archive, tmp_path):
 
 def test_bundle_metadata_passes_the_monai_schema(verify_bundle_metadata):
     verify_bundle_metadata(BUNDLE / "configs" / "metadata.json")
+
+
+def test_each_default_is_written_once_the_cli_and_the_bundle_agree_with_the_config():
+    """`volumes pretrain` with no optional flag builds PretrainConfig's defaults; the SSL bundle's settings are them."""
+    import argparse
+    from dataclasses import asdict
+
+    from volumes.cli import pretrain as cli
+    from volumes.pretrain.config import pretrain_defaults
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["pretrain", "--data", "d", "--out", "o"])
+    assert asdict(cli.config_from_args(args)) == asdict(PretrainConfig(data="d", out="o"))
+
+    defaults = pretrain_defaults()
+    train = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    for field_name, reference in train["config"].items():
+        if isinstance(reference, str) and reference.startswith("@") and reference[1:] in train and field_name in defaults:
+            value = train[reference[1:]]
+            assert value == defaults[field_name] or (isinstance(value, list) and tuple(value) == defaults[field_name]), (
+                f"the bundle's {reference[1:]} is {value!r}, PretrainConfig.{field_name} {defaults[field_name]!r}")
+    for key in ("preset", "channel_mode", "size"):
+        assert train["preprocessing_config"][key] == defaults[key], key

@@ -14,6 +14,9 @@ def _pair(text: str) -> tuple[float, float]:
 
 
 def add_parser(sub) -> None:
+    from volumes.pretrain.config import pretrain_defaults
+
+    d = pretrain_defaults()  # every default is PretrainConfig's own (tests/test_pretrain.py compares them)
     p = sub.add_parser("pretrain", help="self-supervised DINOv2 pretraining of a slice encoder on unlabelled volumes",
                        description="Pretrain a DINOv2/DINOv3 slice encoder on your own unlabelled CT/MR volumes "
                                    "(DINO + iBOT + KoLeo, multi-crop, EMA teacher). Writes OUT/encoder.safetensors "
@@ -22,41 +25,41 @@ def add_parser(sub) -> None:
                    help="a folder of NIfTI/NRRD/MHA files and DICOM series, a MONAI datalist .json, a .csv with an "
                         "image column, or a MedMNIST 3D .npz (its train split); labels are ignored")
     p.add_argument("--out", required=True, help="output folder (checkpoint.pt, encoder.safetensors, metrics.jsonl)")
-    p.add_argument("--encoder", default="vit_small_patch14_dinov2", help="a DINOv2/DINOv3 timm name")
+    p.add_argument("--encoder", default=d["encoder"], help="a DINOv2/DINOv3 timm name")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--weights", default=None,
                        help="continue from these weights (Meta .pth, timm file, Hugging Face folder, our encoder.safetensors)")
     start.add_argument("--pretrained", action="store_true", help="continue from timm's hub weights (needs the network)")
-    p.add_argument("--model-kwargs", type=json.loads, default={}, help='timm options as JSON, e.g. \'{"depth": 4}\'')
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=32, help="slices per step and process")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.004 x sqrt(batch/1024); "
+    p.add_argument("--model-kwargs", type=json.loads, default=d["model_kwargs"], help='timm options as JSON, e.g. \'{"depth": 4}\'')
+    p.add_argument("--steps", type=int, default=d["steps"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="slices per step and process")
+    p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default: 0.004 x sqrt(batch/1024); "
                                                          "x 0.2 when continuing from weights)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="lr warm-up (default: 10%% of the steps)")
-    p.add_argument("--layer-decay", type=float, default=0.9, help="layer-wise lr decay")
-    p.add_argument("--freeze-backbone-steps", type=int, default=None,
+    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="lr warm-up (default: 10%% of the steps)")
+    p.add_argument("--layer-decay", type=float, default=d["layer_decay"], help="layer-wise lr decay")
+    p.add_argument("--freeze-backbone-steps", type=int, default=d["freeze_backbone_steps"],
                    help="train only the heads first (default: 10%% of the steps with --weights/--pretrained, else 0)")
-    p.add_argument("--size", type=int, default=112, help="slice size, as the bundles' preprocessing_config size")
-    p.add_argument("--preset", default="ct_three_windows",
+    p.add_argument("--size", type=int, default=d["size"], help="slice size, as the bundles' preprocessing_config size")
+    p.add_argument("--preset", default=d["preset"],
                    help="intensity preset as the bundles' (a CT window, ct_three_windows, mr, or none for [0, 1] data)")
     p.add_argument("--channel-mode", default=None, help="windows (ct_three_windows) or repeat (default: what fits)")
-    p.add_argument("--planes", nargs="+", default=["axial"], choices=["axial", "coronal", "sagittal"])
-    p.add_argument("--local-crops", type=int, default=4)
-    p.add_argument("--layer-scale", type=float, default=1.0,
+    p.add_argument("--planes", nargs="+", default=list(d["planes"]), choices=["axial", "coronal", "sagittal"])
+    p.add_argument("--local-crops", type=int, default=d["local_crops"])
+    p.add_argument("--layer-scale", type=float, default=d["layer_scale"],
                    help="a random backbone's LayerScale start (DINOv2 uses 1e-5, which gives every slice the same class token at the start: std 1e-6 against 0.03 with 1.0, measured)")
-    p.add_argument("--drop-path", type=float, default=0.1, help="the student's stochastic depth")
-    p.add_argument("--prototypes", type=int, default=1024, help="DINO head outputs (and the iBOT head's)")
-    p.add_argument("--centering", choices=["centering", "sinkhorn"], default="centering")
-    p.add_argument("--koleo-weight", type=float, default=0.1)
-    p.add_argument("--ibot-weight", type=float, default=1.0)
-    p.add_argument("--momentum", type=_pair, default=(0.992, 1.0), help="teacher EMA momentum START,END")
-    p.add_argument("--teacher-temp", type=_pair, default=(0.04, 0.07), help="teacher temperature START,END")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
-    p.add_argument("--collapse-patience", type=int, default=200, help="steps of collapse before the run stops")
-    p.add_argument("--workers", type=int, default=None, help="slice loader processes (default: cores - 1, at most 4)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--drop-path", type=float, default=d["drop_path"], help="the student's stochastic depth")
+    p.add_argument("--prototypes", type=int, default=d["prototypes"], help="DINO head outputs (and the iBOT head's)")
+    p.add_argument("--centering", choices=["centering", "sinkhorn"], default=d["centering"])
+    p.add_argument("--koleo-weight", type=float, default=d["koleo_weight"])
+    p.add_argument("--ibot-weight", type=float, default=d["ibot_weight"])
+    p.add_argument("--momentum", type=_pair, default=d["momentum"], help="teacher EMA momentum START,END")
+    p.add_argument("--teacher-temp", type=_pair, default=d["teacher_temp"], help="teacher temperature START,END")
+    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"], help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=d["log_every"], help="steps between metrics.jsonl lines")
+    p.add_argument("--collapse-patience", type=int, default=d["collapse_patience"], help="steps of collapse before the run stops")
+    p.add_argument("--workers", type=int, default=d["num_workers"], help="slice loader processes (default: cores - 1, at most 4)")
+    p.add_argument("--device", default=d["device"])
+    p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt with the same settings")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)

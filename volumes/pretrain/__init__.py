@@ -13,7 +13,24 @@ Outputs (``OUT/``): ``encoder.safetensors`` (the teacher's ViT, timm keys: what
 ``checkpoint.pt``, ``metrics.jsonl``, ``skipped.csv``. See docs/PRETRAIN.md.
 """
 
-from volumes.pretrain.config import PretrainConfig
-from volumes.pretrain.trainer import CollapseError, PretrainResult, Pretrainer, pretrain
+from importlib import import_module
+from typing import Any
+
+# resolved on first use, so `volumes --help` (which reads PretrainConfig's defaults) never imports torch
+_LAZY = {"PretrainConfig": "volumes.pretrain.config", "CollapseError": "volumes.pretrain.trainer",
+         "PretrainResult": "volumes.pretrain.trainer", "Pretrainer": "volumes.pretrain.trainer",
+         "pretrain": "volumes.pretrain.trainer"}
 
 __all__ = ["CollapseError", "PretrainConfig", "PretrainResult", "Pretrainer", "pretrain"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'volumes.pretrain' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

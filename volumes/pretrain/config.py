@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from volumes.errors import ConfigError
 
-__all__ = ["PretrainConfig", "RESUMABLE"]
+__all__ = ["PretrainConfig", "RESUMABLE", "pretrain_defaults"]
 
 #: settings a resumed run may change; every other one must be the checkpoint's
 RESUMABLE = ("checkpoint_every", "log_every", "num_workers", "progress", "out", "device")
@@ -120,3 +120,14 @@ class PretrainConfig:
         s["data"] = str(Path(self.data).resolve())
         s["out"] = str(Path(self.out).resolve())
         return json.loads(json.dumps(s))  # tuples as lists, as a checkpoint stores them
+
+
+def pretrain_defaults() -> dict[str, Any]:
+    """Each setting's default, from :class:`PretrainConfig` itself: what the command line's flags default to."""
+    out = {}
+    for f in fields(PretrainConfig):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
