@@ -6,7 +6,7 @@ names below are imported on first use.
 
 from __future__ import annotations
 
-import importlib
+from volumes._lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -45,16 +45,4 @@ _SUBMODULES = (
 
 __all__ = ["__version__", *_LAZY]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"volumes.{name}")
-    raise AttributeError(f"module 'volumes' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, submodules=_SUBMODULES)

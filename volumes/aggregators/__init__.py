@@ -6,7 +6,7 @@ models nor torch_geometric until an aggregator is asked for.
 
 from __future__ import annotations
 
-import importlib
+from volumes._lazy import lazy_names
 
 # public name -> module that defines it
 _LAZY = {
@@ -25,14 +25,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'volumes.aggregators' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -22,7 +22,7 @@ Names resolve on first use, so ``import volumes.evaluation`` stays light.
 
 from __future__ import annotations
 
-import importlib
+from volumes._lazy import lazy_names
 
 _LAZY = {
     "EvaluationData": "volumes.evaluation.data",
@@ -58,14 +58,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'volumes.evaluation' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -151,6 +151,17 @@ def _fresh(volume: Any) -> Any:
 
 
 @dataclass
+class _FigureParts:
+    """What a case's figure draws: the first segmentation's mask and labels, the first classifier's importance."""
+
+    mask: Any = None
+    labels: Sequence[str] = ()
+    quality: Any = None
+    importance: Any = None
+    top: Sequence[int] = ()
+
+
+@dataclass
 class CaseLoader:
     """The model-free stages of a case: hash its input, check ``resume``, load the volume.
 
@@ -308,75 +319,23 @@ class BatchInference:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _run_models(self, prepared: PreparedCase) -> dict[str, Any]:
-        """Network and writing stages of one case; returns its record."""
-        from volumes.segmentation import organ_volumes_ml, to_original_orientation, write_label_map
-
-        item, volume = prepared.item, prepared.volume
+        """Every model on one case (:meth:`_predict`), each one's outputs (:meth:`_write_outputs`), the figure."""
+        item = prepared.item
         case_dir = self._case_dir(item)
         case_dir.mkdir(parents=True, exist_ok=True)
-        rel = lambda path: Path(path).relative_to(self.output_dir).as_posix()  # noqa: E731
-        rows, files = [], []
-        figure_mask, figure_labels, figure_quality, importance, top = None, (), None, None, ()
+        rows, files, drawn = [], [], _FigureParts()
         for model in self.models:
-            bid = model.bundle_id
-            if bid not in prepared.data:
-                try:
-                    self._preprocess(prepared, model)
-                except Exception as exc:
-                    raise _StageError("preprocess", exc) from exc
-            timings = {"hash": prepared.timings.get("hash", 0.0), "load": prepared.timings.get("load", 0.0),
-                       "preprocess": prepared.timings.get(f"preprocess:{bid}", 0.0)}
-            try:
-                start = time.perf_counter()
-                self.sharing.last_report.pop(bid, None)
-                result = self.sharing.predict(model, prepared.data.pop(bid))
-                timings["infer"] = time.perf_counter() - start
-            except Exception as exc:
-                raise _StageError("infer", exc) from exc
+            result, timings = self._predict(prepared, model)
             row: dict[str, Any] = {
                 "case_id": item["case_id"], "source": str(item["image"]), "input_sha256": prepared.input_sha256,
-                "bundle": bid, "bundle_version": model.version, "task": model.task,
+                "bundle": model.bundle_id, "bundle_version": model.version, "task": model.task,
                 "weights_sha256": model.weights_sha256, "outputs": {},
             }
-            if bid in self.sharing.last_report:  # the encoder ran once for the group's heads
-                row["encoder_sharing"] = self.sharing.last_report[bid]
+            if model.bundle_id in self.sharing.last_report:  # the encoder ran once for the group's heads
+                row["encoder_sharing"] = self.sharing.last_report[model.bundle_id]
             try:
                 start = time.perf_counter()
-                if model.task == "segmentation":
-                    label_map = result["label_map"]
-                    meta = getattr(label_map, "meta", {}) or {}
-                    original = meta.get("original_affine", volume.meta.get("original_affine"))
-                    path = write_label_map(label_map, label_map.affine, case_dir / f"{bid}_seg.nii.gz",
-                                           original_affine=original)
-                    row["outputs"]["segmentation"] = rel(path)
-                    # the mask on the loaded volume's grid (RAS), for volumes, figures and DICOM SEG
-                    mask, _ = to_original_orientation(np.asarray(label_map[0]), np.asarray(label_map.affine),
-                                                      np.asarray(volume.affine))
-                    row["organ_volumes_ml"] = {k: round(v, 3) for k, v in organ_volumes_ml(
-                        mask, spacing_mm(volume.affine), model.predictor.labels).items()}
-                    if result.get("quality") is not None:
-                        row["quality"] = result["quality"]
-                    if Path(item["image"]).is_dir():
-                        from volumes.inference.dicom_seg import write_dicom_seg
-
-                        seg = write_dicom_seg(mask, np.asarray(volume.affine), item["image"],
-                                              case_dir / f"{bid}_seg.dcm", labels=model.predictor.labels,
-                                              series_uid=item.get("series_uid"))
-                        row["outputs"]["dicom_seg"] = rel(seg)
-                    if figure_mask is None:
-                        figure_mask, figure_labels, figure_quality = mask, model.predictor.labels, row.get("quality")
-                else:
-                    calibration = ("probabilities_uncalibrated", "temperature", "logit_bias")
-                    row.update({k: result[k] for k in ("probabilities", "predicted", "top_slices", *calibration)
-                                if k in result})
-                    path = case_dir / f"{bid}_probabilities.json"
-                    content = {k: row[k] for k in ("case_id", "bundle", "probabilities", "predicted", "top_slices",
-                                                   *calibration) if k in row}
-                    content["importance"] = [round(float(v), 6) for v in result["importance"]]
-                    atomic_write_bytes(path, lambda f, c=content: f.write(json.dumps(c, indent=1).encode()))
-                    row["outputs"]["probabilities"] = rel(path)
-                    if importance is None:
-                        importance, top = result["importance"], [s["slice"] for s in result["top_slices"]]
+                self._write_outputs(prepared, model, result, row, case_dir, drawn)
                 timings["write"] = time.perf_counter() - start
             except Exception as exc:
                 raise _StageError("write", exc) from exc
@@ -384,25 +343,92 @@ class BatchInference:
             files += list(row["outputs"].values())
             rows.append(row)
         if self.figures:
-            try:
-                from volumes.inference.figures import case_figure, quality_badge
-
-                start = time.perf_counter()
-                depth = volume.shape[-1]
-                # importance is per slice of the classifier's input: drawn when that is the volume's own slices
-                curve = importance if importance is not None and len(importance) == depth else None
-                figure = case_figure(np.asarray(volume[0]), spacing_mm(volume.affine), case_dir / FIGURE,
-                                     label_map=figure_mask, labels=figure_labels, importance=curve,
-                                     top_slices=top if curve is not None else (), title=str(item["case_id"]),
-                                     badge=quality_badge(figure_quality))
-                for row in rows:
-                    row["outputs"]["figure"] = rel(figure)
-                    row["timings_s"]["figure"] = round(time.perf_counter() - start, 4)
-                files.append(rel(figure))
-            except Exception as exc:
-                raise _StageError("figure", exc) from exc
+            files.append(self._draw_figure(prepared, case_dir, drawn, rows))
         return {"case_id": item["case_id"], "source": str(item["image"]), "input_sha256": prepared.input_sha256,
                 "models": self.model_keys(), "files": files, "rank": self._rank, "rows": rows}
+
+    def _predict(self, prepared: PreparedCase, model: Any) -> tuple[dict[str, Any], dict[str, float]]:
+        """One model's prediction on a case (preprocessing it first if needed), and the stage timings so far."""
+        bid = model.bundle_id
+        if bid not in prepared.data:
+            try:
+                self._preprocess(prepared, model)
+            except Exception as exc:
+                raise _StageError("preprocess", exc) from exc
+        timings = {"hash": prepared.timings.get("hash", 0.0), "load": prepared.timings.get("load", 0.0),
+                   "preprocess": prepared.timings.get(f"preprocess:{bid}", 0.0)}
+        try:
+            start = time.perf_counter()
+            self.sharing.last_report.pop(bid, None)
+            result = self.sharing.predict(model, prepared.data.pop(bid))
+            timings["infer"] = time.perf_counter() - start
+        except Exception as exc:
+            raise _StageError("infer", exc) from exc
+        return result, timings
+
+    def _rel(self, path: str | Path) -> str:
+        return Path(path).relative_to(self.output_dir).as_posix()
+
+    def _write_outputs(self, prepared: PreparedCase, model: Any, result: dict[str, Any], row: dict[str, Any],
+                       case_dir: Path, drawn: "_FigureParts") -> None:
+        """One model's files for a case: label map, organ volumes and DICOM SEG, or the probabilities."""
+        from volumes.segmentation import organ_volumes_ml, to_original_orientation, write_label_map
+
+        item, volume, bid = prepared.item, prepared.volume, model.bundle_id
+        if model.task == "segmentation":
+            label_map = result["label_map"]
+            meta = getattr(label_map, "meta", {}) or {}
+            original = meta.get("original_affine", volume.meta.get("original_affine"))
+            path = write_label_map(label_map, label_map.affine, case_dir / f"{bid}_seg.nii.gz", original_affine=original)
+            row["outputs"]["segmentation"] = self._rel(path)
+            # the mask on the loaded volume's grid (RAS), for volumes, figures and DICOM SEG
+            mask, _ = to_original_orientation(np.asarray(label_map[0]), np.asarray(label_map.affine),
+                                              np.asarray(volume.affine))
+            row["organ_volumes_ml"] = {k: round(v, 3) for k, v in organ_volumes_ml(
+                mask, spacing_mm(volume.affine), model.predictor.labels).items()}
+            if result.get("quality") is not None:
+                row["quality"] = result["quality"]
+            if Path(item["image"]).is_dir():
+                from volumes.inference.dicom_seg import write_dicom_seg
+
+                seg = write_dicom_seg(mask, np.asarray(volume.affine), item["image"], case_dir / f"{bid}_seg.dcm",
+                                      labels=model.predictor.labels, series_uid=item.get("series_uid"))
+                row["outputs"]["dicom_seg"] = self._rel(seg)
+            if drawn.mask is None:
+                drawn.mask, drawn.labels, drawn.quality = mask, model.predictor.labels, row.get("quality")
+            return
+        calibration = ("probabilities_uncalibrated", "temperature", "logit_bias")
+        row.update({k: result[k] for k in ("probabilities", "predicted", "top_slices", *calibration) if k in result})
+        path = case_dir / f"{bid}_probabilities.json"
+        content = {k: row[k] for k in ("case_id", "bundle", "probabilities", "predicted", "top_slices", *calibration)
+                   if k in row}
+        content["importance"] = [round(float(v), 6) for v in result["importance"]]
+        atomic_write_bytes(path, lambda f, c=content: f.write(json.dumps(c, indent=1).encode()))
+        row["outputs"]["probabilities"] = self._rel(path)
+        if drawn.importance is None:
+            drawn.importance, drawn.top = result["importance"], [s["slice"] for s in result["top_slices"]]
+
+    def _draw_figure(self, prepared: PreparedCase, case_dir: Path, drawn: "_FigureParts",
+                     rows: list[dict[str, Any]]) -> str:
+        """The case's overview figure (first segmentation, first classifier's slice importance); its path."""
+        try:
+            from volumes.inference.figures import case_figure, quality_badge
+
+            volume = prepared.volume
+            start = time.perf_counter()
+            depth = volume.shape[-1]
+            # importance is per slice of the classifier's input: drawn when that is the volume's own slices
+            curve = drawn.importance if drawn.importance is not None and len(drawn.importance) == depth else None
+            figure = case_figure(np.asarray(volume[0]), spacing_mm(volume.affine), case_dir / FIGURE,
+                                 label_map=drawn.mask, labels=drawn.labels, importance=curve,
+                                 top_slices=drawn.top if curve is not None else (),
+                                 title=str(prepared.item["case_id"]), badge=quality_badge(drawn.quality))
+            for row in rows:
+                row["outputs"]["figure"] = self._rel(figure)
+                row["timings_s"]["figure"] = round(time.perf_counter() - start, 4)
+            return self._rel(figure)
+        except Exception as exc:
+            raise _StageError("figure", exc) from exc
 
     def finish_case(self, prepared: PreparedCase) -> str:
         """Run or skip one prepared case; write its record or failure.

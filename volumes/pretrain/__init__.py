@@ -13,8 +13,7 @@ Outputs (``OUT/``): ``encoder.safetensors`` (the teacher's ViT, timm keys: what
 ``checkpoint.pt``, ``metrics.jsonl``, ``skipped.csv``. See docs/PRETRAIN.md.
 """
 
-from importlib import import_module
-from typing import Any
+from volumes._lazy import lazy_names
 
 # resolved on first use, so `volumes --help` (which reads PretrainConfig's defaults) never imports torch
 _LAZY = {"PretrainConfig": "volumes.pretrain.config", "CollapseError": "volumes.pretrain.trainer",
@@ -23,14 +22,4 @@ _LAZY = {"PretrainConfig": "volumes.pretrain.config", "CollapseError": "volumes.
 
 __all__ = ["CollapseError", "PretrainConfig", "PretrainResult", "Pretrainer", "pretrain"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'volumes.pretrain' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
