@@ -20,6 +20,7 @@ _LAZY = {
     "concat_planes": "volumes.aggregators.pooling",
     "aggregator_names": "volumes.aggregators.factory",
     "register_aggregator": "volumes.aggregators.factory",
+    "SliceAggregator": "volumes.aggregators.base",
     "build_aggregator": "volumes.aggregators.factory",
 }
 

@@ -33,6 +33,7 @@ from volumes.aggregators.pooling import (
     resolve_mask,
     zero_padding,
 )
+from volumes.aggregators.base import SliceAggregator
 from volumes.aggregators.factory import register_aggregator
 from volumes.errors import ConfigError
 
@@ -137,7 +138,7 @@ def build_slice_graph(
 
 
 @register_aggregator("gnn")
-class SliceGNN(nn.Module):
+class SliceGNN(SliceAggregator):
     """Graph network over slice embeddings, one node per slice.
 
     Args:
@@ -218,23 +219,8 @@ class SliceGNN(nn.Module):
             return GATConv(hidden, hidden // GAT_HEADS, heads=GAT_HEADS)
         return GCNConv(hidden, hidden)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        plane_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.forward_with_importance(x, mask, positions, plane_ids)[0]
-
-    def forward_with_importance(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        plane_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[B, K]`` and importance ``[B, D]`` (see the module docstring)."""
+    def logits_and_importance(self, x, mask, positions, plane_ids, need_importance):
+        """Logits ``[B, K]`` and importance ``[B, D]`` (see the module docstring; computed either way)."""
         valid = resolve_mask(x, mask)
         batch_size = x.shape[0]
         if plane_ids is None or self.planes == 1:

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from volumes.aggregators.base import SliceAggregator
 from volumes.aggregators.factory import register_aggregator
 from volumes.errors import ConfigError
 
@@ -133,7 +134,7 @@ def concat_planes(
 
 
 @register_aggregator("mean")
-class MeanPool(nn.Module):
+class MeanPool(SliceAggregator):
     """Masked mean of the slice embeddings followed by a linear layer (the linear-probe baseline).
 
     Args:
@@ -151,29 +152,15 @@ class MeanPool(nn.Module):
         check_positive("num_classes", num_classes)
         self.head = nn.Linear(embed_dim, num_classes)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        plane_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.head(masked_mean(x, resolve_mask(x, mask)))
-
-    def forward_with_importance(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        plane_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits_and_importance(self, x, mask, positions, plane_ids, need_importance):
         """Logits ``[B, K]`` and uniform importance ``[B, D]``."""
         mask = resolve_mask(x, mask)
-        return self.head(masked_mean(x, mask)), normalise_importance(torch.zeros_like(x[..., 0]), mask)
+        logits = self.head(masked_mean(x, mask))
+        return logits, normalise_importance(torch.zeros_like(x[..., 0]), mask) if need_importance else None
 
 
 @register_aggregator("attention_mil")
-class AttentionMIL(nn.Module):
+class AttentionMIL(SliceAggregator):
     """Attention-based multiple-instance pooling (Ilse et al. 2018), slices as instances.
 
     ``a = softmax_d(w^T (tanh(V x_d) * sigmoid(U x_d)))`` over valid slices (the sigmoid
@@ -204,22 +191,7 @@ class AttentionMIL(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(embed_dim, num_classes)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        plane_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.forward_with_importance(x, mask)[0]
-
-    def forward_with_importance(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        plane_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits_and_importance(self, x, mask, positions, plane_ids, need_importance):
         """Logits ``[B, K]`` and attention weights ``[B, D]``."""
         mask = resolve_mask(x, mask)
         x = zero_padding(x, mask)

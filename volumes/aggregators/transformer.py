@@ -35,6 +35,7 @@ from volumes.aggregators.pooling import (
     resolve_mask,
     zero_padding,
 )
+from volumes.aggregators.base import SliceAggregator
 from volumes.aggregators.factory import register_aggregator
 from volumes.errors import ConfigError
 
@@ -159,7 +160,7 @@ class PreNormBlock(nn.Module):
 
 
 @register_aggregator("transformer")
-class SliceTransformer(nn.Module):
+class SliceTransformer(SliceAggregator):
     """Class-token transformer over slice embeddings (Medical Slice Transformer style).
 
     Args:
@@ -276,28 +277,15 @@ class SliceTransformer(nn.Module):
         logits = self.head(self.norm(tokens[:, 0]))
         return logits, weights, valid
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        plane_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self._run(x, mask, positions, plane_ids, need_weights=False)[0]
-
-    def forward_with_importance(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        plane_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[B, K]`` and importance ``[B, D]``.
+    def logits_and_importance(self, x, mask, positions, plane_ids, need_importance):
+        """Logits ``[B, K]`` and importance ``[B, D]`` (the attention weights only when asked for).
 
         Importance is the class token's attention over the slices in the last layer,
         averaged over heads; its attention to itself is dropped and the rest renormalised
         over valid slices.
         """
-        logits, weights, valid = self._run(x, mask, positions, plane_ids, need_weights=True)
+        logits, weights, valid = self._run(x, mask, positions, plane_ids, need_weights=need_importance)
+        if not need_importance:
+            return logits, None
         assert weights is not None
         return logits, normalise_importance(weights[:, 0, 1:], valid)
