@@ -43,8 +43,14 @@ def test_ece_and_brier_by_hand():
 
 
 def test_fit_temperature_refuses_mismatched_inputs():
+    from volumes.calibration import fit_calibration
+
     with pytest.raises(ValueError, match="logits"):
         fit_temperature(np.zeros((3, 2)), np.zeros(2, dtype=int))
+    with pytest.raises(ValueError, match=r"fit_calibration needs logits \[N, K\] and labels \[N\], got \(3, 2\)"):
+        fit_calibration(np.zeros((3, 2)), np.zeros(2, dtype=int))
+    with pytest.raises(ValueError, match="fit_calibration needs"):
+        fit_calibration(np.zeros(4), np.zeros(4, dtype=int))
 
 
 def test_calibration_metrics_fit_on_validation_and_score_the_test_split():

@@ -91,56 +91,6 @@ class SaveSettings:
         return self.path
 
 
-class ValidationHandler:
-    """MONAI's ``ValidationHandler`` that also validates once when training ends between two intervals.
-
-    With MONAI's own, a run shorter than ``interval`` (``--epochs 1`` with the default
-    ``validation_interval`` 5) never validates, so the checkpoint saver, which keeps the best
-    validated weights, writes no ``model.pt``; nor do the last epochs after the final interval
-    count. Here the validator also runs on ``COMPLETED`` when the last iteration was not
-    validated, before the handlers attached after this one (quality control, calibration),
-    so every finished run leaves its checkpoint.
-    """
-
-    def __init__(self, interval: int, validator: Any = None, epoch_level: bool = True, exec_at_start: bool = False):
-        from monai.handlers import ValidationHandler as MonaiValidationHandler
-
-        self._handler = MonaiValidationHandler(interval, validator, epoch_level, exec_at_start)
-        self._validated_at: int | None = None
-
-    def set_validator(self, validator: Any) -> None:
-        self._handler.set_validator(validator)
-
-    @property
-    def validator(self) -> Any:
-        return self._handler.validator
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        handler = self._handler
-        if handler.epoch_level:
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=handler.interval), self)
-        else:
-            engine.add_event_handler(Events.ITERATION_COMPLETED(every=handler.interval), self)
-        if handler.exec_at_start:
-            engine.add_event_handler(Events.STARTED, self)
-        engine.add_event_handler(Events.COMPLETED, self._at_end)
-
-    def __call__(self, engine: Any) -> None:
-        self._handler(engine)
-        self._validated_at = engine.state.iteration
-
-    def _at_end(self, engine: Any) -> None:
-        if self._validated_at != engine.state.iteration and engine.state.iteration > 0:
-            import logging
-
-            logging.getLogger(__name__).info(
-                "training ended at epoch %d, between two validations (every %d %s): validating the last weights",
-                engine.state.epoch, self._handler.interval, "epochs" if self._handler.epoch_level else "iterations")
-            self(engine)
-
-
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
         out: dict[str, Any] = {}

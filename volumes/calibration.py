@@ -63,11 +63,12 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    z = np.asarray(logits, dtype=np.float64) / temperature
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0, offsets: Any = 0.0) -> np.ndarray:
+    """Each case's NLL under ``softmax(logits / temperature + offsets)`` (log-sum-exp, no clipping)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature + offsets
     z = z - z.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-log_p[np.arange(len(labels)), labels].mean())
+    return -log_p[np.arange(len(labels)), labels]
 
 
 def separable(logits: np.ndarray, labels: np.ndarray) -> bool:
@@ -110,7 +111,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *,
                            "confident the classifier should be; T = 1 (probabilities left as they are)", len(labels))
         return 1.0
     low, high = np.log(bounds[0]), np.log(bounds[1])
-    result = minimize_scalar(lambda log_t: _nll(logits, labels, float(np.exp(log_t))), bounds=(low, high),
+    result = minimize_scalar(lambda log_t: float(_nll(logits, labels, float(np.exp(log_t))).mean()),
+                             bounds=(low, high),
                              method="bounded", options={"xatol": 1e-6})
     return float(np.exp(result.x))
 
@@ -206,12 +208,8 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[float, fl
 
 
 def _case_nll(calibration: Calibration, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    p = calibration.probabilities(logits)[np.arange(len(labels)), labels]
-    return -np.log(np.clip(p, 1e-12, None))
-
-
-def _nll_of(calibration: Calibration, logits: np.ndarray, labels: np.ndarray) -> float:
-    return float(_case_nll(calibration, logits, labels).mean())
+    logits = np.asarray(logits, dtype=np.float64)
+    return _nll(logits, labels, calibration.temperature, calibration._offsets(logits.shape[1]))
 
 
 def _candidates(classes: int) -> dict[str, Any]:
@@ -298,7 +296,7 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, folds: int = 10) 
     fitted = candidates[best](logits, labels)
     raw_p, fitted_p = softmax(logits), fitted.probabilities(logits)
     raw_ece, fitted_ece = expected_calibration_error(raw_p, labels), expected_calibration_error(fitted_p, labels)
-    if _nll_of(fitted, logits, labels) >= scores["none"] or fitted_ece > raw_ece:
+    if float(_case_nll(fitted, logits, labels).mean()) >= scores["none"] or fitted_ece > raw_ece:
         return replace(identity, heldout_nll=scores, reason=(
             f"{best} won the {scheme} cross-validated NLL ({said}) but, fitted on all {n} validation cases, "
             f"did not lower their NLL without raising their ECE ({raw_ece:.3f} -> {fitted_ece:.3f}): "

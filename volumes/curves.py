@@ -37,7 +37,7 @@ class TrainingCurves:
         return f"{group}/{name}" if group else name
 
     def add(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Every finite number of ``metrics`` (booleans and the ``step`` key left out) at ``step``."""
+        """Every number of ``metrics`` (booleans and the ``step`` key left out) as a scalar at ``step``."""
         for name, value in metrics.items():
             if name == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
