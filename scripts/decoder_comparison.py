@@ -122,8 +122,8 @@ def real_ct_metrics(bundle: Path, data_dir: Path, work: Path) -> dict[str, Any]:
     with torch.no_grad():
         data["pred"] = inferer(data["image"][None], network)[0]
     pred = np.asarray(post(data)["pred"][0])
-    reference = np.asarray(data["label_orig"][0]).astype(np.int64)
-    row = per_case_metrics(pred, reference, spacing_mm(data["label_orig"].affine), labels)
+    reference = np.asarray(data["original_label"][0]).astype(np.int64)
+    row = per_case_metrics(pred, reference, spacing_mm(data["original_label"].affine), labels)
     dice = {name: row[f"dice_{name}"] for name in ORGANS}
     hd95 = {name: row[f"hd95_mm_{name}"] for name in ORGANS}
     return {"dice": {**dice, "mean": float(np.nanmean(list(dice.values())))},

@@ -161,7 +161,7 @@ def label_mapping(class_map_file: Path, labels: Sequence[str]) -> dict[int, int]
 class Case:
     """The CT prepared once for every model, and the train/test split of its axial slices."""
 
-    prepared: dict[str, Any]  # segmentation_transforms output: image [3,H,W,D], label [1,H,W,D], label_orig
+    prepared: dict[str, Any]  # segmentation_transforms output: image [3,H,W,D], label [1,H,W,D], original_label
     transform: Any  # the preprocessing to invert
     train_blocks: list[tuple[int, int]]
     test_blocks: list[tuple[int, int]]
@@ -200,7 +200,7 @@ def prepare_case(data_dir: Path, work_dir: Path, labels: Sequence[str], block: i
     transform = segmentation_transforms(preprocessing_config, patch_size)
     prepared = transform({"image": str(data_dir / CT_FILE), "label": str(label_path)})
     depth = int(prepared["image"].shape[-1])
-    orig = prepared["label_orig"]
+    orig = prepared["original_label"]
     # The axial axis is the file's third axis (RAS on disk, no resampling along it), so a
     # slice index means the same slice in the prepared grid and in the original space.
     axcodes = nib.aff2axcodes(seg.affine)
@@ -211,9 +211,9 @@ def prepare_case(data_dir: Path, work_dir: Path, labels: Sequence[str], block: i
     test_blocks = [b for i, b in enumerate(blocks) if i % 2 == 1]
     spacing = spacing_mm(seg.affine)
     case = Case(prepared, transform, train_blocks, test_blocks, spacing, mapping)
-    label_orig = np.asarray(orig[0]).astype(np.int64)
+    original_label = np.asarray(orig[0]).astype(np.int64)
     for split, blks in (("train", train_blocks), ("test", test_blocks)):
-        part = label_orig[..., case.slices(blks)]
+        part = original_label[..., case.slices(blks)]
         case.organ_voxels[split] = {name: int((part == i).sum()) for i, name in enumerate(labels) if i > 0}
     return case
 
@@ -411,8 +411,8 @@ def phantom_dice(network, datalist: Path, preprocessing_config: dict[str, Any], 
         with torch.no_grad():
             data["pred"] = inferer(data["image"][None], network)[0]
         pred = np.asarray(post(data)["pred"][0])
-        reference = np.asarray(data["label_orig"][0]).astype(np.int64)
-        spacing = spacing_mm(data["label_orig"].affine)
+        reference = np.asarray(data["original_label"][0]).astype(np.int64)
+        spacing = spacing_mm(data["original_label"].affine)
         rows.append(per_case_metrics(pred, reference, spacing, labels))
     return {name: float(np.nanmean([r[f"dice_{name}"] for r in rows])) for name in labels[1:]}, len(rows)
 
@@ -715,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         set_determinism(seed=args.seed)
         patch = slice_segmenter(num_classes, args.seed).encoder.patch_size
         case = prepare_case(args.data_dir, work_dir, labels, args.block, patch, preprocessing_config)
-        reference = np.asarray(case.prepared["label_orig"][0]).astype(np.int64)
+        reference = np.asarray(case.prepared["original_label"][0]).astype(np.int64)
         test_z = case.slices(case.test_blocks)
         say(f"CT prepared: image {tuple(case.prepared['image'].shape)}, train blocks {case.train_blocks}, "
             f"test blocks {case.test_blocks}; organ voxels train {case.organ_voxels['train']}, "

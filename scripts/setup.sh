@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 venv="$root/.venv"
-extras="${VOLUMES_EXTRAS:-dev,dicom,peft,pretrain}"
+extras="${VOLUMES_EXTRAS:-dev,dicom,peft,pretrain,nnunet}"
 python=${PYTHON:-python3}
 
 if [ ! -x "$venv/bin/python" ]; then

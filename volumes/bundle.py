@@ -50,6 +50,89 @@ def datalist_section(datalist: str | Path, section: str) -> list[dict[str, Any]]
     return [case.to_dict() for case in discover_cases(datalist, section=section)]
 
 
+def fold_section(datalist: str | Path, fold: int | str | None, section: str) -> list[dict[str, Any]]:
+    """One section of a datalist, or of cross-validation fold ``fold`` of a ``volumes datalist`` file.
+
+    ``fold=None``: the datalist's own ``section`` (:func:`datalist_section`). An integer:
+    that fold's ``training``/``validation``/``test`` patients
+    (:func:`volumes.data.labelled.fold_items`). ``"final"``: the model on every patient
+    (``training`` and ``validation`` split the patients; ``test`` is empty).
+    """
+    if fold is None:
+        return datalist_section(datalist, section)
+    from volumes.data.labelled import fold_items
+
+    if str(fold) == "final":
+        return [] if section == "test" else fold_items(datalist, -1, f"final_{section}")
+    return fold_items(datalist, int(fold), section)
+
+
+def datalist_labels(datalist: str | Path, default: list[str]) -> list[str]:
+    """Label names in value order from a ``volumes datalist`` file; ``default`` for other datalists.
+
+    Raises ConfigError when the values are not 0..K-1 (a network has one channel per value).
+    """
+    content = json.loads(Path(datalist).read_text())
+    if "labels" not in content:
+        return list(default)
+    table = {int(k): str(v) for k, v in content["labels"].items()}
+    if sorted(table) != list(range(len(table))):
+        raise ConfigError("label values", sorted(table), "consecutive values 0..K-1")
+    return [table[v] for v in range(len(table))]
+
+
+def plan_preprocessing(datalist: str | Path, default: Mapping[str, Any], *, target_size: int = 112) -> dict[str, Any]:
+    """Slice preparation planned from a ``volumes datalist`` file; ``default`` for other datalists.
+
+    From the data, as nnU-Net plans its spacing: each volume prepared by its own modality
+    (``preset="auto"``); slices resampled in-plane to one spacing, the larger of the median
+    in-plane spacing and what brings the median field of view to ``target_size`` pixels
+    (the cost of a slice grows with its pixels); slice spacing kept.
+    """
+    content = json.loads(Path(datalist).read_text())
+    entries = content.get("training") or []
+    if "modalities" not in content or not entries:
+        return dict(default)
+    import numpy as np
+
+    in_plane = float(np.median([min(e["spacing"][:2]) for e in entries]))
+    field = float(np.median([max(n * s for n, s in zip(e["shape"][:2], e["spacing"][:2])) for e in entries]))
+    spacing = round(max(in_plane, field / target_size), 2)
+    return {"preset": "auto", "axis": "axial", "channel_mode": "auto", "size": None, "spacing": [spacing, spacing, 0]}
+
+
+def write_derived_bundle(source: str | Path, target: str | Path, values: Mapping[str, Any]) -> Path:
+    """Copy bundle ``source`` to ``target`` with top-level config keys set to ``values``.
+
+    For a model trained on your own data: ``values`` such as ``labels`` and
+    ``preprocessing_config`` replace those keys (literal values, so inference needs no
+    datalist) in every config under ``configs/`` that has them; ``models/`` is not
+    copied. ``volumes infer --bundle TARGET`` then runs it. Configs are written through
+    a temporary file and a rename.
+    """
+    import shutil
+
+    from volumes.atomic import atomic_path
+
+    source, target = Path(source), Path(target)
+    if not (source / "configs").is_dir():
+        raise ConfigError("bundle", str(source), "a bundle folder with configs/")
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if relative.parts[0] in ("models", "eval", "data") or path.is_dir():
+            continue
+        out = target / relative
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".json" and relative.parts[0] == "configs":
+            config = json.loads(path.read_text())
+            config.update({k: _plain(v) for k, v in values.items() if k in config})
+            with atomic_path(out) as tmp:
+                Path(tmp).write_text(json.dumps(config, indent=4) + "\n")
+        else:
+            shutil.copy2(path, out)
+    return target
+
+
 def settings_path(checkpoint: str | Path) -> Path:
     """Where the settings of ``checkpoint`` live: ``model.pt`` -> ``model.settings.json`` beside it."""
     checkpoint = Path(checkpoint)

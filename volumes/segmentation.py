@@ -3,7 +3,7 @@
 The pieces the segmentation bundle's configs assemble, usable from Python too:
 
 * :func:`segmentation_transforms` loads an image and its label map (checked to lie on
-  the same grid), keeps the label in its original space under ``label_orig`` and
+  the same grid), keeps the label in its original space under ``original_label`` and
   prepares both for the encoder; :func:`training_crops` adds random slabs of slices.
 * :class:`SlabInferer` (:func:`slab_inferer`) runs sliding slabs of whole slices, each
   slice through the encoder and the 2D decoder once however much the slabs overlap.
@@ -29,7 +29,7 @@ from torch import nn
 from monai.data import MetaTensor, get_track_meta
 from monai.handlers import IgniteMetricHandler
 from monai.inferers import SlidingWindowInferer
-from monai.metrics import HausdorffDistanceMetric, compute_dice, compute_hausdorff_distance
+from monai.metrics import HausdorffDistanceMetric, compute_dice, compute_hausdorff_distance, compute_surface_dice
 from monai.networks.utils import one_hot
 from monai.utils import convert_to_tensor
 from monai.transforms import (
@@ -55,20 +55,23 @@ def segmentation_transforms(
     *,
     with_label: bool = True,
     keep_original_label: bool = True,
+    modality: str | None = None,
 ) -> Compose:
     """Paths -> ``image [3, H, W, D]`` (and ``label [1, H, W, D]``) on the encoder's grid.
 
     With ``with_label`` the label is loaded next to the image and must match its grid
     (:class:`volumes.data.io.LoadVolumed` raises ``VolumeReadError`` naming the label file
-    otherwise). ``keep_original_label`` copies it to ``label_orig`` before any
-    resampling, for metrics in the original image space.
+    otherwise). ``keep_original_label`` copies it to ``original_label`` before any
+    resampling, for metrics in the original image space. ``modality`` is the default
+    modality of volumes that carry none, for ``preset="auto"``
+    (:mod:`volumes.transforms.modality`).
     """
     keys = ("image", "label") if with_label else ("image",)
     steps: list = [LoadVolumed(keys, label_keys=("label",) if with_label else ())]
     if with_label and keep_original_label:
-        steps.append(CopyItemsd("label", names="label_orig"))
+        steps.append(CopyItemsd("label", names="original_label"))
     steps.append(preprocessing(("image",), ("label",) if with_label else (), patch_size=patch_size,
-                               **preprocessing_config))
+                               modality=modality, **preprocessing_config))
     return Compose(steps)
 
 
@@ -196,7 +199,7 @@ def segmentation_postprocessing(transform: Compose, num_classes: int, *, metrics
     """Logits ``pred [K, H, W, D]`` -> label map in the input's original geometry.
 
     ``transform`` is the preprocessing to invert (from :func:`segmentation_transforms`).
-    With ``metrics``, ``pred`` and ``reference`` (a copy of ``label_orig``) end one-hot
+    With ``metrics``, ``pred`` and ``reference`` (a copy of ``original_label``) end one-hot
     ``[K, X, Y, Z]``, for metric handlers reading ``from_engine(["pred", "reference"])``;
     without, ``pred`` is the label map ``[1, X, Y, Z]`` (uint8) ready for ``SaveImaged``.
     """
@@ -207,7 +210,7 @@ def segmentation_postprocessing(transform: Compose, num_classes: int, *, metrics
     steps.append(Invertd("pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True))
     if metrics:
         # a new key: MONAI engines keep keys created by postprocessing in engine.state.output
-        steps.append(CopyItemsd("label_orig", names="reference"))
+        steps.append(CopyItemsd("original_label", names="reference"))
         steps.append(AsDiscreted(("pred", "reference"), to_onehot=num_classes))
     else:
         steps.append(EnsureTyped("pred", dtype=torch.uint8))
@@ -245,17 +248,30 @@ class HausdorffDistanceMM(IgniteMetricHandler):
 
 
 def per_case_metrics(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor,
-                     spacing: Sequence[float], labels: Sequence[str]) -> dict[str, float]:
-    """Dice and HD95 (mm) per organ for one label map pair ``[X, Y, Z]`` (integers)."""
+                     spacing: Sequence[float], labels: Sequence[str],
+                     surface_tolerance_mm: float | None = None) -> dict[str, float]:
+    """Dice and HD95 (mm) per organ for one label map pair ``[X, Y, Z]`` (integers).
+
+    With ``surface_tolerance_mm`` also the normalised surface Dice at that tolerance
+    (``nsd_{tol}mm_{organ}``: the share of both surfaces within the tolerance of the
+    other, MONAI's ``compute_surface_dice``), the boundary measure of the segmentation
+    challenges. An organ absent from both maps gives NaN; absent from one, HD95 is inf.
+    """
     num_classes = len(labels)
     p = one_hot(torch.as_tensor(np.asarray(pred))[None, None].long(), num_classes)
     t = one_hot(torch.as_tensor(np.asarray(label))[None, None].long(), num_classes)
     dice = compute_dice(p, t, include_background=False, ignore_empty=True)[0]
     hd = compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=list(spacing))[0]
     row: dict[str, float] = {}
+    nsd = None
+    if surface_tolerance_mm is not None:
+        nsd = compute_surface_dice(p, t, class_thresholds=[float(surface_tolerance_mm)] * (num_classes - 1),
+                                   include_background=False, spacing=list(spacing))[0]
     for i, name in enumerate(labels[1:]):
         row[f"dice_{name}"] = float(dice[i])
         row[f"hd95_mm_{name}"] = float(hd[i])
+        if nsd is not None:
+            row[f"nsd_{surface_tolerance_mm:g}mm_{name}"] = float(nsd[i])
     return row
 
 

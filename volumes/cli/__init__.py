@@ -5,6 +5,9 @@
     python -m volumes infer --bundle B [--bundle B2] --input SRC --output DIR
                                                     batch inference: masks, DICOM SEG, predictions,
                                                     failures.csv, report.html (also under torchrun)
+    python -m volumes datalist --data DIR --out FILE [--images T --labels T]
+                                                    your labelled scans checked and dealt to k folds
+                                                    by patient, one MONAI datalist (docs/REAL_DATA.md)
     python -m volumes pretrain --data SRC --out DIR self-supervised DINOv2 pretraining of the slice
                                                     encoder on unlabelled volumes (docs/PRETRAIN.md)
     python -m volumes interact train|simulate ...   clicks and few-shot labels on frozen features: train
@@ -36,7 +39,7 @@ from volumes.errors import VolumesError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = ("demo", "infer", "pretrain", "interact", "phantoms", "embed", "cache", "evaluate", "bench", "pacs")
+COMMANDS = ("demo", "infer", "datalist", "pretrain", "interact", "phantoms", "embed", "cache", "evaluate", "bench", "pacs")
 """Module names under ``volumes.cli``, in the order ``--help`` lists them."""
 
 

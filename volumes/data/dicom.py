@@ -324,6 +324,11 @@ def read_series_uid(path: str | Path) -> str:
     return _series_uid(_read_header(Path(path)))
 
 
+def read_modality(path: str | Path) -> str:
+    """Modality tag (0008,0060) of one DICOM file, upper case ("" when blank or absent)."""
+    return str(getattr(_read_header(Path(path)), "Modality", "") or "").strip().upper()
+
+
 def series_info(folder: str | Path) -> list[SeriesInfo]:
     """Every image series directly inside ``folder``, sorted by (SeriesNumber, UID).
 

@@ -29,7 +29,7 @@ from monai.utils import ensure_tuple_rep
 from nibabel.arrayproxy import ArrayProxy
 
 from volumes.arrays import as_numpy
-from volumes.data.dicom import check_dicom_series, read_series_uid
+from volumes.data.dicom import check_dicom_series, read_modality, read_series_uid
 from volumes.data.formats import ITK_SUFFIXES, NIFTI_SUFFIXES, VOLUME_SUFFIXES, volume_suffix
 from volumes.errors import ConfigError, VolumeReadError
 
@@ -494,7 +494,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray
         raise VolumeReadError(folder, "is a colour (multi-component) DICOM series; a scalar volume is needed")
     array, affine = _sitk_to_ras(image, _check_shape(folder, image.GetSize()))
     # Only scalars: meta dicts are collated across a batch by the DataLoader.
-    meta = {"format": "dicom", "series_uid": series_uid if series_uid is not None else read_series_uid(files[0])}
+    meta = {"format": "dicom", "series_uid": series_uid if series_uid is not None else read_series_uid(files[0]),
+            "modality": read_modality(files[0])}
     return array, affine, meta
 
 

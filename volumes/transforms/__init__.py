@@ -85,12 +85,21 @@ def preprocessing(
     patch_size: int = 14,
     size: int | None = None,
     spacing: Sequence[float] | float | None = None,
+    modality: str | None = None,
 ) -> Compose:
     """Loaded volumes -> encoder input: ``[Spacingd] -> PrepareSlicesd (with the CT window) -> EnsureTyped``.
 
     CT presets are applied inside :class:`PrepareSlicesd`, after the in-plane resize, so
     memory stays near the volume's own size; the MR preset runs first, as
     ``[Spacingd] -> IntensityPresetd -> PrepareSlicesd -> EnsureTyped``.
+
+    ``preset="auto"`` prepares each volume by its own modality
+    (:class:`volumes.transforms.modality.ByModalityd`: CT three windows for CT, MR
+    normalisation repeated to three channels for MR; ``channel_mode`` is then chosen
+    per modality and must be left at ``"auto"`` or ``"repeat"``). ``modality`` is the
+    default for volumes that carry none (NIfTI without a datalist ``modality`` field).
+    A value of ``spacing`` that is 0 or negative keeps that axis's own spacing (e.g.
+    ``[1.5, 1.5, 0]`` resamples in-plane only).
 
     Assumes the dict already holds loaded, RAS-oriented MetaTensors
     ``[C, X, Y, Z]``. The result is invertible with ``Invertd`` (Spacingd and
@@ -101,28 +110,41 @@ def preprocessing(
             does not fit the preset ("windows" needs "ct_three_windows";
             "repeat"/"2.5d" need a 1-channel preset).
     """
-    _check_choice("preset", preset, INTENSITY_PRESETS)
-    _check_choice("channel_mode", channel_mode, CHANNEL_MODES)
-    fitting = ["windows"] if preset_channels(preset) == 3 else ["repeat", "2.5d"]
-    if channel_mode not in fitting:
-        raise ConfigError("channel_mode", channel_mode, f"{fitting} with preset={preset!r}")
     image_keys = tuple(keys) if isinstance(keys, (list, tuple)) else (keys,)
     labels = tuple(label_keys) if isinstance(label_keys, (list, tuple)) else (label_keys,)
     steps: list = []
     if spacing is not None:
         modes = ("bilinear",) * len(image_keys) + ("nearest",) * len(labels)
         steps.append(Spacingd((*image_keys, *labels), pixdim=spacing, mode=modes))
-    if preset in CT_WINDOWS or preset in WINDOW_SETS:
-        # CT windows act voxel by voxel: window the resized slices, not the full volume
-        steps.append(PrepareSlicesd(image_keys, axis=axis, channel_mode=channel_mode, patch_size=patch_size,
-                                    size=size, label_keys=labels, preset=preset))
+    common = dict(axis=axis, patch_size=patch_size, size=size)
+    if preset == "auto":
+        from volumes.transforms.modality import MODALITY_PREPARATION, ByModalityd
+
+        _check_choice("channel_mode", channel_mode, ["auto", "repeat"])
+        pipelines = {name: Compose(_prepare_steps(image_keys, labels, preset=kind, channel_mode=mode, **common))
+                     for name, (kind, mode) in MODALITY_PREPARATION.items()}
+        steps.append(ByModalityd((*image_keys, *labels), pipelines, image_key=image_keys[0], default=modality))
     else:
-        # MR normalisation uses the volume's percentiles: before the padding adds voxels
-        steps += [
-            IntensityPresetd(image_keys, preset=preset),
-            PrepareSlicesd(image_keys, axis=axis, channel_mode=channel_mode, patch_size=patch_size, size=size,
-                           label_keys=labels),
-        ]
+        steps += _prepare_steps(image_keys, labels, preset=preset, channel_mode=channel_mode, **common)
     steps.append(EnsureTyped((*image_keys, *labels), dtype=None))
     return Compose(steps)
 
+
+def _prepare_steps(image_keys: tuple, labels: tuple, *, preset: str, axis: str, channel_mode: str,
+                   patch_size: int, size: int | None) -> list:
+    """The intensity and slice steps of one preset (see :func:`preprocessing`)."""
+    _check_choice("preset", preset, INTENSITY_PRESETS)
+    _check_choice("channel_mode", channel_mode, CHANNEL_MODES)
+    fitting = ["windows"] if preset_channels(preset) == 3 else ["repeat", "2.5d"]
+    if channel_mode not in fitting:
+        raise ConfigError("channel_mode", channel_mode, f"{fitting} with preset={preset!r}")
+    if preset in CT_WINDOWS or preset in WINDOW_SETS:
+        # CT windows act voxel by voxel: window the resized slices, not the full volume
+        return [PrepareSlicesd(image_keys, axis=axis, channel_mode=channel_mode, patch_size=patch_size,
+                               size=size, label_keys=labels, preset=preset)]
+    # MR normalisation uses the volume's percentiles: before the padding adds voxels
+    return [
+        IntensityPresetd(image_keys, preset=preset),
+        PrepareSlicesd(image_keys, axis=axis, channel_mode=channel_mode, patch_size=patch_size, size=size,
+                       label_keys=labels),
+    ]

@@ -1,0 +1,331 @@
+"""Segmentation on real patients: 5-fold cross-validation on sts_sarcoma, ours beside nnU-Net v2.
+
+    .venv/bin/python scripts/real_results.py                       # every stage, resumed
+    .venv/bin/python scripts/real_results.py --methods ours        # one method
+    .venv/bin/python scripts/real_results.py --report-only         # docs/REAL_DATA.md from the JSON
+
+Stages, each kept as a small JSON file under ``docs/real_data/`` (committed), so a rerun
+on another machine resumes where the last stopped instead of starting over:
+
+1. ``folds.json``: the cases checked and their patients dealt to 5 folds
+   (``volumes datalist``; a patient's CT and MR share a fold).
+2. per method and fold, ``<method>/fold<k>.json``: training wall-clock, then inference
+   on the fold's test patients as a user runs it (``volumes infer`` for ours,
+   ``nnUNetPredictor`` for nnU-Net), each in its own process so its peak memory is its
+   own; per case Dice, HD95 (mm) and surface Dice at 2 mm against the manual mask, in
+   the image's own grid.
+3. ``docs/REAL_DATA.md``: the tables, regenerated from the JSON files.
+
+Big outputs (models, masks, logs) go under ``--work`` (default ``runs/real``), not into git.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATA = ROOT.parent / "shared" / "data" / "sts_sarcoma"
+RESULTS = ROOT / "docs" / "real_data"
+BUNDLE = ROOT / "bundles" / "dinov2_unet_segmentation"
+TEMPLATES = {"images": "{patient}/{modality}.nii.gz", "labels": "{patient}/{modality}_gtv.nii.gz"}
+SURFACE_MM = 2.0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def write_json(path: Path, content: dict) -> None:
+    from volumes.atomic import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(content, indent=1) + "\n")
+
+
+def run_measured(command: list[str], log: Path, env: dict | None = None) -> tuple[float, float]:
+    """Run ``command`` (output to ``log``); its wall-clock seconds and peak resident memory (MB)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{command[:4]}... failed with exit code {code}; see {log}")
+    return seconds, usage.ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------- stage 1: folds
+
+
+def prepare(work: Path, folds: int, seed: int) -> Path:
+    from volumes.data.labelled import prepare_datalist, read_datalist
+
+    datalist = prepare_datalist(DATA, work / "datalist.json", folds=folds, seed=seed, **TEMPLATES)
+    content = read_datalist(datalist)
+    record = {
+        "data": "../shared/data/sts_sarcoma (IBSI-2 phase 3 crops of TCIA Soft-tissue-Sarcoma)",
+        "command": f"volumes datalist --data ../shared/data/sts_sarcoma --images '{TEMPLATES['images']}' "
+                   f"--labels '{TEMPLATES['labels']}' --folds {folds} --seed {seed}",
+        "labels": content["labels"], "median_spacing": content["median_spacing"],
+        "patients": {e["patient"]: e["fold"] for e in content["training"]},
+        "cases": [{k: e[k] for k in ("case_id", "patient", "modality", "fold", "shape", "spacing")}
+                  for e in content["training"]],
+    }
+    write_json(RESULTS / "folds.json", record)
+    return datalist
+
+
+def test_list(datalist: Path, fold: int, work: Path) -> tuple[Path, list[dict]]:
+    from volumes.data.labelled import fold_items
+
+    items = fold_items(datalist, fold, "test")
+    path = work / "folds" / f"fold{fold}_test.json"
+    write_json(path, {"test": items})
+    return path, items
+
+
+def score(items: list[dict], masks: dict[str, Path], labels: list[str]) -> list[dict]:
+    """Per case metrics of the predicted masks against the manual ones, on the image grid."""
+    import nibabel as nib
+
+    from volumes.segmentation import per_case_metrics
+
+    rows = []
+    for item in items:
+        truth_image = nib.load(item["label"])
+        truth = np.asarray(truth_image.dataobj).astype(np.int64)
+        predicted = nib.load(str(masks[item["case_id"]]))
+        if predicted.shape != truth.shape or not np.allclose(predicted.affine, truth_image.affine, atol=1e-3):
+            raise SystemExit(f"{masks[item['case_id']]}: not on the grid of {item['label']}")
+        pred = np.asarray(predicted.dataobj).astype(np.int64)
+        spacing = [float(s) for s in truth_image.header.get_zooms()[:3]]
+        metrics = per_case_metrics(pred, truth, spacing, labels, surface_tolerance_mm=SURFACE_MM)
+        name = labels[1]
+        rows.append({"case_id": item["case_id"], "patient": item["patient"], "modality": item["modality"],
+                     "dice": metrics[f"dice_{name}"], "hd95_mm": metrics[f"hd95_mm_{name}"],
+                     "nsd_2mm": metrics[f"nsd_{SURFACE_MM:g}mm_{name}"],
+                     "truth_ml": float(truth.sum() * np.prod(spacing) / 1000),
+                     "pred_ml": float((pred > 0).sum() * np.prod(spacing) / 1000)})
+    return rows
+
+
+# ----------------------------------------------------------------- ours
+
+
+def our_bundle(datalist: Path, work: Path) -> Path:
+    from volumes.bundle import datalist_labels, plan_preprocessing, write_derived_bundle
+
+    values = {"labels": datalist_labels(datalist, []), "preprocessing_config": plan_preprocessing(datalist, {})}
+    return write_derived_bundle(BUNDLE, work / "ours" / "bundle", values)
+
+
+def run_ours(datalist: Path, work: Path, fold: int | str, args: argparse.Namespace) -> dict:
+    from volumes.bundle import datalist_labels
+
+    bundle = our_bundle(datalist, work)
+    name = f"fold{fold}"
+    fold_dir = work / "ours" / name
+    overrides = ["--bundle_root", str(fold_dir), "--datalist", str(datalist), "--fold", str(fold),
+                 "--epochs", str(args.epochs), "--validation_interval", str(args.validation_interval),
+                 "--encoder", args.encoder]
+    if args.encoder_weights:
+        overrides += ["--encoder_weights", str(args.encoder_weights)]
+    train_s, train_mb = run_measured(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.json"),
+         "--meta_file", str(bundle / "configs" / "metadata.json"),
+         "--logging_file", str(bundle / "configs" / "logging.conf"), *overrides],
+        fold_dir / "train.log")
+    record = {"fold": fold, "train_s": round(train_s, 1), "train_peak_mb": round(train_mb),
+              "settings": json.loads((fold_dir / "models" / "model.settings.json").read_text()),
+              "epochs": args.epochs, "encoder": args.encoder, "encoder_weights": args.encoder_weights}
+    if fold == "final":
+        return record
+    tests, items = test_list(datalist, int(fold), work)
+    out = fold_dir / "pred"
+    infer_s, infer_mb = run_measured(
+        [sys.executable, "-m", "volumes", "infer", "--bundle", str(bundle), "--weights",
+         str(fold_dir / "models" / "model.pt"), "--input", str(tests), "--output", str(out), "--no-figures",
+         "--no-progress", "--set", f"encoder={json.dumps(args.encoder)}"], fold_dir / "infer.log")
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    seconds = {r["case_id"]: sum(r.get("timings_s", {}).values()) for r in rows}
+    masks = {item["case_id"]: out / item["case_id"] / f"{bundle.name}_seg.nii.gz" for item in items}
+    if not masks or not all(p.is_file() for p in masks.values()):
+        masks = {item["case_id"]: next((out / item["case_id"]).glob("*_seg.nii.gz")) for item in items}
+    cases = score(items, masks, datalist_labels(datalist, []))
+    for case in cases:
+        case["seconds"] = round(seconds.get(case["case_id"], float("nan")), 2)
+    record.update({"infer_s": round(infer_s, 1), "infer_peak_mb": round(infer_mb), "cases": cases})
+    return record
+
+
+# ----------------------------------------------------------------- nnU-Net v2
+
+
+NNUNET_IDS = {"CT": 501, "MR": 502}
+NNUNET_ITERATIONS = 25  # per epoch (stock: 250); validation runs a fifth of that
+
+
+def nnunet_env(work: Path) -> dict:
+    base = work / "nnunet"
+    return {"nnUNet_raw": str(base / "raw"), "nnUNet_preprocessed": str(base / "preprocessed"),
+            "nnUNet_results": str(base / "results"), "nnUNet_compile": "f", "nnUNet_n_proc_DA": "1"}
+
+
+def nnunet_tool(name: str) -> str:
+    tool = Path(sys.executable).with_name(name)
+    if not tool.is_file():
+        raise SystemExit(f"{tool} not found: install the nnunet extra (VOLUMES_EXTRAS=...,nnunet bash scripts/setup.sh)")
+    return str(tool)
+
+
+def nnunet_prepare(datalist: Path, work: Path) -> None:
+    """Raw datasets (one per modality, our folds as splits) and nnU-Net's own planning and preprocessing."""
+    env = nnunet_env(work)
+    for modality, dataset_id in NNUNET_IDS.items():
+        run_measured([sys.executable, str(ROOT / "scripts" / "nnunet_baseline.py"), "convert", "--datalist",
+                      str(datalist), "--modality", modality, "--dataset-id", str(dataset_id)],
+                     work / "nnunet" / "convert.log", env)
+    plans = [Path(env["nnUNet_preprocessed"]) / f"Dataset{i:03d}_STS{m}" / "nnUNetPlans.json" for m, i in NNUNET_IDS.items()]
+    if not all(p.is_file() for p in plans):
+        run_measured([nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", *map(str, NNUNET_IDS.values()), "-c",
+                      "3d_fullres", "-np", "1", "--verify_dataset_integrity"], work / "nnunet" / "plan.log", env)
+
+
+def nnunet_epoch_seconds(work: Path) -> dict[str, float]:
+    """Seconds per epoch of NNUNET_ITERATIONS iterations for each modality, from a 2-epoch probe (kept as JSON)."""
+    path = RESULTS / "nnunet" / "probe.json"
+    if path.is_file():
+        return json.loads(path.read_text())["epoch_s"]
+    import re
+
+    epoch_s = {}
+    for modality, dataset_id in NNUNET_IDS.items():
+        log = work / "nnunet" / f"probe_{modality}.log"
+        log.unlink(missing_ok=True)
+        run_measured([sys.executable, str(ROOT / "scripts" / "nnunet_baseline.py"), "train", "--dataset-id",
+                      str(dataset_id), "--modality", modality, "--fold", "0", "--epochs", "2", "--iterations",
+                      str(NNUNET_ITERATIONS)], log, nnunet_env(work))
+        times = [float(t) for t in re.findall(r"Epoch time: ([0-9.]+) s", log.read_text())]
+        epoch_s[modality] = times[-1]  # the second epoch: no start-up
+    write_json(path, {"epoch_s": epoch_s, "iterations": NNUNET_ITERATIONS, "machine": cpu_name()})
+    return epoch_s
+
+
+def run_nnunet(datalist: Path, work: Path, fold: int | str, args: argparse.Namespace) -> dict:
+    """nnU-Net 3d_fullres per modality, trained for the wall-clock ours took on this fold, then nnUNetv2_predict."""
+    from volumes.bundle import datalist_labels
+    from volumes.data.labelled import fold_items
+
+    fold = int(fold)
+    nnunet_prepare(datalist, work)
+    epoch_s = nnunet_epoch_seconds(work)
+    ours = RESULTS / "ours" / f"fold{fold}.json"
+    if not ours.is_file():
+        raise SystemExit(f"{ours}: run ours on fold {fold} first (its training time is nnU-Net's budget)")
+    budget = json.loads(ours.read_text())["train_s"]
+    training = fold_items(datalist, fold, "training") + fold_items(datalist, fold, "validation")
+    env = nnunet_env(work)
+    record: dict = {"fold": fold, "budget_s": budget, "per_modality": {}, "cases": []}
+    labels = datalist_labels(datalist, [])
+    for modality, dataset_id in NNUNET_IDS.items():
+        share = sum(e["modality"] == modality for e in training) / len(training)
+        epochs = max(1, int(budget * share // epoch_s[modality]))
+        train_log = work / "nnunet" / f"fold{fold}_{modality}_train.log"
+        train_log.unlink(missing_ok=True)
+        train_s, train_mb = run_measured(
+            [sys.executable, str(ROOT / "scripts" / "nnunet_baseline.py"), "train", "--dataset-id", str(dataset_id),
+             "--modality", modality, "--fold", str(fold), "--epochs", str(epochs), "--iterations",
+             str(NNUNET_ITERATIONS)], train_log, env)
+        items = fold_items(datalist, fold, "test", modality=modality)
+        inputs = work / "nnunet" / f"fold{fold}_{modality}_in"
+        outputs = work / "nnunet" / f"fold{fold}_{modality}_out"
+        inputs.mkdir(parents=True, exist_ok=True)
+        for item in items:
+            link = inputs / f"{item['case_id']}_0000.nii.gz"
+            if not link.exists():
+                link.symlink_to(Path(item["image"]).resolve())
+        infer_s, infer_mb = run_measured(
+            [nnunet_tool("nnUNetv2_predict"), "-i", str(inputs), "-o", str(outputs), "-d", str(dataset_id), "-c",
+             "3d_fullres", "-f", str(fold), "-tr", "nnUNetTrainerBudget", "-device", "cpu", "--disable_tta",
+             "-npp", "1", "-nps", "1"], work / "nnunet" / f"fold{fold}_{modality}_predict.log", env)
+        cases = score(items, {i["case_id"]: outputs / f"{i['case_id']}.nii.gz" for i in items}, labels)
+        for case in cases:
+            case["seconds"] = round(infer_s / len(items), 2)
+        record["cases"] += cases
+        record["per_modality"][modality] = {
+            "epochs": epochs, "iterations_per_epoch": NNUNET_ITERATIONS, "train_s": round(train_s, 1),
+            "train_peak_mb": round(train_mb), "infer_s": round(infer_s, 1), "infer_peak_mb": round(infer_mb),
+            "test_cases": len(items), "tta": False}
+    record["train_s"] = round(sum(m["train_s"] for m in record["per_modality"].values()), 1)
+    return record
+
+
+# ----------------------------------------------------------------- the stages
+
+
+def stage(method: str, fold: int | str, run, *args) -> dict:
+    path = RESULTS / method / f"fold{fold}.json"
+    if path.is_file():
+        print(f"[{method} fold {fold}] done before: {path.relative_to(ROOT)}")
+        return json.loads(path.read_text())
+    print(f"[{method} fold {fold}] running ({time.strftime('%H:%M:%S')})", flush=True)
+    start = time.perf_counter()
+    record = run(*args)
+    record.update({"machine": cpu_name(), "wall_s": round(time.perf_counter() - start, 1),
+                   "date": time.strftime("%Y-%m-%d")})
+    write_json(path, record)
+    print(f"[{method} fold {fold}] done in {record['wall_s']:.0f} s", flush=True)
+    return record
+
+
+METHODS = {"ours": run_ours, "nnunet": run_nnunet}
+
+
+def main(argv: list[str] | None = None) -> int:
+    global RESULTS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "real")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--folds", nargs="+", default=["0", "1", "2", "3", "4"],
+                        help="folds to run; 'final' trains ours on every patient (the shipped model)")
+    parser.add_argument("--num-folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--validation-interval", type=int, default=5)
+    parser.add_argument("--encoder", default="vit_small_patch14_dinov2")
+    parser.add_argument("--encoder-weights", default=None, help="a pretrained encoder (volumes pretrain's export)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the stage JSON files go")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    RESULTS = args.results
+    if not args.report_only:
+        datalist = prepare(args.work, args.num_folds, args.seed)
+        for method in args.methods:
+            for fold in args.folds:
+                stage(method, fold, METHODS[method], datalist, args.work, fold, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
