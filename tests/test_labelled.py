@@ -269,3 +269,25 @@ def test_surface_dice_at_a_tolerance():
     far = per_case_metrics(np.roll(truth, 4, axis=0), truth, [1.0, 1.0, 1.0], ["background", "t"],
                            surface_tolerance_mm=2.0)
     assert 0.2 < far["nsd_2mm_t"] < 0.9 and far["dice_t"] == pytest.approx(0.6)
+
+
+def test_scoring_names_a_missing_or_misplaced_mask(tmp_path):
+    from volumes.errors import VolumeReadError
+    from volumes.segmentation import score_label_maps
+
+    truth = np.zeros((12, 12, 4), np.uint8)
+    truth[3:9, 3:9, 1:3] = 1
+    label = _write(tmp_path / "truth.nii.gz", truth)
+    half = truth.copy()
+    half[3:6] = 0
+    good = _write(tmp_path / "pred.nii.gz", half)
+    item = {"case_id": "c1", "patient": "p1", "modality": "CT", "label": str(label)}
+    [row] = score_label_maps([item], {"c1": good}, ["background", "t"], surface_tolerance_mm=2.0)
+    assert row["dice_t"] == pytest.approx(2 * 36 / (72 + 36))
+    assert row["truth_ml"] == pytest.approx(72 * 3 / 1000) and row["pred_ml"] == pytest.approx(36 * 3 / 1000)
+    assert row["patient"] == "p1" and row["modality"] == "CT"
+    with pytest.raises(VolumeReadError, match="no predicted mask for case c1"):
+        score_label_maps([item], {"c1": tmp_path / "absent.nii.gz"}, ["background", "t"])
+    shifted = _write(tmp_path / "shifted.nii.gz", half, np.diag([1.0, 1.0, 2.0, 1.0]))
+    with pytest.raises(VolumeReadError, match="not on the grid"):
+        score_label_maps([item], {"c1": shifted}, ["background", "t"])

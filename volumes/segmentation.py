@@ -275,6 +275,38 @@ def per_case_metrics(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.
     return row
 
 
+def score_label_maps(items: Sequence[Mapping[str, Any]], masks: Mapping[str, str | Path], labels: Sequence[str],
+                     surface_tolerance_mm: float | None = 2.0) -> list[dict[str, Any]]:
+    """Per-case metrics of predicted label maps against the manual ones, on each image's own grid.
+
+    ``items``: datalist entries with ``case_id`` and ``label`` (the manual mask; ``modality``
+    and ``patient`` are copied when present); ``masks``: case id -> predicted label map
+    file. Every item must have a mask on its label's grid (a missing or misplaced mask
+    raises, naming it: no case is skipped). Rows: :func:`per_case_metrics` per label plus
+    ``truth_ml`` and ``pred_ml`` of the foreground.
+    """
+    from volumes.errors import VolumeReadError
+
+    rows = []
+    for item in items:
+        truth_image = nib.load(str(item["label"]))
+        truth = np.asarray(truth_image.dataobj).astype(np.int64)
+        path = Path(masks[item["case_id"]])
+        if not path.is_file():
+            raise VolumeReadError(path, f"no predicted mask for case {item['case_id']}")
+        predicted = nib.load(str(path))
+        if predicted.shape != truth.shape or not np.allclose(predicted.affine, truth_image.affine, atol=1e-3):
+            raise VolumeReadError(path, f"the predicted mask is not on the grid of {item['label']}")
+        pred = np.asarray(predicted.dataobj).astype(np.int64)
+        spacing = [float(s) for s in truth_image.header.get_zooms()[:3]]
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        row = {key: item[key] for key in ("case_id", "patient", "modality") if key in item}
+        row.update(per_case_metrics(pred, truth, spacing, labels, surface_tolerance_mm=surface_tolerance_mm))
+        row.update(truth_ml=float((truth > 0).sum() * voxel_ml), pred_ml=float((pred > 0).sum() * voxel_ml))
+        rows.append(row)
+    return rows
+
+
 def organ_volumes_ml(label_map: np.ndarray | torch.Tensor, spacing: Sequence[float],
                      labels: Sequence[str]) -> dict[str, float]:
     """Volume in mL of every labelled organ in ``label_map [X, Y, Z]`` (background skipped)."""

@@ -316,22 +316,22 @@ def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None
     segmentation = copy_bundle("dinov2_unet_segmentation", out / "bundles" / "dinov2_unet_segmentation", seg_settings)
     classification = copy_bundle("dinov2_slice_classification", out / "bundles" / "dinov2_slice_classification",
                                  cls_settings)
-    print(f"[0/4] one encoder for both heads: {ENCODER} {seg_settings['encoder_model_kwargs']}, random-initialised "
+    print(f"[0/5] one encoder for both heads: {ENCODER} {seg_settings['encoder_model_kwargs']}, random-initialised "
           f"(no model hub here), in {encoder}; slices prepared as {seg_settings['preprocessing_config']}", flush=True)
-    print(f"[1/4] training the segmentation bundle briefly ({_settings_said(seg_settings)}) in {segmentation}",
+    print(f"[1/5] training the segmentation bundle briefly ({_settings_said(seg_settings)}) in {segmentation}",
           flush=True)
     train_bundle(segmentation)
-    print(f"[2/4] training the classification bundle briefly ({_settings_said(cls_settings)}) in {classification}",
+    print(f"[2/5] training the classification bundle briefly ({_settings_said(cls_settings)}) in {classification}",
           flush=True)
     train_bundle(classification)
     inputs = out / "input"
     known = gather_inputs(inputs, segmentation, classification)
     real = "with" if SHARED.is_dir() else "without (../shared/data not found)"
-    print(f"[3/4] volumes infer on {len(known)} cases in {inputs} ({real} the real example CT and DICOM series)",
+    print(f"[3/5] volumes infer on {len(known)} cases in {inputs} ({real} the real example CT and DICOM series)",
           flush=True)
     output = out / "infer"
     code = run_inference([segmentation, classification], inputs, output, workers=workers)
-    print("[4/4] scoring the phantom cases against their ground truth", flush=True)
+    print("[4/5] scoring the phantom cases against their ground truth", flush=True)
     labels = json.loads((segmentation / "configs" / "inference.json").read_text())["labels"]
     result = score(output, known, labels)
     lines = [_dice_said(result)]
@@ -347,6 +347,16 @@ def run_demo(out: str | Path, *, quick: bool = False, workers: int | None = None
     shared = result["encoder"]
     lines.append(f"encoder: ran once for both heads on {shared['encoded_once']} of {shared['cases']} cases "
                  f"({shared['slices_encoded_again']} slices encoded a second time)")
+    from volumes.apps.demo_real import STS, real_patients, real_said
+
+    if STS.is_dir() and not quick:
+        print(f"[5/5] real patients: a short training on sarcoma CT and MR ({STS}), scored on patients it never "
+              "saw", flush=True)
+        result["real_patients"] = real_patients(out, {**one_encoder, "encoder_model_kwargs": ENCODER_KWARGS},
+                                                workers=workers)
+        lines.append(real_said(result["real_patients"]))
+    else:
+        print("[5/5] real patients: skipped (" + ("--quick" if quick else f"{STS} not found") + ")", flush=True)
     (out / "demo_scores.json").write_text(json.dumps(result, indent=1) + "\n")
     print("\n".join(lines))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; open {output / 'report.html'}")
