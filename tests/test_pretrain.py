@@ -131,6 +131,39 @@ def test_unreadable_cases_are_skipped_with_the_file_and_the_reason(archive, tmp_
     assert json.loads((out / "encoder.json").read_text())["skipped_cases"] == 1
 
 
+def test_a_mixed_archive_prepares_each_volume_by_its_modality(archive, tmp_path):
+    """--preset auto: CT windows for the CT, MR normalisation for the MR (never CT windows on an MR); unknown refused."""
+    import nibabel as nib
+
+    from volumes.pretrain.data import case_spec, list_cases
+
+    data = tmp_path / "mixed"
+    shutil.copytree(archive / "images", data / "ct")
+    first = sorted((data / "ct").glob("*.nii.gz"))[0]
+    ct = nib.load(str(first))
+    mr = np.clip(np.asarray(ct.dataobj, dtype=np.float32) + 1000.0, 0, None) * 3.0  # MR-like: no HU, zero background
+    (data / "mr").mkdir()
+    nib.save(nib.Nifti1Image(mr.astype(np.int16), ct.affine), str(data / "mr" / "t1.nii.gz"))
+    spec = SliceSpec(preset="auto", channel_mode="auto", size=42)
+    cases = list_cases(data, "*/ct/*=CT,*/mr/*=MR")
+    assert {c["modality"] for c in cases} == {"CT", "MR"}
+    specs = {c["modality"]: case_spec(spec, c, None) for c in cases}
+    assert specs["CT"].preset == "ct_three_windows" and specs["MR"].preset == "mr"
+    # a DICOM series's tag decides when neither the datalist nor a rule does
+    assert case_spec(spec, {"case_id": "x", "image": "series"}, "MR").preset == "mr"
+    # the MR's prepared stack is normalised to [0, 1], not HU
+    volume = torch.as_tensor(mr)[None]
+    stack = prepare_volume(volume, specs["MR"], "axial", 14)
+    assert float(stack.max()) <= 1.0 and float(stack.min()) >= 0.0
+    result = pretrain(PretrainConfig(data=str(data), out=str(tmp_path / "out"), steps=2, preset="auto",
+                                     channel_mode="auto", modality="*/ct/*=CT,*/mr/*=MR", **{**TINY, "size": 42}))
+    assert result.steps == 2 and result.skipped == 0
+    assert json.loads((tmp_path / "out" / "encoder.json").read_text())["preprocessing_config"]["preset"] == "auto"
+    with pytest.raises(VolumesError, match="no CT or MR modality.*t1.nii.gz"):
+        pretrain(PretrainConfig(data=str(data), out=str(tmp_path / "out2"), steps=2, preset="auto",
+                                channel_mode="auto", modality="*/ct/*=CT", **TINY))
+
+
 def test_no_readable_case_is_a_clear_error(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

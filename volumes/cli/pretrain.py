@@ -41,8 +41,13 @@ def add_parser(sub) -> None:
                    help="train only the heads first (default: 10%% of the steps with --weights/--pretrained, else 0)")
     p.add_argument("--size", type=int, default=d["size"], help="slice size, as the bundles' preprocessing_config size")
     p.add_argument("--preset", default=d["preset"],
-                   help="intensity preset as the bundles' (a CT window, ct_three_windows, mr, or none for [0, 1] data)")
+                   help="intensity preset as the bundles' (a CT window, ct_three_windows, mr, none for [0, 1] data, or "
+                        "auto: each volume by its modality, CT windows for CT and MR normalisation for MR)")
     p.add_argument("--channel-mode", default=None, help="windows (ct_three_windows) or repeat (default: what fits)")
+    p.add_argument("--modality", default=d["modality"],
+                   help="with --preset auto, for files that carry no modality (NIfTI outside a datalist with a "
+                        "'modality' field): CT, MR, or PATTERN=CT,PATTERN=MR (shell patterns on the path, e.g. "
+                        "'*/ct.nii.gz=CT,*/mr_t1.nii.gz=MR'); DICOM series carry their Modality tag")
     p.add_argument("--planes", nargs="+", default=list(d["planes"]), choices=["axial", "coronal", "sagittal"])
     p.add_argument("--local-crops", type=int, default=d["local_crops"])
     p.add_argument("--layer-scale", type=float, default=d["layer_scale"],
@@ -71,12 +76,12 @@ def config_from_args(args: argparse.Namespace):
     preset = None if args.preset.lower() == "none" else args.preset
     from volumes.transforms import WINDOW_SETS
 
-    mode = args.channel_mode or ("windows" if preset in WINDOW_SETS else "repeat")
+    mode = args.channel_mode or ("windows" if preset in WINDOW_SETS else "auto" if preset == "auto" else "repeat")
     return PretrainConfig(
         data=args.data, out=args.out, encoder=args.encoder, weights=args.weights, pretrained=args.pretrained,
         model_kwargs=args.model_kwargs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=args.warmup_steps, layer_decay=args.layer_decay, freeze_backbone_steps=args.freeze_backbone_steps,
-        layer_scale=args.layer_scale, drop_path=args.drop_path, size=args.size, preset=preset, channel_mode=mode, planes=tuple(args.planes), local_crops=args.local_crops,
+        layer_scale=args.layer_scale, drop_path=args.drop_path, size=args.size, preset=preset, channel_mode=mode, modality=args.modality, planes=tuple(args.planes), local_crops=args.local_crops,
         prototypes=args.prototypes, ibot_prototypes=args.prototypes, centering=args.centering,
         koleo_weight=args.koleo_weight, ibot_weight=args.ibot_weight, momentum=args.momentum,
         teacher_temp=args.teacher_temp, checkpoint_every=args.checkpoint_every, log_every=args.log_every,

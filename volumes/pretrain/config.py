@@ -27,8 +27,9 @@ class PretrainConfig:
     pretrained: bool = False
     model_kwargs: dict = field(default_factory=dict)
     # slices (as the bundles' preprocessing_config) and views
-    preset: str | None = "ct_three_windows"
+    preset: str | None = "ct_three_windows"  # "auto": each volume by its modality (CT windows / MR normalisation)
     channel_mode: str = "windows"
+    modality: str | None = None  # with preset "auto": CT, MR or PATTERN=CT,PATTERN=MR for files that carry none
     size: int = 112
     planes: tuple[str, ...] = ("axial",)
     min_foreground: float = 0.1

@@ -30,7 +30,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -55,8 +55,10 @@ class SliceSpec:
 
     Attributes:
         preset: a CT window name, a window set (``ct_three_windows``, ``ct_abdomen_windows``),
-            ``mr``, or ``None`` for volumes already in ``[0, 1]`` (MedMNIST).
-        channel_mode: ``windows`` (with a window set) or ``repeat``.
+            ``mr``, ``None`` for volumes already in ``[0, 1]`` (MedMNIST), or ``auto``: each
+            volume by its own modality (:data:`volumes.transforms.modality.MODALITY_PREPARATION`:
+            CT windows for CT, MR normalisation for MR), as the bundles' ``preset`` ``auto``.
+        channel_mode: ``windows`` (with a window set), ``repeat``, or ``auto`` (with ``auto``).
         size: the longer in-plane side of a slice, as the bundles' ``size``.
         planes: slicing planes to sample from (``axial``, ``coronal``, ``sagittal``).
         min_foreground: least fraction of a slice inside the body for it to be used.
@@ -72,10 +74,10 @@ class SliceSpec:
     jitter: float = 0.1
 
     def __post_init__(self) -> None:
-        presets = (*CT_WINDOWS, *WINDOW_SETS, "mr", None)
+        presets = (*CT_WINDOWS, *WINDOW_SETS, "mr", "auto", None)
         if self.preset not in presets:
             raise ConfigError("preset", self.preset, list(presets))
-        fitting = ["windows"] if self.preset in WINDOW_SETS else ["repeat"]
+        fitting = ["windows"] if self.preset in WINDOW_SETS else ["auto"] if self.preset == "auto" else ["repeat"]
         if self.channel_mode not in fitting:
             raise ConfigError("channel_mode", self.channel_mode, f"{fitting} with preset={self.preset!r}")
         for plane in self.planes:
@@ -90,16 +92,27 @@ class SliceSpec:
         if not 0.0 <= self.jitter <= 0.5:
             raise ConfigError("jitter", self.jitter, "a number in [0, 0.5]")
 
+    def for_modality(self, modality: str) -> "SliceSpec":
+        """The spec one volume of ``modality`` is prepared with (itself unless the preset is ``auto``)."""
+        if self.preset != "auto":
+            return self
+        from volumes.transforms.modality import MODALITY_PREPARATION
+
+        preset, mode = MODALITY_PREPARATION[modality]
+        return replace(self, preset=preset, channel_mode=mode)
+
     def preprocessing_config(self) -> dict[str, Any]:
         """What a bundle's ``preprocessing_config`` holds for slices prepared like these."""
         return {"preset": self.preset, "axis": self.planes[0], "channel_mode": self.channel_mode, "size": self.size}
 
 
 # ---------------------------------------------------------------------- cases
-def list_cases(source: str | Path) -> list[dict[str, Any]]:
-    """The cases of ``--data``: ``[{"case_id", "image", "series_uid"?}]`` or MedMNIST ``{"case_id", "array"}``.
+def list_cases(source: str | Path, modality: str | None = None) -> list[dict[str, Any]]:
+    """The cases of ``--data``: ``[{"case_id", "image", "series_uid"?, "modality"?}]`` or MedMNIST ``{"case_id", "array"}``.
 
-    Labels are ignored. Raises :class:`VolumesError` when the source names no case.
+    Labels are ignored. A datalist's ``modality`` field is kept; ``modality`` (``CT``,
+    ``MR``, or ``PATTERN=CT,PATTERN=MR`` with shell patterns matched against each image
+    path) names it for the others. Raises :class:`VolumesError` when the source names no case.
     """
     source = Path(source)
     if source.suffix == ".npz":
@@ -113,17 +126,37 @@ def list_cases(source: str | Path) -> list[dict[str, Any]]:
     cases = [case.to_dict() for case in discover_cases(source)]
     if not cases:
         raise VolumesError(f"{source}: no volume found (NIfTI, NRRD, MHA or DICOM series)")
-    return [{k: v for k, v in case.items() if k in ("case_id", "image", "series_uid")} for case in cases]
+    kept = [{k: v for k, v in case.items() if k in ("case_id", "image", "series_uid", "modality")} for case in cases]
+    if modality:
+        from volumes.transforms.modality import modality_rule
+
+        rule = modality_rule(modality)
+        for case in kept:
+            case.setdefault("modality", rule(case["image"]))
+            if case["modality"] is None:
+                del case["modality"]
+    return kept
 
 
-def _read(case: dict[str, Any]) -> torch.Tensor:
-    """``[1, X, Y, Z]`` voxels of a case (RAS; HU for CT as stored; MedMNIST scaled to [0, 1])."""
+def _read(case: dict[str, Any]) -> tuple[torch.Tensor, str | None]:
+    """``[1, X, Y, Z]`` voxels of a case (RAS; HU for CT as stored; MedMNIST scaled to [0, 1]) and its DICOM modality."""
     if "array" in case:
-        return torch.as_tensor(np.asarray(case["array"], dtype=np.float32) / 255.0)[None]
+        return torch.as_tensor(np.asarray(case["array"], dtype=np.float32) / 255.0)[None], None
     from volumes.data.io import load_volume
 
     volume = load_volume(case["image"], series_uid=case.get("series_uid"), dtype=None)
-    return volume.as_tensor() if hasattr(volume, "as_tensor") else torch.as_tensor(volume)
+    modality = volume.meta.get("modality") if hasattr(volume, "meta") else None
+    return (volume.as_tensor() if hasattr(volume, "as_tensor") else torch.as_tensor(volume)), modality
+
+
+def case_spec(spec: SliceSpec, case: dict[str, Any], tag: str | None) -> SliceSpec:
+    """The spec of one case: its datalist/rule ``modality``, else its DICOM tag (``auto`` only)."""
+    if spec.preset != "auto":
+        return spec
+    from volumes.transforms.modality import volume_modality
+
+    return spec.for_modality(volume_modality({"modality": case.get("modality") or tag,
+                                              "case_id": case.get("image", case["case_id"])}))
 
 
 def prepare_volume(volume: torch.Tensor, spec: SliceSpec, plane: str, patch_size: int) -> torch.Tensor:
@@ -211,10 +244,11 @@ class MultiCrop:
             top, left, h, w = 0, 0, height, width
         return F.resized_crop(hu, top, left, h, w, [size, size], antialias=True)
 
-    def __call__(self, hu: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+    def __call__(self, hu: torch.Tensor, generator: torch.Generator, spec: SliceSpec | None = None) -> list[torch.Tensor]:
+        """The views of one slice, rendered with ``spec`` (a case's own, under ``auto``; default ``self.spec``)."""
         views = [self._crop(hu, self.global_size, self.global_scale, generator) for _ in range(self.global_crops)]
         views += [self._crop(hu, self.local_size, self.local_scale, generator) for _ in range(self.local_crops)]
-        return [render(view, self.spec, generator) for view in views]
+        return [render(view, spec or self.spec, generator) for view in views]
 
 
 # ---------------------------------------------------------------------- the stream
@@ -270,7 +304,8 @@ class SliceStream(IterableDataset):
         share, worker = self._share()
         generator = torch.Generator().manual_seed(
             int(np.random.SeedSequence([self.seed, self.restart, self.rank, worker]).generate_state(1)[0]))
-        cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # (stack [1, H, W, D], usable slice indices)
+        # (stack [1, H, W, D], usable slice indices, the case's spec)
+        cache: list[tuple[torch.Tensor, torch.Tensor, SliceSpec]] = []
         readable = {id(case): True for case in share}
         while any(readable.values()):
             for position in torch.randperm(len(share), generator=generator).tolist():
@@ -278,24 +313,25 @@ class SliceStream(IterableDataset):
                 if not readable[id(case)]:
                     continue
                 try:
-                    volume = _read(case)
+                    volume, tag = _read(case)
+                    spec = case_spec(self.spec, case, tag)
                     plane = self.spec.planes[int(torch.randint(len(self.spec.planes), (), generator=generator))]
-                    stack = prepare_volume(volume, self.spec, plane, self.patch_size)
+                    stack = prepare_volume(volume, spec, plane, self.patch_size)
                     del volume
                 except Exception as exc:  # an unreadable case is skipped, never an abort
                     readable[id(case)] = False
                     self._skip(case, exc)
                     continue
-                usable = torch.nonzero(foreground(stack, self.spec) >= self.spec.min_foreground).flatten()
+                usable = torch.nonzero(foreground(stack, spec) >= self.spec.min_foreground).flatten()
                 if len(usable) == 0:
                     continue
-                cache.append((stack, usable))
+                cache.append((stack, usable, spec))
                 if len(cache) > self.cache_volumes:
                     cache.pop(0)
                 for _ in range(self.slices_per_volume):
-                    stack, usable = cache[int(torch.randint(len(cache), (), generator=generator))]
+                    stack, usable, spec = cache[int(torch.randint(len(cache), (), generator=generator))]
                     index = int(usable[int(torch.randint(len(usable), (), generator=generator))])
-                    yield self.crops(stack[..., index], generator)
+                    yield self.crops(stack[..., index], generator, spec)
 
 
 def merge_skipped(out: str | Path) -> list[dict[str, str]]:

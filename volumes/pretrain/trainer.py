@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from volumes.atomic import atomic_path, atomic_write_bytes, sweep_temporaries
 from volumes.curves import TrainingCurves
-from volumes.errors import VolumesError
+from volumes.errors import ConfigError, VolumesError
 from volumes.pretrain.config import RESUMABLE, PretrainConfig
 from volumes.pretrain.recipe import (ADVICE, collapse_metrics, collapse_signs, cosine, cross_entropy, learning_rate,
                                      teacher_temperature)
@@ -109,6 +109,27 @@ def data_fingerprint(cases: Sequence[dict[str, Any]]) -> str:
     return digest.hexdigest()
 
 
+def _check_modalities(cases: list[dict], source: str) -> None:
+    """Under ``preset="auto"`` every case must say CT or MR before training starts (DICOM series say it themselves)."""
+    from volumes.data.labelled import modality_of
+
+    unknown, wrong = [], []
+    for case in cases:
+        if "modality" not in case:
+            if not Path(case.get("image", "")).is_dir():  # a DICOM series folder carries its Modality tag
+                unknown.append(str(case.get("image", case["case_id"])))
+            continue
+        try:
+            modality_of(case["modality"])
+        except ConfigError:
+            wrong.append(f"{case.get('image')}: {case['modality']!r}")
+    if unknown or wrong:
+        listed = "; ".join((wrong + unknown)[:5]) + (f" and {len(wrong) + len(unknown) - 5} more" if len(wrong) + len(unknown) > 5 else "")
+        raise VolumesError(f"{source}: --preset auto prepares each volume by its modality, and {len(unknown) + len(wrong)} "
+                           f"case(s) have no CT or MR modality ({listed}); give a datalist with a 'modality' field "
+                           "(volumes datalist writes one) or --modality CT|MR|PATTERN=CT,PATTERN=MR")
+
+
 class Pretrainer:
     """One pretraining run: build or resume, :meth:`run` the steps, write the encoder.
 
@@ -129,7 +150,9 @@ class Pretrainer:
         self.device = torch.device(resolve_device(config.device, distributed=self.world > 1))
         self.spec = SliceSpec(preset=config.preset, channel_mode=config.channel_mode, size=config.size,
                               planes=tuple(config.planes), min_foreground=config.min_foreground, jitter=config.jitter)
-        self.cases = list_cases(config.data)
+        self.cases = list_cases(config.data, config.modality)
+        if config.preset == "auto":
+            _check_modalities(self.cases, config.data)
         self.settings["data_fingerprint"] = data_fingerprint(self.cases)
         # a refused --resume says so before the model's imports and build (lightly alone takes seconds)
         checkpoint = self._read_checkpoint() if resume else None

@@ -19,6 +19,7 @@ undoes whichever pipeline ran (``monai.transforms.Invertd`` works as with one pi
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 from typing import Any
 
 from monai.transforms import Compose, InvertibleTransform, MapTransform, allow_missing_keys_mode
@@ -51,6 +52,30 @@ def volume_modality(data: Mapping[Hashable, Any], image_key: Hashable = "image",
                                                               "have a preparation") from None
     raise VolumeReadError(_name(data, image_key), "modality unknown: give the case a 'modality' field (CT or MR) "
                                                   "in its datalist, or set the configuration's default modality")
+
+
+def modality_rule(text: str):
+    """``CT``/``MR`` (every file) or ``PATTERN=CT,PATTERN=MR`` (shell patterns on the path) -> ``path -> modality | None``."""
+    from fnmatch import fnmatch
+
+    from volumes.data.labelled import modality_of
+
+    if "=" not in text:
+        fixed = modality_of(text)
+        return lambda path: fixed
+    rules = []
+    for part in text.split(","):
+        pattern, sep, name = part.partition("=")
+        if not sep or not pattern.strip():
+            raise ConfigError("modality", text, "CT, MR, or PATTERN=CT,PATTERN=MR")
+        rules.append((pattern.strip(), modality_of(name.strip())))
+
+    def rule(path: str) -> str | None:
+        text_path = str(path)
+        return next((m for pattern, m in rules if fnmatch(text_path, pattern) or fnmatch(Path(text_path).name, pattern)),
+                    None)
+
+    return rule
 
 
 def _name(data: Mapping[Hashable, Any], image_key: Hashable) -> str:
