@@ -129,17 +129,20 @@ def our_bundle(datalist: Path, work: Path) -> Path:
     return write_derived_bundle(BUNDLE, work / "ours" / "bundle", values)
 
 
-def run_ours(datalist: Path, work: Path, fold: int | str, args: argparse.Namespace) -> dict:
+def run_ours(datalist: Path, work: Path, fold: int | str, args: argparse.Namespace, method: str = "ours") -> dict:
     from volumes.bundle import datalist_labels
 
     bundle = our_bundle(datalist, work)
     name = f"fold{fold}"
-    fold_dir = work / "ours" / name
+    fold_dir = work / method / name
     overrides = ["--bundle_root", str(fold_dir), "--datalist", str(datalist), "--fold", str(fold),
                  "--epochs", str(args.epochs), "--validation_interval", str(args.validation_interval),
                  "--encoder", args.encoder]
-    if args.encoder_weights:
-        overrides += ["--encoder_weights", str(args.encoder_weights)]
+    encoder_weights = args.encoder_weights
+    if method == "ours_pretrained":
+        encoder_weights = str(pretrained_encoder(work))
+    if encoder_weights:
+        overrides += ["--encoder_weights", str(encoder_weights)]
     train_s, train_mb = run_measured(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.json"),
          "--meta_file", str(bundle / "configs" / "metadata.json"),
@@ -147,7 +150,7 @@ def run_ours(datalist: Path, work: Path, fold: int | str, args: argparse.Namespa
         fold_dir / "train.log")
     record = {"fold": fold, "train_s": round(train_s, 1), "train_peak_mb": round(train_mb),
               "settings": json.loads((fold_dir / "models" / "model.settings.json").read_text()),
-              "epochs": args.epochs, "encoder": args.encoder, "encoder_weights": args.encoder_weights}
+              "epochs": args.epochs, "encoder": args.encoder, "encoder_weights": encoder_weights}
     if fold == "final":
         return record
     tests, items = test_list(datalist, int(fold), work)
@@ -155,7 +158,7 @@ def run_ours(datalist: Path, work: Path, fold: int | str, args: argparse.Namespa
     infer_s, infer_mb = run_measured(
         [sys.executable, "-m", "volumes", "infer", "--bundle", str(bundle), "--weights",
          str(fold_dir / "models" / "model.pt"), "--input", str(tests), "--output", str(out), "--no-figures",
-         "--no-progress", "--set", f"encoder={json.dumps(args.encoder)}"], fold_dir / "infer.log")
+         "--no-progress"], fold_dir / "infer.log")
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     seconds = {r["case_id"]: sum(r.get("timings_s", {}).values()) for r in rows}
     masks = {item["case_id"]: next((out / item["case_id"]).glob("*_seg.nii.gz"), out / item["case_id"] / "missing")
@@ -165,6 +168,50 @@ def run_ours(datalist: Path, work: Path, fold: int | str, args: argparse.Namespa
         case["seconds"] = round(seconds.get(case["case_id"], float("nan")), 2)
     record.update({"infer_s": round(infer_s, 1), "infer_peak_mb": round(infer_mb), "cases": cases})
     return record
+
+
+# ----------------------------------------------------------------- pretraining on the real archive
+
+
+SHARED = ROOT.parent / "shared" / "data"
+PRETRAIN_ARGS = ["--preset", "auto", "--size", "112", "--batch-size", "32", "--centering", "sinkhorn",
+                 "--prototypes", "256", "--checkpoint-every", "50"]
+
+
+def pretrain_corpus(work: Path) -> Path:
+    """The unlabelled archive, CT and MR at once, each with its modality: every sts_sarcoma image (masks
+    unused: the same patients as the folds' test patients, so this is pretraining on the site's own
+    archive, as a hospital team would), the unlabelled prostate MR and the example CT."""
+    from volumes.data.labelled import read_datalist
+
+    items = [{"image": e["image"], "modality": e["modality"]} for e in read_datalist(work / "datalist.json")["training"]]
+    items += [{"image": str(p.resolve()), "modality": "MR"} for p in sorted((SHARED / "unlabelled_mr").glob("*.nii.gz"))]
+    example = SHARED / "totalsegmentator_example" / "example_ct.nii.gz"
+    if example.is_file():
+        items.append({"image": str(example.resolve()), "modality": "CT"})
+    path = work / "pretrain" / "corpus.json"
+    write_json(path, {"training": items})
+    return path
+
+
+def run_pretraining(work: Path, steps: int) -> dict:
+    """``volumes pretrain --preset auto`` on the corpus, resumed from its checkpoint when one is there."""
+    corpus = pretrain_corpus(work)
+    out = work / "pretrain" / "run"
+    resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
+    seconds, peak = run_measured([sys.executable, "-m", "volumes", "pretrain", "--data", str(corpus), "--out", str(out),
+                                  "--steps", str(steps), "--no-progress", *PRETRAIN_ARGS, *resume],
+                                 work / "pretrain" / "pretrain.log")
+    summary = json.loads((out / "encoder.json").read_text())
+    return {"steps": steps, "seconds_this_run": round(seconds), "peak_mb": round(peak), "corpus": len(
+        json.loads(corpus.read_text())["training"]), "arguments": PRETRAIN_ARGS, "encoder": summary}
+
+
+def pretrained_encoder(work: Path) -> Path:
+    weights = work / "pretrain" / "run" / "encoder.safetensors"
+    if not weights.is_file():
+        raise SystemExit(f"{weights}: run the pretraining stage first (--methods pretrain)")
+    return weights
 
 
 # ----------------------------------------------------------------- nnU-Net v2
@@ -274,6 +321,7 @@ def run_nnunet(datalist: Path, work: Path, fold: int | str, args: argparse.Names
 
 
 METHOD_NAMES = {"ours": "ours: DINOv2 ViT-S/14 slices + light decoder + 3D refine (one model, CT and MR)",
+                "ours_pretrained": "ours, encoder from volumes pretrain on the real archive",
                 "nnunet": "nnU-Net v2 3d_fullres (one model per modality), same wall-clock"}
 
 
@@ -461,7 +509,11 @@ def stage(method: str, fold: int | str, run, *args) -> dict:
     return record
 
 
-METHODS = {"ours": run_ours, "nnunet": run_nnunet}
+def run_ours_pretrained(datalist: Path, work: Path, fold: int | str, args: argparse.Namespace) -> dict:
+    return run_ours(datalist, work, fold, args, method="ours_pretrained")
+
+
+METHODS = {"ours": run_ours, "nnunet": run_nnunet, "ours_pretrained": run_ours_pretrained}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,11 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", default="vit_small_patch14_dinov2")
     parser.add_argument("--encoder-weights", default=None, help="a pretrained encoder (volumes pretrain's export)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the stage JSON files go")
+    parser.add_argument("--pretrain-steps", type=int, default=0,
+                        help="first run (or resume) volumes pretrain on the real archive up to this many steps")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     RESULTS = args.results
     if not args.report_only:
         datalist = prepare(args.work, args.num_folds, args.seed)
+        if args.pretrain_steps:
+            record = run_pretraining(args.work, args.pretrain_steps)
+            write_json(RESULTS / "pretrain.json", {**record, "machine": cpu_name(), "date": time.strftime("%Y-%m-%d")})
         for method in args.methods:
             for fold in args.folds:
                 stage(method, fold, METHODS[method], datalist, args.work, fold, args)
