@@ -25,6 +25,7 @@ Active learning strategies: ``random`` and ``first`` (MONAI Label's) and ``uncer
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -158,6 +159,30 @@ class VolumesApp(MONAILabelApp):
             cache = self.settings.uncertainty_cache or self.settings.model_dir / "uncertainty.json"
             strategies["uncertainty"] = Uncertainty(infer, cache, device=self.settings.device)
         return strategies
+
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """MONAI Label's infer; a request our tasks cannot use is answered 422 with what is wrong (not a bare 500)."""
+        from fastapi import HTTPException
+
+        from volumes.errors import VolumesError
+
+        bad_input: tuple = (VolumesError,)
+        if "clicks" in self._infers:
+            from lib.interactive import PromptError
+
+            bad_input += (PromptError,)
+        image = request.get("image")
+        if isinstance(image, str) and image and not os.path.exists(image) and \
+                not (datastore or self.datastore()).get_image_uri(image):
+            raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore "
+                                                        "(GET /datastore/?output=all lists its images)")
+        try:
+            return super().infer(request, datastore)
+        except bad_input as exc:
+            logger.info("infer %s: bad request: %s", request.get("model"), exc)
+            raise HTTPException(status_code=422, detail=str(exc)) from exc
+        except MONAILabelException as exc:  # an unknown model, or an image the datastore does not hold
+            raise HTTPException(status_code=404 if "not" in str(exc).lower() else 400, detail=str(exc)) from exc
 
     def init_batch_infer(self) -> Callable:
         return SingleDeviceBatchInfer(self.settings.multi_gpu, self.settings.device)

@@ -388,6 +388,7 @@ def test_clicks_add_and_remove_and_the_second_click_reuses_the_features(server):
     mask1 = np.asarray(first.dataobj) > 0
     assert mask1[tuple(positive)]  # the positive click's voxel is in the result
     assert result["feature_cache"] == "miss" and result["label"] == "liver" and "latencies" in result
+    assert result["label_names"] == {"liver": 1}  # what was segmented, not every label the app knows
     # a negative click on a voxel the first result holds (far from the positive one) removes it
     inside = np.argwhere(mask1)
     negative = inside[np.argmax(np.abs(inside - positive).sum(axis=1))].tolist()
@@ -397,6 +398,38 @@ def test_clicks_add_and_remove_and_the_second_click_reuses_the_features(server):
     assert result["feature_cache"] == "hit" and result["clicks_run"] == 1  # the encoder did not run again
     with pytest.raises(Exception):
         client.infer("clicks", "p3", {"foreground": [], "background": [negative]})
+
+
+def test_malformed_requests_get_a_4xx_that_says_what_is_wrong(server):
+    """Issue 34: no bare HTTP 500 for a request the server cannot use; the server goes on answering."""
+    shape = list(nib.load(server["studies"] / "p3.nii.gz").shape)
+    centre = [n // 2 for n in shape]
+
+    def post(model: str, params: dict, image: str = "p3") -> requests.Response:
+        return requests.post(f"{server['url']}/infer/{model}", params={"image": image, "output": "json"},
+                             data={"params": json.dumps(params)}, timeout=300)
+
+    cases = {
+        "outside": ({"foreground": [[shape[0] + 5, 1, 1]]}, f"outside the volume: indices run from 0 to "
+                                                            f"{[n - 1 for n in shape]}"),
+        "negative": ({"foreground": [[-1, 2, 2]]}, "outside the volume"),
+        "empty": ({"foreground": [], "background": []}, "no foreground click"),
+        "only background": ({"foreground": [], "background": [centre]}, "no foreground click"),
+        "two coordinates": ({"foreground": [[3, 4]]}, "needs 3 voxel indices [i, j, k], got 2"),
+        "not a list": ({"foreground": "middle"}, "expected a list of [i, j, k] voxel indices"),
+        "fractional": ({"foreground": [[1.5, 2, 2]]}, "must be integers"),
+    }
+    for name, (params, said) in cases.items():
+        response = post("clicks", params)
+        assert response.status_code == 422, (name, response.status_code, response.text)
+        assert said in response.json()["detail"], (name, response.text)
+    unknown_label = post("fewshot", {"label_name": "no_such_label"})
+    assert unknown_label.status_code == 422 and "no saved label 'no_such_label'" in unknown_label.json()["detail"]
+    missing = post("clicks", {"foreground": [centre]}, image="no_such_image")
+    assert missing.status_code == 404 and "not in the datastore" in missing.json()["detail"]
+    assert post("no_such_model", {}).status_code in (400, 404)
+    # and the server still answers a good request
+    assert post("clicks", {"foreground": [centre], "label": "liver"}).status_code == 200
 
 
 def test_fewshot_labels_from_one_painted_slice_and_saved_as_a_new_label(server):

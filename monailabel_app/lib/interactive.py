@@ -30,7 +30,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from volumes.interactive.service import InteractiveModel, fewshot_mask, file_to_ras, load_case
 
-__all__ = ["ClickInfer", "FewShotInfer", "InteractiveService"]
+__all__ = ["ClickInfer", "FewShotInfer", "InteractiveService", "PromptError", "check_points"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +51,54 @@ class InteractiveService:
             vf = self.model.encode(volume, spacing)
             vf.extra.update(affine=np.asarray(loaded.affine, float),
                             original_affine=np.asarray(loaded.meta.get("original_affine", loaded.affine), float),
-                            key=key)
+                            file_shape=_file_shape(image_path, vf.grid.shape), key=key)
             return vf
 
         return self.model.store.get_or_compute((key, self.model.model_key), encode)
 
     @staticmethod
-    def to_ras(vf: Any, points: Sequence[Sequence[int]] | None) -> list[tuple[int, int, int]]:
-        points = [p for p in (points or []) if len(p) >= 3]
-        return file_to_ras([p[:3] for p in points], vf.extra["original_affine"], vf.extra["affine"], vf.grid.shape)
+    def to_ras(vf: Any, points: Any, name: str = "click") -> list[tuple[int, int, int]]:
+        """Clicks in file voxel indices -> RAS grid indices; a malformed click raises :class:`PromptError` naming it."""
+        points = check_points(points, name, tuple(int(n) for n in vf.extra.get("file_shape", vf.grid.shape)))
+        return file_to_ras(points, vf.extra["original_affine"], vf.extra["affine"], vf.grid.shape)
+
+
+class PromptError(ValueError):
+    """A malformed request (the app answers it with HTTP 422 and this message)."""
+
+
+def check_points(points: Any, name: str, shape: Sequence[int]) -> list[list[int]]:
+    """``points`` as a list of 3 non-negative integer voxel indices inside ``shape`` (the file as stored)."""
+    if points is None:
+        return []
+    if not isinstance(points, (list, tuple)):
+        raise PromptError(f"{name}: expected a list of [i, j, k] voxel indices, got {points!r}")
+    checked = []
+    for point in points:
+        if not isinstance(point, (list, tuple)) or len(point) != 3:
+            raise PromptError(f"{name} {point!r}: a click needs 3 voxel indices [i, j, k]"
+                              + (f", got {len(point)}" if isinstance(point, (list, tuple)) else ""))
+        try:
+            values = [int(v) for v in point]
+        except (TypeError, ValueError):
+            raise PromptError(f"{name} {list(point)}: voxel indices must be integers") from None
+        if any(v != float(raw) for v, raw in zip(values, point)):
+            raise PromptError(f"{name} {list(point)}: voxel indices must be integers")
+        if any(not 0 <= v < n for v, n in zip(values, shape)):
+            raise PromptError(f"{name} {values} is outside the volume: indices run from 0 to {[n - 1 for n in shape]} "
+                              f"(shape {list(shape)})")
+        checked.append(values)
+    return checked
+
+
+def _file_shape(image_path: str, fallback: Sequence[int]) -> tuple[int, ...]:
+    """The image's shape as stored in its file (the index space of the clients' clicks)."""
+    try:
+        import nibabel as nib
+
+        return tuple(int(n) for n in nib.load(image_path).shape[:3])
+    except Exception:  # not NIfTI (a DICOM folder): the loaded grid, an axis permutation of it
+        return tuple(int(n) for n in fallback)
 
 
 def _write_mask(mask: np.ndarray, vf: Any) -> str:
@@ -94,12 +133,19 @@ class ClickInfer(BasicInferTask):
         return []
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
+        try:
+            return self._run(data)
+        except ValueError as exc:  # the service's checks of the request (clicks, annotation, label name)
+            raise exc if isinstance(exc, PromptError) else PromptError(str(exc)) from exc
+
+    def _run(self, data: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         vf, hit = self.service.features(data["image"])
-        foreground = self.service.to_ras(vf, data.get("foreground"))
-        background = self.service.to_ras(vf, data.get("background"))
+        foreground = self.service.to_ras(vf, data.get("foreground"), "foreground click")
+        background = self.service.to_ras(vf, data.get("background"), "background click")
         if not foreground:
-            raise ValueError("no foreground click: click the structure first (positive click)")
+            raise PromptError("no foreground click: click the structure first (a positive click); "
+                              f"got {len(background)} background click(s)")
         label = str(data.get("label") or "object")
         mask, info = self.service.model.click(vf, foreground, background, key=(vf.extra["key"], label))
         data["pred"] = mask
@@ -112,6 +158,13 @@ class ClickInfer(BasicInferTask):
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[str, dict]:
         return _write_mask(data["pred"], data["_features"]), dict(data["_result"])
 
+    def __call__(self, request: dict[str, Any], callbacks: Any = None) -> tuple[Any, dict]:
+        """MONAI Label's call; ``label_names`` names what this request segmented (value 1), not every known label."""
+        result_file, result_json = super().__call__(request, callbacks)
+        if isinstance(result_json, dict) and "label" in result_json:
+            result_json["label_names"] = {result_json["label"]: 1}
+        return result_file, result_json
+
 
 class FewShotInfer(ClickInfer):
     """A new label from painted slices (or scribbles), optionally saved as a label of the model."""
@@ -122,7 +175,7 @@ class FewShotInfer(ClickInfer):
         self.description = ("A new label from one to three painted slices: a logistic head on frozen DINOv2 patch "
                             "features, fitted in seconds; save it with save=true and label_name")
 
-    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
+    def _run(self, data: dict[str, Any]) -> dict[str, Any]:
         from volumes.data.io import load_volume
 
         start = time.perf_counter()
