@@ -1,14 +1,15 @@
 """nnU-Net v2 itself as the baseline of scripts/real_results.py: its raw layout, its planning, a budgeted training.
 
     python scripts/nnunet_baseline.py convert --datalist D --modality CT --dataset-id 501
-    python scripts/nnunet_baseline.py train --dataset-id 501 --fold 0 --epochs E --iterations I
+    python scripts/nnunet_baseline.py train --dataset-id 501 --modality CT --fold 0 --budget-s 200
 
 The caller sets ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results``. Planning,
 preprocessing and prediction are nnU-Net's own commands (``nnUNetv2_plan_and_preprocess``,
 ``nnUNetv2_predict``); this file only writes the raw dataset (with our folds as
 ``splits_final.json``, so nnU-Net sees the same patients as ours) and trains the
-3d_fullres configuration with a CPU budget: nnU-Net's trainer unchanged except for the
-number of epochs and of iterations per epoch (its default is 1000 x 250, days on a CPU).
+3d_fullres configuration within a wall-clock budget: nnU-Net's trainer unchanged except for
+the length of its schedule (its default, 1000 epochs x 250 iterations, would take months on
+2 CPU cores at about 40 s per iteration).
 A dataset holds one modality (nnU-Net normalises by channel name: CT by the dataset's
 HU percentiles, anything else by z-score per image).
 """
@@ -55,22 +56,50 @@ def convert(datalist: Path, modality: str, dataset_id: int) -> Path:
     return raw
 
 
-def train(dataset_id: int, modality: str, fold: int, epochs: int, iterations: int) -> Path:
-    """nnU-Net's 3d_fullres trainer for ``epochs`` x ``iterations`` on the CPU; returns its checkpoint."""
+def train(dataset_id: int, modality: str, fold: int, budget_s: float, iterations: int) -> Path:
+    """nnU-Net's 3d_fullres trainer on the CPU for ``budget_s`` seconds of training; returns its checkpoint.
+
+    Epochs of ``iterations`` iterations (and one validation iteration) until the budget is
+    spent. After the first epoch the number of epochs is set to what fits the budget, so
+    nnU-Net's poly learning-rate schedule runs to its end within it. What was done is
+    written to ``budget.json`` beside the checkpoint.
+    """
     import shutil
+    import time
 
     import torch
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     class nnUNetTrainerBudget(nnUNetTrainer):
-        """The stock trainer (architecture, augmentation, loss, poly schedule) on a shorter schedule."""
+        """The stock trainer (architecture, augmentation, loss, poly schedule) within a wall-clock budget."""
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.num_epochs = epochs
+        # nnU-Net records its init arguments by name (inspect.signature): the same explicit signature
+        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device = torch.device("cpu")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
             self.num_iterations_per_epoch = iterations
-            self.num_val_iterations_per_epoch = max(1, iterations // 5)
+            self.num_val_iterations_per_epoch = 1
+            self.num_epochs = 10_000  # until the first epoch says how many fit
+
+        def run_training(self):  # nnU-Net's hooks, in nnU-Net's order, with a clock
+            self.on_train_start()
+            start = time.perf_counter()
+            while self.current_epoch < self.num_epochs:
+                self.on_epoch_start()
+                self.on_train_epoch_start()
+                outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
+                self.on_train_epoch_end(outputs)
+                with torch.no_grad():
+                    self.on_validation_epoch_start()
+                    self.on_validation_epoch_end([self.validation_step(next(self.dataloader_val))])
+                self.on_epoch_end()
+                if self.current_epoch == 1:  # the schedule's length: the epochs that fit the budget
+                    fit = int(budget_s // (time.perf_counter() - start))
+                    self.num_epochs = max(1, fit)
+                    self.lr_scheduler.max_steps = self.num_epochs
+            self.train_seconds = time.perf_counter() - start
+            self.on_train_end()
 
     name = dataset_name(dataset_id, modality)
     preprocessed = Path(nnUNet_preprocessed) / name
@@ -88,6 +117,9 @@ def train(dataset_id: int, modality: str, fold: int, epochs: int, iterations: in
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # nnU-Net's own file, written above
     state["trainer_name"] = "nnUNetTrainer"
     torch.save(state, checkpoint)
+    (checkpoint.parent / "budget.json").write_text(json.dumps({
+        "budget_s": budget_s, "epochs": trainer.current_epoch, "iterations_per_epoch": iterations,
+        "train_iterations": trainer.current_epoch * iterations, "train_s": round(trainer.train_seconds, 1)}) + "\n")
     return checkpoint
 
 
@@ -102,13 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--dataset-id", type=int, required=True)
     t.add_argument("--modality", choices=["CT", "MR"], required=True)
     t.add_argument("--fold", type=int, required=True)
-    t.add_argument("--epochs", type=int, required=True)
-    t.add_argument("--iterations", type=int, required=True)
+    t.add_argument("--budget-s", type=float, required=True, help="training wall-clock, seconds")
+    t.add_argument("--iterations", type=int, default=2, help="training iterations per epoch")
     args = parser.parse_args(argv)
     if args.command == "convert":
         print(convert(args.datalist, args.modality, args.dataset_id))
     else:
-        print(train(args.dataset_id, args.modality, args.fold, args.epochs, args.iterations))
+        print(train(args.dataset_id, args.modality, args.fold, args.budget_s, args.iterations))
     return 0
 
 
