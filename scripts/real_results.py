@@ -346,32 +346,43 @@ def report(work: Path) -> Path:
         f"`{folds['command']}` (`docs/real_data/folds.json`).",
         "",
         "Per case: Dice, 95th-percentile Hausdorff distance (HD95, mm) and normalised surface Dice at 2 mm "
-        "(NSD), on the image's own grid against the manual mask. Seconds per case: the inference process's "
-        "wall-clock over the fold's test cases (start-up included), as a user running the command sees it.",
+        "(NSD), on the image's own grid against the manual mask.",
         "",
     ]
+    all_folds = {m: sorted(str(r["fold"]) for r in recs) for m, recs in records.items()}
+    common = sorted(set.intersection(*(set(f) for f in all_folds.values()))) if records else []
+    lines += ["Folds run: " + "; ".join(f"{m} {', '.join(f)}" for m, f in all_folds.items()) + ".", ""]
     for modality in ("CT", "MR"):
-        lines += [f"## {modality}", "",
-                  "| method | cases | Dice mean ± sd | median | worst | HD95 median (mm) | NSD 2 mm |",
-                  "|---|---|---|---|---|---|---|"]
-        for method, recs in records.items():
-            cases = [c for r in recs for c in r["cases"] if c["modality"] == modality]
-            if cases:
-                lines.append(f"| {METHOD_NAMES[method]} | {_summary(cases)} |")
-        lines.append("")
-    lines += ["## Cost (mean over folds)", "",
-              "| method | folds | training min per fold | inference s per case | inference peak memory (MB) | machine |",
-              "|---|---|---|---|---|---|"]
+        lines += [f"## {modality}", ""]
+        tables = [("every fold each method ran", None)]
+        if len({tuple(f) for f in all_folds.values()}) > 1 and common:
+            tables.append((f"the same patients: folds {', '.join(common)}, which every method ran", set(common)))
+        for title, only in tables:
+            lines += [f"On {title}:", "", "| method | cases | Dice mean ± sd | median | worst | HD95 median (mm) | NSD 2 mm |",
+                      "|---|---|---|---|---|---|---|"]
+            for method, recs in records.items():
+                cases = [c for r in recs if only is None or str(r["fold"]) in only
+                         for c in r["cases"] if c["modality"] == modality]
+                if cases:
+                    lines.append(f"| {METHOD_NAMES[method]} | {_summary(cases)} |")
+            lines.append("")
+    lines += ["## Cost", "",
+              "| method | folds | training min per fold | inference s per case (process) | of which model s per case "
+              "| inference peak memory (MB) | machine |",
+              "|---|---|---|---|---|---|---|"]
     for method, recs in records.items():
         train_min = np.mean([r["train_s"] for r in recs]) / 60
-        seconds = [c["seconds"] for r in recs for c in r["cases"]]
-        if method == "nnunet":
-            peak = max(m["infer_peak_mb"] for r in recs for m in r["per_modality"].values())
-        else:
-            peak = max(r["infer_peak_mb"] for r in recs)
-        lines.append(f"| {method} | {len(recs)} | {train_min:.1f} | {np.mean(seconds):.2f} | {peak} | "
+        cases = sum(len(r["cases"]) for r in recs)
+        parts = [m for r in recs for m in r.get("per_modality", {}).values()] or recs
+        process = sum(m["infer_s"] for m in parts) / cases
+        model = np.mean([c["seconds"] for r in recs for c in r["cases"]]) if method != "nnunet" else float("nan")
+        peak = max(m["infer_peak_mb"] for m in parts)
+        model_text = f"{model:.2f}" if np.isfinite(model) else "n/a"
+        lines.append(f"| {method} | {len(recs)} | {train_min:.1f} | {process:.2f} | {model_text} | {peak} | "
                      f"{recs[0]['machine']} |")
-    lines.append("")
+    lines += ["", "Inference per case (process): each fold's inference command's wall-clock (start-up and model "
+              "loading included) over its test cases; model: the network and its pre- and post-processing alone "
+              "(`timings_s` in `predictions.jsonl`). Peak memory: the inference process's resident set.", ""]
     lines += settings_text(records)
     figure = draw_cases(records, work)
     if figure is not None:
