@@ -425,7 +425,24 @@ def settings_text(records: dict[str, list[dict]]) -> list[str]:
                      "iterations), trained on all training-fold patients as nnU-Net does, the final checkpoint; "
                      "`nnUNetv2_predict` without test-time mirroring (`--disable_tta`).")
     lines += ["", "Reproduce: `.venv/bin/python scripts/real_results.py` (every stage; stages already in "
-              "docs/real_data/ are kept), then `--report-only`.", ""]
+              "docs/real_data/ are kept), then `--report-only`.", "",
+              "## On your own patients", "",
+              "```bash",
+              "# your scans and masks: checked, patients dealt to 5 folds (or an MSD / nnU-Net raw folder)",
+              ".venv/bin/python -m volumes datalist --data DIR --out runs/mine/datalist.json \\",
+              "    --images '{patient}/{modality}.nii.gz' --labels '{patient}/{modality}_gtv.nii.gz'",
+              "# one fold, as the table's runs (models under runs/mine/fold0/models/)",
+              "cd bundles/dinov2_unet_segmentation && ../../.venv/bin/python -m monai.bundle run \\",
+              "    --config_file configs/train.json --bundle_root ../../runs/mine/fold0 \\",
+              "    --datalist ../../runs/mine/datalist.json --fold 0 --epochs 12",
+              "```", "",
+              "`--fold final` trains on every patient. On sts_sarcoma, `scripts/real_results.py --methods ours "
+              "--folds final` trains that model into `runs/real/ours/foldfinal/models/model.pt` beside the bundle "
+              "copy `runs/real/ours/bundle` (the labels and slice plan written in, by "
+              "`volumes.bundle.write_derived_bundle`), so that `volumes infer --bundle runs/real/ours/bundle "
+              "--weights runs/real/ours/foldfinal/models/model.pt --input YOUR_SCANS --output OUT` segments new "
+              "patients (a NIfTI needs its modality: give a datalist with a `modality` field, or "
+              "`--set default_modality=\"CT\"`; DICOM series carry it).", ""]
     return lines
 
 
