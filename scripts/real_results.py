@@ -263,7 +263,10 @@ def run_nnunet(datalist: Path, work: Path, fold: int | str, args: argparse.Names
     budget = float(np.median([json.loads(p.read_text())["train_s"] for p in ours]))
     training = fold_items(datalist, fold, "training") + fold_items(datalist, fold, "validation")
     env = nnunet_env(work)
-    record: dict = {"fold": fold, "budget_s": budget, "per_modality": {}, "cases": []}
+    from importlib.metadata import version
+
+    record: dict = {"fold": fold, "budget_s": budget, "per_modality": {}, "cases": [],
+                    "nnunetv2": version("nnunetv2"), "timm": version("timm")}
     labels = datalist_labels(datalist, [])
     for modality, dataset_id in NNUNET_IDS.items():
         # ours trains one model on both modalities; nnU-Net one per modality, sharing the budget by cases
