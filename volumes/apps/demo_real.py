@@ -28,7 +28,7 @@ REAL_TRAINING = {"epochs": 8, "validation_interval": 4, "fold": 0}
 
 def real_patients(out: Path, encoder_settings: dict[str, Any], *, workers: int | None = None) -> dict[str, Any]:
     """Train on folds 1-4 of sts_sarcoma, infer fold 0; Dice per modality (see the module docstring)."""
-    from volumes.apps.demo import copy_bundle, train_bundle
+    from volumes.apps.bundle_copies import copy_bundle, train_bundle
     from volumes.bundle import datalist_labels, plan_preprocessing
     from volumes.data.labelled import fold_items, prepare_datalist
     from volumes.devices import resolve_device
