@@ -434,10 +434,12 @@ def settings_text(records: dict[str, list[dict]]) -> list[str]:
               "# your scans and masks: checked, patients dealt to 5 folds (or an MSD / nnU-Net raw folder)",
               ".venv/bin/python -m volumes datalist --data DIR --out runs/mine/datalist.json \\",
               "    --images '{patient}/{modality}.nii.gz' --labels '{patient}/{modality}_gtv.nii.gz'",
-              "# one fold, as the table's runs (models under runs/mine/fold0/models/)",
-              "cd bundles/dinov2_unet_segmentation && ../../.venv/bin/python -m monai.bundle run \\",
-              "    --config_file configs/train.json --bundle_root ../../runs/mine/fold0 \\",
-              "    --datalist ../../runs/mine/datalist.json --fold 0 --epochs 12",
+              "# a copy of the bundle with the data's labels and slice plan written in, then one fold",
+              ".venv/bin/python -c \"from volumes.bundle import *; d = 'runs/mine/datalist.json'; "
+              "write_derived_bundle('bundles/dinov2_unet_segmentation', 'runs/mine/bundle', "
+              "{'labels': datalist_labels(d, []), 'preprocessing_config': plan_preprocessing(d, {})})\"",
+              "cd runs/mine/bundle && ../../../.venv/bin/python -m monai.bundle run --config_file configs/train.json \\",
+              "    --bundle_root ../fold0 --datalist ../datalist.json --fold 0 --epochs 12",
               "```", "",
               "`--fold final` trains on every patient. On sts_sarcoma, `scripts/real_results.py --methods ours "
               "--folds final` trains that model into `runs/real/ours/foldfinal/models/model.pt` beside the bundle "

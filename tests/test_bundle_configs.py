@@ -20,24 +20,7 @@ DIFFERENT_ON_PURPOSE = {
     "network": "training builds network_def; inference loads the checkpoint into it",
     "encoder_kwargs": "training may start from encoder weights; inference takes every weight from the checkpoint",
     "preprocessing": "segmentation training adds labels, crops and augmentation",
-    "labels": "segmentation training reads them from a `volumes datalist` file (phantom names otherwise)",
-    "preprocessing_config": "segmentation training plans it from a `volumes datalist` file (phantom plan otherwise)",
 }
-
-
-def test_segmentation_training_defaults_are_the_inference_values(tmp_path):
-    """On a datalist without labels (the phantoms) train.json's expressions give inference.json's literals."""
-    from monai.bundle import ConfigParser
-
-    configs = BUNDLES / "dinov2_unet_segmentation" / "configs"
-    inference = json.loads((configs / "inference.json").read_text())
-    datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"training": [], "validation": []}))
-    parser = ConfigParser()
-    parser.read_config(str(configs / "train.json"))
-    parser["datalist"] = str(datalist)
-    assert parser.get_parsed_content("labels") == inference["labels"]
-    assert parser.get_parsed_content("preprocessing_config") == inference["preprocessing_config"]
 
 
 @pytest.mark.parametrize("bundle", ["dinov2_slice_classification", "dinov2_unet_segmentation"])
