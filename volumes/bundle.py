@@ -106,8 +106,9 @@ def write_derived_bundle(source: str | Path, target: str | Path, values: Mapping
 
     For a model trained on your own data: ``values`` such as ``labels`` and
     ``preprocessing_config`` replace those keys (literal values, so inference needs no
-    datalist) in every config under ``configs/`` that has them; ``models/`` is not
-    copied. ``volumes infer --bundle TARGET`` then runs it. Configs are written through
+    datalist) in every config under ``configs/`` that has them; a key may be a MONAI
+    ``a#b`` path into one. ``models/``, ``data/``, ``eval/``, ``cache/`` and ``runs/`` are
+    not copied. ``volumes infer --bundle TARGET`` then runs it. Configs are written through
     a temporary file and a rename.
     """
     import shutil
@@ -119,18 +120,28 @@ def write_derived_bundle(source: str | Path, target: str | Path, values: Mapping
         raise ConfigError("bundle", str(source), "a bundle folder with configs/")
     for path in sorted(source.rglob("*")):
         relative = path.relative_to(source)
-        if relative.parts[0] in ("models", "eval", "data") or path.is_dir():
+        if relative.parts[0] in ("models", "eval", "data", "cache", "runs") or path.is_dir():
             continue
         out = target / relative
         out.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".json" and relative.parts[0] == "configs":
             config = json.loads(path.read_text())
-            config.update({k: _plain(v) for k, v in values.items() if k in config})
+            for key, value in values.items():
+                if key.split("#")[0] in config:
+                    _set_path(config, key, _plain(value))
             with atomic_path(out) as tmp:
                 Path(tmp).write_text(json.dumps(config, indent=4) + "\n")
         else:
             shutil.copy2(path, out)
     return target
+
+
+def _set_path(config: dict, key: str, value: Any) -> None:
+    """``config[key] = value`` with MONAI's ``a#b`` paths."""
+    *parents, last = key.split("#")
+    for part in parents:
+        config = config[part]
+    config[last] = value
 
 
 def settings_path(checkpoint: str | Path) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,27 +9,17 @@ from typing import Any
 from volumes.paths import bundle_dir
 
 
-def _set(config: dict, key: str, value: Any) -> None:
-    """``config[key] = value`` with MONAI's ``a#b`` paths."""
-    *parents, last = key.split("#")
-    for part in parents:
-        config = config[part]
-    config[last] = value
-
-
 def copy_bundle(name: str, target: Path, settings: dict[str, Any]) -> Path:
-    """Copy a bundle (configs, docs) to ``target`` and write ``settings`` into all its configs."""
+    """Copy a bundle (configs, docs) to ``target`` and write ``settings`` into all its configs.
+
+    :func:`volumes.bundle.write_derived_bundle` on the installed bundle, after removing
+    the configs of an earlier copy.
+    """
+    from volumes.bundle import write_derived_bundle
+
     if (target / "configs").is_dir():
         shutil.rmtree(target / "configs")
-    shutil.copytree(bundle_dir(name), target, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("models", "data", "eval", "cache", "runs"))
-    for config_file in (target / "configs").glob("*.json"):
-        config = json.loads(config_file.read_text())
-        for key, value in settings.items():
-            if key.split("#")[0] in config:
-                _set(config, key, value)
-        config_file.write_text(json.dumps(config, indent=4) + "\n")
-    return target
+    return write_derived_bundle(bundle_dir(name), target, settings)
 
 
 def train_bundle(bundle: Path) -> None:
