@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -102,6 +103,27 @@ def test_a_written_datalist_is_reused_and_not_silently_replaced(cohort, tmp_path
         prepare_datalist(cohort, out, folds=4, progress=False, **TEMPLATES)
     prepare_datalist(cohort, out, folds=4, progress=False, overwrite=True, **TEMPLATES)
     assert json.loads(out.read_text())["num_folds"] == 4
+
+
+def test_a_resynced_archive_keeps_its_datalist_and_an_edited_mask_does_not(cohort, tmp_path):
+    """The fingerprint follows the files' contents: touching every file (as a copy or re-sync does)
+    keeps the datalist; one edited mask is refused as other data."""
+    out = tmp_path / "datalist.json"
+    prepare_datalist(cohort, out, folds=3, progress=False, **TEMPLATES)
+    before = out.read_text()
+    files = sorted(p for p in Path(cohort).rglob("*.nii.gz"))
+    for path in files:
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+    prepare_datalist(cohort, out, folds=3, progress=False, **TEMPLATES)
+    assert out.read_text() == before
+    mask = next(p for p in files if "gtv" in p.name)
+    image = nib.load(mask)
+    data = np.asarray(image.dataobj).copy()
+    data[data.shape[0] // 2, data.shape[1] // 2, data.shape[2] // 2] = 1 - data[data.shape[0] // 2, data.shape[1] // 2,
+                                                                             data.shape[2] // 2]
+    nib.save(nib.Nifti1Image(data, image.affine), mask)
+    with pytest.raises(LabelledDataError, match="other files"):
+        prepare_datalist(cohort, out, folds=3, progress=False, **TEMPLATES)
 
 
 def test_a_patient_in_two_folds_is_refused(cohort, tmp_path):

@@ -410,12 +410,14 @@ def assign_folds(entries: Sequence[Mapping[str, Any]], k: int = 5, seed: int = 0
 
 
 def _fingerprint(cases: Sequence[LabelledCase]) -> str:
+    """What the datalist was written from: each case's identity and its files' contents (not their
+    modification times, which a copy or a re-sync of the same archive changes)."""
     digest = hashlib.sha256()
     for case in sorted(cases, key=lambda c: c.case_id):
+        digest.update(f"{case.case_id}|{case.patient}|{case.modality}\n".encode())
         for path in (case.image, case.label):
-            stat = path.stat()
-            digest.update(f"{case.case_id}|{case.patient}|{case.modality}|{path.resolve()}|{stat.st_size}|"
-                          f"{stat.st_mtime_ns}\n".encode())
+            with open(path, "rb") as handle:
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
 
 
