@@ -6,6 +6,8 @@
     volumes pacs run --config node.yaml [--study UID ...]
                                                 process received studies that are ready (or the given ones)
     volumes pacs status --config node.yaml      the ledger as JSON
+    volumes pacs viewer --ohif .viewer/ohif-3.13.2 --dicomweb http://127.0.0.1:8042/dicom-web [--port 3000]
+                                                OHIF and the archive's DICOMweb on one origin (no --config)
 
 Exit codes: 0 every study done, 1 some study failed (reasons in the ledger and audit log),
 2 bad arguments or config.
@@ -49,6 +51,13 @@ def add_parser(sub) -> None:
         if name == "run":
             action.add_argument("--study", action="append", default=[], metavar="UID",
                                 help="process this study now (repeatable), even if it failed before")
+    viewer = actions.add_parser("viewer", help="serve OHIF beside the archive (read-only DICOMweb on one origin)",
+                                description="Serve the OHIF viewer (scripts/setup_viewer.sh installs it) and forward "
+                                            "GET /dicom-web/ to the archive, on one origin (docs/PACS.md).")
+    viewer.add_argument("--ohif", default=None, help="OHIF's dist/ folder (default: .viewer/ohif-<version>/)")
+    viewer.add_argument("--dicomweb", required=True, help="the archive's DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    viewer.add_argument("--bind", default="127.0.0.1", help="listen address (default loopback)")
+    viewer.add_argument("--port", type=int, default=3000)
     pacs.set_defaults(run=run)
 
 
@@ -57,12 +66,42 @@ def run(args: argparse.Namespace) -> int:
     from volumes.pacs.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.pacs_command == "viewer":
+        return _viewer(args)
     try:
         config = load_config(args.config, port=getattr(args, "port", None))
     except VolumesError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return {"listen": _listen, "pull": _pull, "run": _run, "status": _status}[args.pacs_command](config, args)
+
+
+def _viewer(args) -> int:
+    from pathlib import Path
+
+    from volumes.pacs.viewer import OHIF_VERSION, ViewerServer
+
+    ohif = args.ohif or Path(__file__).resolve().parents[2] / ".viewer" / f"ohif-{OHIF_VERSION}"
+    try:
+        server = ViewerServer(ohif, args.dicomweb, bind=args.bind, port=args.port)
+    except (VolumesError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"OHIF at {server.url} (archive {args.dicomweb}); open {server.url}/viewer?StudyInstanceUIDs=<uid>",
+          flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.httpd.shutdown).start())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+    return 0
+
+
+def _study_line(config, study: str, state: str | None) -> str:
+    viewer = config.viewer_url(study) if state == "done" else None
+    return f"study {study}: {state}" + (f"  viewer: {viewer}" if viewer else "")
 
 
 def _node(config):
@@ -97,7 +136,7 @@ def _listen(config, args) -> int:
                 continue
             for study in node.process_ready(busy=scp.busy_studies()):
                 state = (node.ledger.study(study) or {}).get("state")
-                print(f"study {study}: {state}", flush=True)
+                print(_study_line(config, study, state), flush=True)
                 failed += state != "done"
     finally:
         scp.stop()
@@ -131,7 +170,7 @@ def _pull(config, args) -> int:
             finally:
                 scp.stop()
         for study in fetched:
-            print(f"study {study}: {node.process_study(study)}", flush=True)
+            print(_study_line(config, study, node.process_study(study)), flush=True)
         missing = set(studies) - set(fetched)
         return 1 if missing else _states(node, fetched)
     except SendError as exc:
@@ -146,7 +185,7 @@ def _run(config, args) -> int:
     try:
         studies = args.study or node.ledger.ready_studies(config.quiet_s)
         for study in studies:
-            print(f"study {study}: {node.process_study(study)}", flush=True)
+            print(_study_line(config, study, node.process_study(study)), flush=True)
         return _states(node, studies)
     finally:
         node.close()
@@ -158,7 +197,9 @@ def _status(config, args) -> int:
     ledger = Ledger(config.output / "ledger.sqlite")
     try:
         studies = ledger.studies()
-        out = [{**s, "series": ledger.series_of_study(s["study_uid"])} for s in studies]
+        out = [{**s, "series": ledger.series_of_study(s["study_uid"]),
+                **({"viewer_url": config.viewer_url(s["study_uid"])} if config.viewer and s["state"] == "done" else {})}
+               for s in studies]
     finally:
         ledger.close()
     print(json.dumps(out, indent=1, default=str))

@@ -238,7 +238,10 @@ def _case_html(anchor: str, case_id: str, rows: list[Mapping[str, Any]], failed:
         f'<section class="case" id="{anchor}">',
         f"<h2>{_e(case_id)}</h2>",
         f"<table><tr><th>source</th><td>{_e(first.get('source', 'n/a'))}</td></tr>"
-        f"<tr><th>input sha256</th><td>{_short(first.get('input_sha256'))}</td></tr></table>",
+        f"<tr><th>input sha256</th><td>{_short(first.get('input_sha256'))}</td></tr>"
+        + (f'<tr><th>viewer</th><td><a href="{_e(first["viewer_url"])}">open the study in OHIF</a></td></tr>'
+           if first.get("viewer_url") else "")
+        + "</table>",
     ]
     if failed:
         stages = ", ".join(_e(f.get("stage", "?")) for f in failed)

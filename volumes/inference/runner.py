@@ -331,6 +331,8 @@ class BatchInference:
                 "bundle": model.bundle_id, "bundle_version": model.version, "task": model.task,
                 "weights_sha256": model.weights_sha256, "outputs": {},
             }
+            if item.get("viewer_url"):  # `volumes pacs` with a viewer: the study's page in OHIF
+                row["viewer_url"] = str(item["viewer_url"])
             if model.bundle_id in self.sharing.last_report:  # the encoder ran once for the group's heads
                 row["encoder_sharing"] = self.sharing.last_report[model.bundle_id]
             try:

@@ -22,6 +22,7 @@ backoff_s: 2.0               # first retry delay; doubles each time
 timeout_s: 30                # network timeout per DIMSE / HTTP exchange
 patient_salt: ""             # salt of the PatientID hash in the audit log
 device: auto
+viewer: "http://127.0.0.1:3000"   # optional: `volumes pacs viewer` (OHIF) origin; each study's URL is logged
 ```
 
 Relative paths are relative to the config file's folder. A bad value raises
@@ -87,7 +88,16 @@ class PacsConfig:
     timeout_s: float = 30.0
     patient_salt: str = ""
     device: str = "auto"
+    viewer: str = ""
     path: Path | None = None
+
+    def viewer_url(self, study_uid: str) -> str | None:
+        """The OHIF page of a study when a viewer is configured, else None."""
+        if not self.viewer:
+            return None
+        from volumes.pacs.viewer import study_url
+
+        return study_url(self.viewer, study_uid)
 
     def peer(self, ae_title: str) -> Endpoint | None:
         """The allowed peer with this AE title, if any."""
@@ -199,4 +209,8 @@ def load_config(path: str | Path, **overrides: Any) -> PacsConfig:
     config.rules = dict(rules)
     config.patient_salt = str(data.get("patient_salt", ""))
     config.device = str(data.get("device", config.device))
+    viewer = str(data.get("viewer") or "").rstrip("/")
+    if viewer and not viewer.startswith(("http://", "https://")):
+        raise VolumesError(f"{path}: viewer={viewer!r} must be the viewer's http(s) origin, e.g. http://127.0.0.1:3000")
+    config.viewer = viewer
     return config

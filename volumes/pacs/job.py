@@ -122,7 +122,8 @@ class PacsNode:
             self.audit.event("study_failed", study_uid=study_uid, reason=failures)
             return "failed"
         self.ledger.set_study(study_uid, "done")
-        self.audit.event("study_done", study_uid=study_uid)
+        viewer = self.config.viewer_url(study_uid)
+        self.audit.event("study_done", study_uid=study_uid, **({"viewer_url": viewer} if viewer else {}))
         return "done"
 
     # ------------------------------------------------------------------ series
@@ -183,7 +184,10 @@ class PacsNode:
 
         work = self.output / "infer" / key
         runner = BatchInference(models, work, resume=True, workers=0, figures=False, progress=False)
-        runner.run([{"image": str(summary.folder), "case_id": "series", "series_uid": summary.series_uid}])
+        item = {"image": str(summary.folder), "case_id": "series", "series_uid": summary.series_uid}
+        if self.config.viewer:
+            item["viewer_url"] = self.config.viewer_url(base["study_uid"])
+        runner.run([item])
         case = work / "series"
         if not (case / "record.json").is_file():
             try:

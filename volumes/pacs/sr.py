@@ -13,7 +13,9 @@ them, plus a TID 1501 group with the case's flag), referencing the organ's segme
 SEG; and, for each classifier, a TID 1501
 group with the predicted class as a qualitative evaluation and its probability as a
 measurement. The observer is a device (the algorithm), the evidence is the source
-images and the SEG.
+images and the SEG. The algorithm is named once per group (the groups' Algorithm Name and
+Version rows), not again under each measurement: OHIF reads a measurement's value only when
+its content items are coordinates, and skipped every volume of an SR that had them.
 """
 
 from __future__ import annotations
@@ -106,14 +108,14 @@ def _concept(hd: Any, triple: tuple[str, str, str]) -> Any:
     return hd.sr.CodedConcept(value=triple[0], scheme_designator=triple[1], meaning=triple[2])
 
 
-def _quality_items(hd: Any, quality: Mapping[str, Any] | None, algorithm: Any) -> tuple[list, list]:
+def _quality_items(hd: Any, quality: Mapping[str, Any] | None) -> tuple[list, list]:
     """The QC flag as a qualitative evaluation and its score as a measurement (empty without QC)."""
     if not quality or quality.get("flag") not in _QC_FLAGS:
         return [], []
     evaluation = hd.sr.QualitativeEvaluation(name=_concept(hd, _QC), value=_concept(hd, _QC_FLAGS[quality["flag"]]))
     score = quality.get("score")
     measurements = [] if score is None else [hd.sr.Measurement(
-        name=_concept(hd, _QC_SCORE), value=round(float(score), 3), unit=_concept(hd, _NO_UNITS), algorithm_id=algorithm)]
+        name=_concept(hd, _QC_SCORE), value=round(float(score), 3), unit=_concept(hd, _NO_UNITS))]
     return [evaluation], measurements
 
 
@@ -162,16 +164,15 @@ def build_sr(
             segment = hd.sr.ReferencedSegment(
                 sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID),
                 segment_number=number, source_series=hd.sr.SourceSeriesForSegmentation(series_uid))
-            volume = hd.sr.Measurement(name=codes.SCT.Volume, value=float(volumes_ml[name]),
-                                       unit=_concept(hd, _ML), algorithm_id=algorithm)
-            evaluations, measurements = _quality_items(hd, organs_qc.get(name), algorithm)
+            volume = hd.sr.Measurement(name=codes.SCT.Volume, value=float(volumes_ml[name]), unit=_concept(hd, _ML))
+            evaluations, measurements = _quality_items(hd, organs_qc.get(name))
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=derived_uid(key, model["bundle"], "tracking", name), identifier=f"{name} ({model['bundle']})"),
                 referenced_segment=segment, finding_type=property_type, algorithm_id=algorithm,
                 measurements=[volume, *measurements], qualitative_evaluations=evaluations or None))
         if quality:  # the case's flag, also when an organ it flags has no segment (not found)
-            evaluations, measurements = _quality_items(hd, quality, algorithm)
+            evaluations, measurements = _quality_items(hd, quality)
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(key, model["bundle"], "tracking", "qc"),
                                                              identifier=f"quality control ({model['bundle']})"),
@@ -185,7 +186,7 @@ def build_sr(
             algorithm_id=algorithm,
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=_concept(hd, _CLASSIFICATION), value=finding)],
             measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=round(float(probability), 6),
-                                            unit=_concept(hd, _NO_UNITS), algorithm_id=algorithm)]))
+                                            unit=_concept(hd, _NO_UNITS))]))
     modality = str(getattr(sources[0], "Modality", "CT"))
     procedure = codes.LN.MRIUnspecifiedBodyRegion if modality == "MR" else codes.LN.CTUnspecifiedBodyRegion
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=procedure,
