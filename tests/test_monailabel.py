@@ -447,9 +447,28 @@ def test_fewshot_labels_from_one_painted_slice_and_saved_as_a_new_label(server):
     dice = 2 * (mask & spleen).sum() / (mask.sum() + spleen.sum())
     assert result["saved"] == "my_spleen.safetensors" and result["painted_slices"] == 1
     assert dice > 0.5, dice
+    # listed by /info at once, for both interactive tasks (no restart)
+    models = client.info()["models"]
+    assert "my_spleen" in models["fewshot"]["labels"] and "my_spleen" in models["clicks"]["labels"]
+    # the saved label draws the very same mask again on the image it was fitted on
+    path, params = client.infer("fewshot", "p4", {"label_name": "my_spleen"})
+    again = np.asarray(nib.load(path).dataobj) > 0
+    assert again.sum() == mask.sum() and np.array_equal(again, mask)
     # the saved label segments the next image without any painting
     path, params = client.infer("fewshot", "p3", {"label_name": "my_spleen"})
     assert _json(params)["label"] == "my_spleen" and nib.load(path).shape == nib.load(server["studies"] / "p3.nii.gz").shape
+    # a CT-fitted label on an MR-like image (no negative intensities) is refused, unless asked for
+    ct = nib.load(server["studies"] / "p3.nii.gz")
+    mr_like = np.clip(np.asarray(ct.dataobj, np.float32) + 200.0, 0, None)
+    mr_path = server["base"] / "p3_mr_like.nii.gz"
+    nib.save(nib.Nifti1Image(mr_like, ct.affine), mr_path)
+    client.upload_image(str(mr_path), "p3_mr_like")
+    refused = requests.post(f"{server['url']}/infer/fewshot", params={"image": "p3_mr_like", "output": "json"},
+                            data={"params": json.dumps({"label_name": "my_spleen"})}, timeout=300)
+    assert refused.status_code == 422, refused.text
+    assert "fitted on CT" in refused.json()["detail"] and "this image is MR" in refused.json()["detail"]
+    path, params = client.infer("fewshot", "p3_mr_like", {"label_name": "my_spleen", "allow_other_modality": True})
+    assert _json(params)["warning"] == "label fitted on CT, applied to MR"
 
 
 def test_classification_infer_returns_probabilities_and_slice_importance(server):

@@ -40,6 +40,15 @@ class InteractiveService:
 
     def __init__(self, root: Path, budget_mb: int, device: str | None) -> None:
         self.model = InteractiveModel(root, budget_bytes=budget_mb * 1024 * 1024, device=device or "cpu")
+        self.tasks: list[BasicInferTask] = []  # the infer tasks whose label lists /info shows
+
+    def label_saved(self, name: str) -> None:
+        """A label saved by a request is listed by ``/info`` at once (not only after a restart)."""
+        for task in self.tasks:
+            if isinstance(task.labels, dict):
+                task.labels.setdefault(name, 1)
+            elif isinstance(task.labels, list) and name not in task.labels:
+                task.labels.append(name)
 
     def features(self, image_path: str) -> tuple[Any, bool]:
         from volumes.data.io import source_sha256
@@ -47,8 +56,19 @@ class InteractiveService:
         key = source_sha256(image_path)
 
         def encode():  # only when this file was not encoded by this model before
+            from volumes.data.labelled import modality_of
+            from volumes.transforms.modality import intensity_modality
+
             volume, spacing, _, loaded = load_case(image_path)
             vf = self.model.encode(volume, spacing)
+            tag = loaded.meta.get("modality")  # DICOM's Modality tag; NIfTI has none: guessed from the intensities
+            try:
+                modality, source = (modality_of(str(tag)), "its DICOM Modality tag") if tag else (None, "")
+            except Exception:
+                modality = None
+            if modality is None:
+                modality, source = intensity_modality(volume.numpy()), "its intensities"
+            vf.extra.update(modality=modality, modality_source=source)
             vf.extra.update(affine=np.asarray(loaded.affine, float),
                             original_affine=np.asarray(loaded.meta.get("original_affine", loaded.affine), float),
                             file_shape=_file_shape(image_path, vf.grid.shape), key=key)
@@ -91,6 +111,10 @@ def check_points(points: Any, name: str, shape: Sequence[int]) -> list[list[int]
     return checked
 
 
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
 def _file_shape(image_path: str, fallback: Sequence[int]) -> tuple[int, ...]:
     """The image's shape as stored in its file (the index space of the clients' clicks)."""
     try:
@@ -119,6 +143,7 @@ class ClickInfer(BasicInferTask):
                          description="Clicks on any structure: a class-agnostic click model on frozen DINOv2 "
                                      "slice features (positive and negative clicks)")
         self.service = service
+        service.tasks.append(self)
 
     def is_valid(self) -> bool:
         return Path(self.path[0] if isinstance(self.path, list) else self.path).is_file()
@@ -197,11 +222,24 @@ class FewShotInfer(ClickInfer):
             background = None if bg_value is None else values == int(bg_value)
             mask, head, info = model.fewshot(vf, foreground, background)
             result.update(fit_s=round(info["fit_s"], 3), painted_slices=int(np.any(foreground, axis=(0, 1)).sum()))
-            if str(data.get("save", "false")).lower() in ("1", "true", "yes"):
-                result["saved"] = model.save_label(head, name).name
+            if _truthy(data.get("save")):
+                fitted_on = {"source_sha256": vf.extra["key"], "modality": vf.extra["modality"]}
+                result["saved"] = model.save_label(head, name, fitted_on=fitted_on).name
+                self.service.label_saved(name)
         else:
             head = model.load_label(name)
-            mask = fewshot_mask(vf, head, np.zeros(vf.grid.grid_shape, bool))
+            fitted = head.meta.get("fitted_on") or {}
+            if fitted.get("modality") and fitted["modality"] != vf.extra["modality"]:
+                if not _truthy(data.get("allow_other_modality")):
+                    raise PromptError(
+                        f"label {name!r} was fitted on {fitted['modality']}, and this image is {vf.extra['modality']} "
+                        f"(from {vf.extra['modality_source']}): a head on one modality's intensities does not carry "
+                        "over to another; paint the structure on this image, or pass allow_other_modality=true")
+                result["warning"] = f"label fitted on {fitted['modality']}, applied to {vf.extra['modality']}"
+            # on the image it was fitted on, the components holding the painted voxels, as when it was fitted
+            same = (fitted.get("source_sha256") == vf.extra["key"] and head.seeds is not None
+                    and head.seeds.shape == tuple(vf.grid.grid_shape))
+            mask = fewshot_mask(vf, head, head.seeds if same else np.zeros(vf.grid.grid_shape, bool))
         result.update(seconds=round(time.perf_counter() - start, 3), voxels=int(mask.sum()))
         data["pred"], data["_features"], data["_result"] = mask, vf, result
         return data

@@ -64,6 +64,7 @@ class FewShotHead:
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
         self.meta: dict[str, Any] = {}
+        self.seeds: np.ndarray | None = None  # a saved head: the painted voxels it was fitted on (working grid)
         self._samples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ samples
@@ -167,16 +168,33 @@ class FewShotHead:
         w_feat, w_img, w_sq, bias = self._split()
         return {"feature_weight": w_feat, "image_weight": w_img, "image_squared_weight": w_sq, "bias": torch.tensor([bias])}
 
-    def save(self, path: str | Path, *, name: str, encoder_fingerprint: str, grid: dict[str, Any]) -> Path:
-        """Write the head as a label of the model: ``<path>.safetensors`` + ``<path>.json``."""
+    def folded(self) -> "FewShotHead":
+        """The same head with the standardisation folded into its weights: what :meth:`save` writes and
+        :meth:`load` reads, so a mask drawn with it is the mask a saved head draws again, voxel for voxel."""
+        return FewShotHead._from_tensors(self.to_dict(), dict(self.meta))
+
+    def save(self, path: str | Path, *, name: str, encoder_fingerprint: str, grid: dict[str, Any],
+             seeds: np.ndarray | None = None, fitted_on: dict[str, Any] | None = None) -> Path:
+        """Write the head as a label of the model: ``<path>.safetensors`` + ``<path>.json``.
+
+        ``seeds`` (the painted voxels on the working grid) and ``fitted_on`` (the image's
+        ``source_sha256`` and ``modality``) let the label draw the same mask again on that image
+        (the components holding painted voxels) and say when it is used on another modality.
+        """
         from safetensors.torch import save_file
 
         from volumes.atomic import atomic_path
 
         path = Path(path)
+        tensors = {k: v.contiguous() for k, v in self.to_dict().items()}
+        if seeds is not None:
+            seeds = np.asarray(seeds, bool)
+            tensors["seeds_packed"] = torch.from_numpy(np.packbits(seeds.reshape(-1)))
+            tensors["seeds_shape"] = torch.tensor(seeds.shape, dtype=torch.int64)
         with atomic_path(path.with_suffix(".safetensors"), suffix=".safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in self.to_dict().items()}, str(tmp))
-        meta = {"name": name, "encoder_fingerprint": encoder_fingerprint, "grid": grid, "kind": "fewshot-logistic"}
+            save_file(tensors, str(tmp))
+        meta = {"name": name, "encoder_fingerprint": encoder_fingerprint, "grid": grid, "kind": "fewshot-logistic",
+                **({"fitted_on": fitted_on} if fitted_on else {})}
         with atomic_path(path.with_suffix(".json"), suffix=".json") as tmp:
             Path(tmp).write_text(json.dumps(meta, indent=1) + "\n")
         return path.with_suffix(".safetensors")
@@ -190,11 +208,19 @@ class FewShotHead:
         if encoder_fingerprint is not None and meta["encoder_fingerprint"] != encoder_fingerprint:
             raise ValueError(f"{path}: the head {meta['name']!r} was fitted on another encoder's features "
                              f"({meta['encoder_fingerprint'][:12]}, this one is {encoder_fingerprint[:12]}); fit it again")
-        tensors = load_file(str(path.with_suffix(".safetensors")))
+        return cls._from_tensors(load_file(str(path.with_suffix(".safetensors"))), meta)
+
+    @classmethod
+    def _from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "FewShotHead":
         head = cls()
         squared = tensors.get("image_squared_weight", torch.zeros_like(tensors["image_weight"]))  # older heads: none
         weight = torch.cat([tensors["feature_weight"], tensors["image_weight"], squared])
         head.weight, head.bias = weight, float(tensors["bias"][0])
         head.mean, head.std = torch.zeros_like(weight), torch.ones_like(weight)
         head.meta = meta
+        head.seeds = None
+        if "seeds_packed" in tensors:
+            shape = tuple(int(n) for n in tensors["seeds_shape"])
+            bits = np.unpackbits(tensors["seeds_packed"].numpy())[: int(np.prod(shape))]
+            head.seeds = bits.reshape(shape).astype(bool)
         return head

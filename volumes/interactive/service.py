@@ -175,17 +175,21 @@ class InteractiveModel:
         start = time.perf_counter()
         fg_grid = _to_working(vf, annotation)
         bg_grid = None if background is None else _to_working(vf, background)
-        head = FewShotHead().fit_slices(vf, fg_grid, bg_grid)
+        # folded: the saved head's arithmetic, so saving and applying it again draws this very mask
+        head = FewShotHead().fit_slices(vf, fg_grid, bg_grid).folded()
+        head.seeds = fg_grid
         fit_s = time.perf_counter() - start
         mask = fewshot_mask(vf, head, fg_grid)
         return mask, head, {"fit_s": fit_s, "head_s": time.perf_counter() - start}
 
-    def save_label(self, head: FewShotHead, name: str) -> Path:
+    def save_label(self, head: FewShotHead, name: str, fitted_on: dict[str, Any] | None = None) -> Path:
+        """Keep ``head`` as a label of the model (with the painted voxels it was fitted on, when known)."""
         if not name or any(ch in name for ch in "/\\.") or name != name.strip():
             raise ValueError(f"label name {name!r}: use letters, digits, '_' or '-'")
         self.labels_dir().mkdir(parents=True, exist_ok=True)
         grid = {"size": self.config.size, "preset": self.config.preset, "resample_z": self.config.resample_z}
-        return head.save(self.labels_dir() / name, name=name, encoder_fingerprint=self.fingerprint, grid=grid)
+        return head.save(self.labels_dir() / name, name=name, encoder_fingerprint=self.fingerprint, grid=grid,
+                         seeds=head.seeds, fitted_on=fitted_on)
 
     def load_label(self, name: str) -> FewShotHead:
         path = self.labels_dir() / f"{name}.safetensors"

@@ -22,6 +22,7 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from monai.transforms import Compose, InvertibleTransform, MapTransform, allow_missing_keys_mode
 from monai.utils import TraceKeys
 
@@ -52,6 +53,17 @@ def volume_modality(data: Mapping[Hashable, Any], image_key: Hashable = "image",
                                                               "have a preparation") from None
     raise VolumeReadError(_name(data, image_key), "modality unknown: give the case a 'modality' field (CT or MR) "
                                                   "in its datalist, or set the configuration's default modality")
+
+
+def intensity_modality(values: Any) -> str:
+    """``"CT"`` when the intensities look like Hounsfield units, else ``"MR"``: a guess for files without a tag.
+
+    CT stores HU, so air and fat put many voxels below -50 (45-80% of the voxels of each of the
+    26 sarcoma CTs, 58-64% of the example CT); MR intensities are not negative (0% of the 36
+    sarcoma MRs and the prostate MR). 1% of the voxels below -50 counts as CT.
+    """
+    array = np.asarray(values, dtype=np.float32)
+    return "CT" if array.size and float((array < -50).mean()) >= 0.01 else "MR"
 
 
 def modality_rule(text: str):
