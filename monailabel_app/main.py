@@ -19,7 +19,8 @@ infer tasks: ``clicks`` (type deepgrow: positive and negative clicks on any stru
 
 Active learning strategies: ``random`` and ``first`` (MONAI Label's) and ``uncertainty``
 (the segmentation model's mean softmax entropy). The datastore is MONAI Label's
-:class:`LocalDatastore` over the ``--studies`` folder's NIfTI volumes.
+:class:`LocalDatastore` over the ``--studies`` folder's NIfTI volumes, each upload read and
+checked before it is stored (:mod:`lib.uploads`: 422 for a 2D, truncated, non-NIfTI or NaN file).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from typing import Any, Callable
 
 import torch
 from monailabel.config import settings
-from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
@@ -48,6 +48,7 @@ from lib.infers import ClassificationInfer, SegmentationInfer
 from lib.security import check_bind_host
 from lib.strategies import Uncertainty
 from lib.trainers import ClassificationTrain, SegmentationTrain
+from lib.uploads import CheckedDatastore
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +111,12 @@ class VolumesApp(MONAILabelApp):
         )
 
     def init_datastore(self) -> Datastore:
-        """MONAI Label's local datastore over the ``--studies`` folder's NIfTI volumes."""
+        """MONAI Label's local datastore over the ``--studies`` folder's NIfTI volumes; uploads checked first."""
         if self.studies.startswith(("http://", "https://")):
             raise MONAILabelException(MONAILabelError.APP_INIT_ERROR,
                                       "this app serves a local folder of NIfTI volumes; --studies must be a path")
         logger.info("datastore: %s (NIfTI volumes, labels under labels/<tag>/)", self.studies)
-        return LocalDatastore(
+        return CheckedDatastore(
             self.studies,
             extensions=NIFTI_EXTENSIONS,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,

@@ -347,6 +347,41 @@ def test_upload_and_datastore_list_images_and_labels(server):
     assert objects[UPLOADED]["image"]["info"]["class_label"] == CLASSES[int(CASES[UPLOADED])]
 
 
+def test_bad_uploads_are_refused_with_what_is_wrong_and_never_stored(server):
+    """Issue 34: a 2D, truncated, text or NaN upload was stored and served as the next sample."""
+    base, client = server["base"] / "bad_uploads", server["client"]
+    base.mkdir(exist_ok=True)
+    before = client.datastore()["objects"]
+    good = nib.load(server["studies"] / "p3.nii.gz")
+    files = {}
+    nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)), base / "flat.nii.gz")
+    files["flat.nii.gz"] = "a volume needs 3 dimensions"
+    whole = (server["studies"] / "p3.nii.gz").read_bytes()
+    (base / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
+    files["cut.nii.gz"] = "is not a readable NIfTI volume"
+    (base / "notes.txt").write_text("not an image")
+    files["notes.txt"] = "the datastore holds NIfTI volumes"
+    nans = np.asarray(good.dataobj, np.float32)
+    nans[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(nans, good.affine), base / "nan.nii.gz")
+    files["nan.nii.gz"] = "1 voxels are NaN or infinite"
+    for name, said in files.items():
+        with open(base / name, "rb") as handle:
+            response = requests.put(f"{server['url']}/datastore/image", params={"image": f"bad_{name.split('.')[0]}"},
+                                    files={"file": (name, handle)}, data={"params": "{}"}, timeout=60)
+        assert response.status_code == 422, (name, response.status_code, response.text)
+        assert said in response.json()["detail"] and f"bad_{name.split('.')[0]}" in response.json()["detail"], \
+            (name, response.text)
+    # a label on another grid than its image
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), base / "small_label.nii.gz")
+    with open(base / "small_label.nii.gz", "rb") as handle:
+        response = requests.put(f"{server['url']}/datastore/label", params={"image": "p3", "tag": "bad"},
+                                files={"label": ("small_label.nii.gz", handle)}, data={"params": "{}"}, timeout=60)
+    assert response.status_code == 422 and "its image" in response.json()["detail"], response.text
+    assert client.datastore()["objects"] == before  # nothing stored
+    assert client.info()["name"]  # and the server goes on
+
+
 def test_segmentation_infer_returns_a_label_volume_with_the_image_geometry(server):
     client = server["client"]
     label, params = _infer_seg(client, "p3")
@@ -463,6 +498,14 @@ def test_fewshot_labels_from_one_painted_slice_and_saved_as_a_new_label(server):
     mr_path = server["base"] / "p3_mr_like.nii.gz"
     nib.save(nib.Nifti1Image(mr_like, ct.affine), mr_path)
     client.upload_image(str(mr_path), "p3_mr_like")
+    try:
+        _check_modality_refusal(server, client)
+    finally:  # the other tests see the datastore they were written for
+        removed = requests.delete(f"{server['url']}/datastore/image", params={"id": "p3_mr_like"}, timeout=60)
+        assert removed.status_code == 200, removed.text
+
+
+def _check_modality_refusal(server, client):
     refused = requests.post(f"{server['url']}/infer/fewshot", params={"image": "p3_mr_like", "output": "json"},
                             data={"params": json.dumps({"label_name": "my_spleen"})}, timeout=300)
     assert refused.status_code == 422, refused.text
