@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "volumes"
-MAX_LINES = 650  # "about 600"
+MAX_LINES = 600
 
 
 def _modules() -> dict[str, Path]:
@@ -72,8 +72,10 @@ def test_no_module_imports_in_a_circle():
     assert cycles == []
 
 
-def test_no_library_file_is_long():
-    long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+def test_no_file_is_long():
+    """The library, the scripts, the MONAI Label app and the bundles' code: no file over 600 lines."""
+    files = [p for folder in ("volumes", "scripts", "monailabel_app", "bundles") for p in (ROOT / folder).rglob("*.py")]
+    long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
 
 
