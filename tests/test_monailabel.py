@@ -482,6 +482,21 @@ def test_fewshot_labels_from_one_painted_slice_and_saved_as_a_new_label(server):
     dice = 2 * (mask & spleen).sum() / (mask.sum() + spleen.sum())
     assert result["saved"] == "my_spleen.safetensors" and result["painted_slices"] == 1
     assert dice > 0.5, dice
+    # clicks correct the fitted head in the same request: a background click on a false positive
+    # takes voxels away around it, a foreground click on a missed voxel adds some
+    def window(m, point):
+        x, y, zz = point
+        return int(m[max(x - 2, 0):x + 3, max(y - 2, 0):y + 3, zz].sum())
+
+    wrong, missed = np.argwhere(mask & ~spleen), np.argwhere(spleen & ~mask)
+    for name, points, key, sign in (("background", wrong, "background", -1), ("foreground", missed, "foreground", 1)):
+        if len(points) == 0:
+            continue
+        point = [int(v) for v in points[len(points) // 2]]
+        path, params = client.infer("fewshot", "p4", {"label_name": "corrected", key: [point]}, label_in=str(painted_path))
+        corrected = np.asarray(nib.load(path).dataobj) > 0
+        assert _json(params)["clicks"] == 1
+        assert sign * (window(corrected, point) - window(mask, point)) > 0, (name, point)
     # listed by /info at once, for both interactive tasks (no restart)
     models = client.info()["models"]
     assert "my_spleen" in models["fewshot"]["labels"] and "my_spleen" in models["clicks"]["labels"]

@@ -8,8 +8,10 @@
   ``encode_s``, ``head_s`` and MONAI Label's ``latencies``.
 * :class:`FewShotInfer` (type ``scribbles``): the client uploads a label volume with the
   new structure painted on one to three slices (``label_in``); params ``label_name``,
-  ``save`` (keep the head as a new label of the model), ``foreground_value`` (default 1)
-  and ``background_value`` (scribble mode: only voxels of these two values are samples).
+  ``save`` (keep the head as a new label of the model), ``foreground_value`` (default 1),
+  ``background_value`` (scribble mode: only voxels of these two values are samples) and
+  ``foreground`` / ``background`` clicks that correct the fitted head (voxel indices, as
+  for ``clicks``).
   Without an uploaded label, a saved label name segments the image with its saved head.
 
 Both share one :class:`volumes.interactive.service.InteractiveModel`: features are encoded once
@@ -220,13 +222,19 @@ class FewShotInfer(ClickInfer):
             bg_value = data.get("background_value")
             foreground = values == fg_value
             background = None if bg_value is None else values == int(bg_value)
-            mask, head, info = model.fewshot(vf, foreground, background)
-            result.update(fit_s=round(info["fit_s"], 3), painted_slices=int(np.any(foreground, axis=(0, 1)).sum()))
+            clicks = [(p, True) for p in self.service.to_ras(vf, data.get("foreground"), "foreground click")]
+            clicks += [(p, False) for p in self.service.to_ras(vf, data.get("background"), "background click")]
+            mask, head, info = model.fewshot(vf, foreground, background, clicks=clicks)
+            result.update(fit_s=round(info["fit_s"], 3), painted_slices=int(np.any(foreground, axis=(0, 1)).sum()),
+                          clicks=len(clicks))
             if _truthy(data.get("save")):
                 fitted_on = {"source_sha256": vf.extra["key"], "modality": vf.extra["modality"]}
                 result["saved"] = model.save_label(head, name, fitted_on=fitted_on).name
                 self.service.label_saved(name)
         else:
+            if data.get("foreground") or data.get("background"):
+                raise PromptError("clicks correct a few-shot label fitted in the same request: send the painted "
+                                  "slices (label_in) with them")
             head = model.load_label(name)
             fitted = head.meta.get("fitted_on") or {}
             if fitted.get("modality") and fitted["modality"] != vf.extra["modality"]:

@@ -170,13 +170,26 @@ class InteractiveModel:
         return sorted(p.stem for p in self.labels_dir().glob("*.json")) if self.labels_dir().is_dir() else []
 
     def fewshot(self, vf: VolumeFeatures, annotation: np.ndarray, background: np.ndarray | None = None,
+                clicks: Sequence[tuple[Sequence[int], bool]] = (),
                 ) -> tuple[np.ndarray, FewShotHead, dict[str, Any]]:
-        """Fit a head on painted slices (loaded grid, bool) and segment the volume with it."""
+        """Fit a head on painted slices (loaded grid, bool) and segment the volume with it.
+
+        ``clicks`` correct it: ``(loaded-grid voxel, positive)`` pairs, each refitting the head with
+        the click's neighbourhood as samples of its kind (:meth:`FewShotHead.add_click`); a positive
+        click also keeps the component it lands in.
+        """
         start = time.perf_counter()
         fg_grid = _to_working(vf, annotation)
         bg_grid = None if background is None else _to_working(vf, background)
+        head = FewShotHead().fit_slices(vf, fg_grid, bg_grid)
+        for point, positive in clicks:
+            grid_point = vf.grid.to_grid([point])[0]
+            head = head.add_click(vf, grid_point, positive)
+            if positive:
+                fg_grid = fg_grid.copy()
+                fg_grid[tuple(int(v) for v in grid_point)] = True
         # folded: the saved head's arithmetic, so saving and applying it again draws this very mask
-        head = FewShotHead().fit_slices(vf, fg_grid, bg_grid).folded()
+        head = head.folded()
         head.seeds = fg_grid
         fit_s = time.perf_counter() - start
         mask = fewshot_mask(vf, head, fg_grid)
