@@ -435,6 +435,30 @@ def test_clicks_add_and_remove_and_the_second_click_reuses_the_features(server):
         client.infer("clicks", "p3", {"foreground": [], "background": [negative]})
 
 
+def test_a_box_prompts_alone_and_with_clicks_and_nothing_leaves_it(server):
+    """MONAI Label's 3D roi [x0, x1, y0, y1, z0, z1]: its centre is the first click, the mask stays inside."""
+    client = server["client"]
+    spleen = np.asarray(nib.load(server["truth"] / "p3_label.nii.gz").dataobj) == 2
+    where = np.argwhere(spleen)
+    low, high = np.maximum(where.min(0) - 2, 0), np.minimum(where.max(0) + 3, spleen.shape)
+    roi = [int(v) for pair in zip(low, high) for v in pair]
+    outside = np.ones(spleen.shape, bool)
+    outside[low[0]:high[0], low[1]:high[1], low[2]:high[2]] = False
+    path, params = client.infer("clicks", "p3", {"roi": roi, "label": "spleen_box"})
+    alone, result = np.asarray(nib.load(path).dataobj) > 0, _json(params)
+    assert result["box"] is True and alone.sum() > 0 and not (alone & outside).any()
+    click = [int(v) for v in where[len(where) // 2]]
+    path, params = client.infer("clicks", "p3", {"roi": roi, "foreground": [click], "label": "spleen_box2"})
+    with_click = np.asarray(nib.load(path).dataobj) > 0
+    assert with_click[tuple(click)] and not (with_click & outside).any()
+    shape = list(spleen.shape)
+    for bad, said in (([1, 2, 3, 4, 5], "6 numbers"), ([5, 2, 0, 4, 0, 4], "axis 0 runs 5..2"),
+                      ([0, shape[0] + 4, 0, 4, 0, 4], f"<= {shape[0]}")):
+        response = requests.post(f"{server['url']}/infer/clicks", params={"image": "p3", "output": "json"},
+                                 data={"params": json.dumps({"roi": bad})}, timeout=300)
+        assert response.status_code == 422 and said in response.json()["detail"], (bad, response.text)
+
+
 def test_malformed_requests_get_a_4xx_that_says_what_is_wrong(server):
     """Issue 34: no bare HTTP 500 for a request the server cannot use; the server goes on answering."""
     shape = list(nib.load(server["studies"] / "p3.nii.gz").shape)

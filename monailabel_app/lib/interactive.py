@@ -2,7 +2,9 @@
 
 * :class:`ClickInfer` (type ``deepgrow``, so 3D Slicer's and OHIF's DeepGrow click tools
   work unchanged): request ``foreground`` / ``background`` (voxel indices of the image
-  file as stored, as the clients send them) and ``label`` (the object's name, any name:
+  file as stored, as the clients send them), ``roi`` (MONAI Label's 3D box
+  ``[x0, x1, y0, y1, z0, z1]``: its centre is the first click when there is none, and
+  nothing outside it is segmented) and ``label`` (the object's name, any name:
   the click model is class-agnostic); response a binary label volume in the image's own
   geometry and JSON with ``feature_cache`` (``hit``: the encoder did not run),
   ``encode_s``, ``head_s`` and MONAI Label's ``latencies``.
@@ -77,6 +79,27 @@ class InteractiveService:
             return vf
 
         return self.model.store.get_or_compute((key, self.model.model_key), encode)
+
+    @staticmethod
+    def box_to_ras(vf: Any, roi: Any) -> list[tuple[int, int]]:
+        """MONAI Label's 3D ``roi`` ``[x0, x1, y0, y1, z0, z1]`` (file voxel indices, ends exclusive) -> the
+        ``(start, stop)`` of each axis of the RAS-loaded grid; a malformed box raises :class:`PromptError`."""
+        shape = tuple(int(n) for n in vf.extra.get("file_shape", vf.grid.shape))
+        if not isinstance(roi, (list, tuple)) or len(roi) != 6:
+            raise PromptError(f"roi {roi!r}: a box is [x0, x1, y0, y1, z0, z1] voxel indices (6 numbers)")
+        try:
+            values = [int(v) for v in roi]
+        except (TypeError, ValueError):
+            raise PromptError(f"roi {list(roi)}: voxel indices must be integers") from None
+        pairs = list(zip(values[0::2], values[1::2]))
+        for axis, ((lo, hi), n) in enumerate(zip(pairs, shape)):
+            if not 0 <= lo < hi <= n:
+                raise PromptError(f"roi {values}: axis {axis} runs {lo}..{hi}; a box needs 0 <= start < end <= {n} "
+                                  f"(shape {list(shape)})")
+        corners = [[pairs[0][i], pairs[1][j], pairs[2][k]] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+        corners = [[min(c, n - 1) for c, n in zip(corner, shape)] for corner in corners]  # ends are exclusive
+        ras = np.array(file_to_ras(corners, vf.extra["original_affine"], vf.extra["affine"], vf.grid.shape))
+        return [(int(ras[:, a].min()), int(ras[:, a].max()) + 1) for a in range(3)]
 
     @staticmethod
     def to_ras(vf: Any, points: Any, name: str = "click") -> list[tuple[int, int, int]]:
@@ -170,14 +193,22 @@ class ClickInfer(BasicInferTask):
         vf, hit = self.service.features(data["image"])
         foreground = self.service.to_ras(vf, data.get("foreground"), "foreground click")
         background = self.service.to_ras(vf, data.get("background"), "background click")
+        box = self.service.box_to_ras(vf, data.get("roi")) if data.get("roi") else None
+        if box is not None and not foreground:  # a box alone: its centre is the first positive click
+            foreground = [tuple(int((lo + hi - 1) // 2) for lo, hi in box)]
         if not foreground:
-            raise PromptError("no foreground click: click the structure first (a positive click); "
-                              f"got {len(background)} background click(s)")
+            raise PromptError("no foreground click: click the structure first (a positive click) or draw a box "
+                              f"(roi); got {len(background)} background click(s)")
         label = str(data.get("label") or "object")
         mask, info = self.service.model.click(vf, foreground, background, key=(vf.extra["key"], label))
+        if box is not None:  # nothing outside the box
+            inside = np.zeros(mask.shape, bool)
+            inside[tuple(slice(lo, hi) for lo, hi in box)] = True
+            mask = np.asarray(mask) & inside
         data["pred"] = mask
         data["_features"] = vf
         data["_result"] = {"label": label, "feature_cache": "hit" if hit else "miss", "encode_s": round(vf.encode_s, 3),
+                           "box": box is not None,
                            "head_s": round(info["head_s"], 3), "clicks_run": info["clicks_run"],
                            "seconds": round(time.perf_counter() - start, 3), "voxels": int(mask.sum())}
         return data
