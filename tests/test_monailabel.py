@@ -521,6 +521,19 @@ def test_fewshot_labels_from_one_painted_slice_and_saved_as_a_new_label(server):
         corrected = np.asarray(nib.load(path).dataobj) > 0
         assert _json(params)["clicks"] == 1
         assert sign * (window(corrected, point) - window(mask, point)) > 0, (name, point)
+    # scribbles (foreground 1, background 2) inside a box: the label stays in the box
+    scribbles = painted.copy()
+    scribbles[:3, :3, z] = 2  # a background stroke in the corner of the painted slice
+    nib.save(nib.Nifti1Image(scribbles, truth_image.affine), server["base"] / "p4_scribbles.nii.gz")
+    where = np.argwhere(spleen)
+    low, high = np.maximum(where.min(0) - 1, 0), np.minimum(where.max(0) + 2, spleen.shape)
+    roi = [int(v) for pair in zip(low, high) for v in pair]
+    path, params = client.infer("fewshot", "p4", {"label_name": "boxed", "background_value": 2, "roi": roi},
+                                label_in=str(server["base"] / "p4_scribbles.nii.gz"))
+    boxed = np.asarray(nib.load(path).dataobj) > 0
+    outside = np.ones(spleen.shape, bool)
+    outside[low[0]:high[0], low[1]:high[1], low[2]:high[2]] = False
+    assert _json(params)["box"] is True and boxed.any() and not (boxed & outside).any()
     # listed by /info at once, for both interactive tasks (no restart)
     models = client.info()["models"]
     assert "my_spleen" in models["fewshot"]["labels"] and "my_spleen" in models["clicks"]["labels"]

@@ -11,9 +11,9 @@
 * :class:`FewShotInfer` (type ``scribbles``): the client uploads a label volume with the
   new structure painted on one to three slices (``label_in``); params ``label_name``,
   ``save`` (keep the head as a new label of the model), ``foreground_value`` (default 1),
-  ``background_value`` (scribble mode: only voxels of these two values are samples) and
+  ``background_value`` (scribble mode: only voxels of these two values are samples),
   ``foreground`` / ``background`` clicks that correct the fitted head (voxel indices, as
-  for ``clicks``).
+  for ``clicks``) and ``roi`` (a box that bounds the label).
   Without an uploaded label, a saved label name segments the image with its saved head.
 
 Both share one :class:`volumes.interactive.service.InteractiveModel`: features are encoded once
@@ -96,8 +96,8 @@ class InteractiveService:
             if not 0 <= lo < hi <= n:
                 raise PromptError(f"roi {values}: axis {axis} runs {lo}..{hi}; a box needs 0 <= start < end <= {n} "
                                   f"(shape {list(shape)})")
-        corners = [[pairs[0][i], pairs[1][j], pairs[2][k]] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
-        corners = [[min(c, n - 1) for c, n in zip(corner, shape)] for corner in corners]  # ends are exclusive
+        last = [(lo, hi - 1) for lo, hi in pairs]  # the first and the last voxel inside (ends are exclusive)
+        corners = [[last[0][i], last[1][j], last[2][k]] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
         ras = np.array(file_to_ras(corners, vf.extra["original_affine"], vf.extra["affine"], vf.grid.shape))
         return [(int(ras[:, a].min()), int(ras[:, a].max()) + 1) for a in range(3)]
 
@@ -279,6 +279,11 @@ class FewShotInfer(ClickInfer):
             same = (fitted.get("source_sha256") == vf.extra["key"] and head.seeds is not None
                     and head.seeds.shape == tuple(vf.grid.grid_shape))
             mask = fewshot_mask(vf, head, head.seeds if same else np.zeros(vf.grid.grid_shape, bool))
+        if data.get("roi"):  # a box bounds the label, as it bounds clicks
+            inside = np.zeros(mask.shape, bool)
+            inside[tuple(slice(lo, hi) for lo, hi in self.service.box_to_ras(vf, data["roi"]))] = True
+            mask = np.asarray(mask) & inside
+            result["box"] = True
         result.update(seconds=round(time.perf_counter() - start, 3), voxels=int(mask.sum()))
         data["pred"], data["_features"], data["_result"] = mask, vf, result
         return data
