@@ -90,6 +90,36 @@ def test_the_viewer_serves_ohif_and_forwards_only_reads_to_the_archive(dist, arc
         assert "outside dist" not in outside.text
 
 
+def test_volumes_pacs_viewer_serves_until_sigterm(dist, archive):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "volumes", "pacs", "viewer", "--ohif", str(dist), "--dicomweb",
+                                archive, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               cwd=ROOT, text=True)
+    try:
+        line = process.stdout.readline()
+        assert f"OHIF at http://127.0.0.1:{port}" in line, line
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                response = requests.get(f"http://127.0.0.1:{port}/viewer?StudyInstanceUIDs=1.2", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert response.text == "<html>OHIF</html>"
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill() if process.poll() is None else None
+
+
 def test_the_viewer_refuses_a_missing_ohif_or_a_bad_archive_url(tmp_path, dist):
     with pytest.raises(VolumesError, match="setup_viewer.sh"):
         ViewerServer(tmp_path / "nothing", "http://127.0.0.1:8042/dicom-web")

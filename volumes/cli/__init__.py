@@ -24,6 +24,7 @@
     python -m volumes pacs listen|pull|run|status --config node.yaml
                                                     DICOM node: receive or pull studies from a PACS,
                                                     send DICOM SEG + SR back (docs/PACS.md)
+    python -m volumes pacs viewer --dicomweb URL    OHIF beside the archive (scripts/setup_viewer.sh)
 
 Each command module has ``add_parser(sub)`` and ``run(args) -> int`` and imports its
 heavy modules only inside ``run``.
