@@ -32,6 +32,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from lib.config import strtobool
 from volumes.interactive.service import InteractiveModel, fewshot_mask, file_to_ras, load_case
 
 __all__ = ["ClickInfer", "FewShotInfer", "InteractiveService", "PromptError", "check_points"]
@@ -60,17 +61,14 @@ class InteractiveService:
         key = source_sha256(image_path)
 
         def encode():  # only when this file was not encoded by this model before
-            from volumes.data.labelled import modality_of
-            from volumes.transforms.modality import intensity_modality
+            from volumes.errors import VolumeReadError
+            from volumes.transforms.modality import intensity_modality, volume_modality
 
             volume, spacing, _, loaded = load_case(image_path)
             vf = self.model.encode(volume, spacing)
-            tag = loaded.meta.get("modality")  # DICOM's Modality tag; NIfTI has none: guessed from the intensities
-            try:
-                modality, source = (modality_of(str(tag)), "its DICOM Modality tag") if tag else (None, "")
-            except Exception:
-                modality = None
-            if modality is None:
+            try:  # DICOM's Modality tag; NIfTI has none (or an unsupported one): guessed from the intensities
+                modality, source = volume_modality({"image": loaded}), "its DICOM Modality tag"
+            except VolumeReadError:
                 modality, source = intensity_modality(volume.numpy()), "its intensities"
             vf.extra.update(modality=modality, modality_source=source)
             vf.extra.update(affine=np.asarray(loaded.affine, float),
@@ -136,8 +134,11 @@ def check_points(points: Any, name: str, shape: Sequence[int]) -> list[list[int]
     return checked
 
 
-def _truthy(value: Any) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
+def _inside(mask: Any, box: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``mask`` with nothing outside ``box`` (``(start, stop)`` per axis of the loaded grid)."""
+    inside = np.zeros(np.shape(mask), bool)
+    inside[tuple(slice(lo, hi) for lo, hi in box)] = True
+    return np.asarray(mask) & inside
 
 
 def _file_shape(image_path: str, fallback: Sequence[int]) -> tuple[int, ...]:
@@ -201,10 +202,8 @@ class ClickInfer(BasicInferTask):
                               f"(roi); got {len(background)} background click(s)")
         label = str(data.get("label") or "object")
         mask, info = self.service.model.click(vf, foreground, background, key=(vf.extra["key"], label))
-        if box is not None:  # nothing outside the box
-            inside = np.zeros(mask.shape, bool)
-            inside[tuple(slice(lo, hi) for lo, hi in box)] = True
-            mask = np.asarray(mask) & inside
+        if box is not None:
+            mask = _inside(mask, box)
         data["pred"] = mask
         data["_features"] = vf
         data["_result"] = {"label": label, "feature_cache": "hit" if hit else "miss", "encode_s": round(vf.encode_s, 3),
@@ -238,6 +237,7 @@ class FewShotInfer(ClickInfer):
 
         start = time.perf_counter()
         vf, hit = self.service.features(data["image"])
+        box = self.service.box_to_ras(vf, data.get("roi")) if data.get("roi") else None  # checked before any fit
         model = self.service.model
         name = str(data.get("label_name") or "new_structure")
         annotation_path = data.get("label")
@@ -258,7 +258,7 @@ class FewShotInfer(ClickInfer):
             mask, head, info = model.fewshot(vf, foreground, background, clicks=clicks)
             result.update(fit_s=round(info["fit_s"], 3), painted_slices=int(np.any(foreground, axis=(0, 1)).sum()),
                           clicks=len(clicks))
-            if _truthy(data.get("save")):
+            if strtobool(data.get("save") or False):
                 fitted_on = {"source_sha256": vf.extra["key"], "modality": vf.extra["modality"]}
                 result["saved"] = model.save_label(head, name, fitted_on=fitted_on).name
                 self.service.label_saved(name)
@@ -269,7 +269,7 @@ class FewShotInfer(ClickInfer):
             head = model.load_label(name)
             fitted = head.meta.get("fitted_on") or {}
             if fitted.get("modality") and fitted["modality"] != vf.extra["modality"]:
-                if not _truthy(data.get("allow_other_modality")):
+                if not strtobool(data.get("allow_other_modality") or False):
                     raise PromptError(
                         f"label {name!r} was fitted on {fitted['modality']}, and this image is {vf.extra['modality']} "
                         f"(from {vf.extra['modality_source']}): a head on one modality's intensities does not carry "
@@ -279,10 +279,8 @@ class FewShotInfer(ClickInfer):
             same = (fitted.get("source_sha256") == vf.extra["key"] and head.seeds is not None
                     and head.seeds.shape == tuple(vf.grid.grid_shape))
             mask = fewshot_mask(vf, head, head.seeds if same else np.zeros(vf.grid.grid_shape, bool))
-        if data.get("roi"):  # a box bounds the label, as it bounds clicks
-            inside = np.zeros(mask.shape, bool)
-            inside[tuple(slice(lo, hi) for lo, hi in self.service.box_to_ras(vf, data["roi"]))] = True
-            mask = np.asarray(mask) & inside
+        if box is not None:  # a box bounds the label, as it bounds clicks
+            mask = _inside(mask, box)
             result["box"] = True
         result.update(seconds=round(time.perf_counter() - start, 3), voxels=int(mask.sum()))
         data["pred"], data["_features"], data["_result"] = mask, vf, result
